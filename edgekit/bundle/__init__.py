@@ -1,0 +1,1 @@
+"""The deployable bundle: a directory + a reproducible .tar with a manifest."""

@@ -1,0 +1,59 @@
+"""The ``bundle`` stage: ONNX export + tokenizer + configs + manifest -> directory and .tar."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import Field
+
+from edgekit.pipeline.registry import BUNDLE, ONNX, StageConfig, register_stage
+
+
+class BundleConfig(StageConfig):
+    name: str | None = Field(None, description="bundle name (default: the recipe's name)")
+    tar: bool = Field(True, description="also write <name>.tar next to the directory")
+
+
+def run_bundle(ctx) -> dict:
+    from edgekit import __version__
+    from edgekit.bundle.writer import BUNDLE_FORMAT, MANIFEST_NAME, bundle_files, collect_model_files, package_versions, write_tar
+    from edgekit.yamlio import dump_yaml
+
+    recipe = ctx.recipe
+    name = ctx.config.name or recipe.name
+    bundle_dir = ctx.output_dir / name
+    bundle_dir.mkdir()
+    collect_model_files(ctx.inputs[ONNX], bundle_dir)
+    (bundle_dir / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()))
+    (bundle_dir / "target.yaml").write_text(dump_yaml(ctx.target.model_dump(mode="json")))
+    export = next((r for r in reversed(ctx.history) if r.produces == ONNX), None)
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "name": name,
+        "edgekit_version": __version__,
+        "model": {"source": recipe.model, "revision": recipe.revision},
+        "target": ctx.target.name,
+        "context_length": recipe.context_length,
+        "budgets": recipe.budgets.model_dump(),
+        "onnx": {"file": "model.onnx", "external_data": "model.onnx_data", **({"export": export.metrics} if export else {})},
+        # Quality and cost stage by stage, as the pipeline measured them.
+        "stages": [{"name": r.name, "type": r.type, "metrics": r.metrics} for r in ctx.history],
+        "packages": package_versions(),
+        "files": bundle_files(bundle_dir),
+    }
+    (bundle_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    if ctx.config.tar:
+        write_tar(bundle_dir, ctx.output_dir / f"{name}.tar")
+    size = sum(meta["size"] for meta in manifest["files"].values())
+    return {"bundle": name, "files": len(manifest["files"]) + 1, "bundle_bytes": size, "tar": ctx.config.tar}
+
+
+register_stage(
+    "bundle",
+    config=BundleConfig,
+    summary="ONNX + tokenizer + configs + manifest (sha256 of every file) -> directory and reproducible .tar",
+    run="edgekit.bundle.stage:run_bundle",
+    requires=(ONNX,),
+    produces=BUNDLE,
+    uses=("recipe", "target"),
+)

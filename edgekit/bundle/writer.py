@@ -1,0 +1,74 @@
+"""Write a bundle directory and its tar.
+
+The tar is reproducible (sorted members, mtime 0, uid/gid 0, fixed modes), so the same
+inputs give the same bytes and the same sha256 on every machine.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from edgekit.hashing import file_table
+
+BUNDLE_FORMAT = "edgekit.bundle/1"
+MANIFEST_NAME = "manifest.json"
+# Files of an ONNX artifact that a runtime needs; parity.json and stage.json stay behind.
+MODEL_FILES = ("model.onnx", "model.onnx_data", "config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")
+PACKAGES = ("edgekit", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tokenizers", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def link_or_copy(source: Path, dest: Path) -> None:
+    # Artifacts are immutable once a stage finishes, so a hard link is safe and saves a
+    # model-sized copy; across file systems fall back to copying.
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def collect_model_files(onnx_dir: Path, bundle_dir: Path) -> list[str]:
+    copied = []
+    for name in MODEL_FILES + TOKENIZER_FILES:
+        if (onnx_dir / name).is_file():
+            link_or_copy(onnx_dir / name, bundle_dir / name)
+            copied.append(name)
+    return copied
+
+
+def _reset(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mode = 0o755 if info.isdir() else 0o644
+    return info
+
+
+def write_tar(bundle_dir: Path, tar_path: Path) -> None:
+    """An uncompressed tar (weights barely compress) whose top directory is the bundle's name."""
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(bundle_dir, arcname=bundle_dir.name, recursive=False, filter=_reset)
+        for path in sorted(bundle_dir.rglob("*")):
+            tar.add(path, arcname=f"{bundle_dir.name}/{path.relative_to(bundle_dir).as_posix()}", recursive=False, filter=_reset)
+
+
+def bundle_files(bundle_dir: Path) -> dict[str, Any]:
+    table = file_table(bundle_dir)
+    table.pop(MANIFEST_NAME, None)
+    return table

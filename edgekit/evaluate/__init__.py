@@ -1,0 +1,1 @@
+"""Held-out perplexity of a checkpoint (PyTorch) or an exported model (ONNX Runtime)."""

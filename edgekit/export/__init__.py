@@ -1,0 +1,1 @@
+"""ONNX export of decoders with a KV cache, checked against PyTorch."""

@@ -1,0 +1,154 @@
+"""Turn a model source into a safetensors checkpoint directory, and load one.
+
+GGUF sources are de-quantized by transformers' GGUF loader (~20 s for SmolLM2-135M), so
+the result is cached under ``<cache>/checkpoints/<key>/`` with the sha256 of every file in
+``edgekit-cache.json``. A cache entry is verified on every use; a damaged one (a truncated
+or flipped byte in model.safetensors, say) is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import ModelError
+from edgekit.hashing import file_table, sha256_json
+from edgekit.models.source import ModelSource
+
+CACHE_RECORD = "edgekit-cache.json"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def quiet_transformers() -> None:
+    """transformers logs advice meant for its own developers; keep our output readable."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from optimum.utils import logging as optimum_logging
+
+        optimum_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated.*")
+
+
+def _load_from_source(source: ModelSource, *, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.is_gguf:
+        location, kwargs["gguf_file"] = str(source.path.parent), source.path.name
+    elif source.kind == "dir":
+        location = str(source.path)
+    else:
+        location = source.spec
+        if source.revision:
+            kwargs["revision"] = source.revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(dtype), **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load the model: {first}",
+            where=source.spec,
+            how="check the model id/path; for a hub id without network, download it first "
+            "(`huggingface-cli download`) and point 'model' at the local directory",
+        ) from exc
+    model.eval()
+    return model, tokenizer
+
+
+def _cache_entry_valid(entry: Path) -> tuple[bool, str | None]:
+    record_path = entry / CACHE_RECORD
+    if not record_path.is_file():
+        return False, None
+    try:
+        record = json.loads(record_path.read_text())
+        actual = file_table(entry)
+        actual.pop(CACHE_RECORD, None)
+    except (OSError, ValueError) as exc:
+        return False, f"unreadable ({exc})"
+    if actual != record.get("files"):
+        bad = sorted(
+            set(actual) ^ set(record.get("files", {}))
+            | {k for k in actual if k in record.get("files", {}) and actual[k] != record["files"][k]}
+        )
+        return False, f"{', '.join(bad)} does not match its recorded sha256"
+    return True, None
+
+
+def cached_checkpoint(source: ModelSource, *, cache_dir: Path, dtype: str, trust_remote_code: bool, log=print) -> Path:
+    """A verified safetensors checkpoint for a GGUF source, converting at most once."""
+    import transformers
+
+    key = sha256_json({"source": source.fingerprint(), "dtype": dtype, "transformers": transformers.__version__})[:20]
+    entry = cache_dir / "checkpoints" / key
+    ok, damage = _cache_entry_valid(entry)
+    if ok:
+        return entry
+    if damage:
+        log(f"cached checkpoint {entry} is damaged ({damage}); rebuilding it")
+    log(f"converting {source.path.name} to a safetensors checkpoint (once; cached in {entry.parent})")
+    model, tokenizer = _load_from_source(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    tmp = entry.parent / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CACHE_RECORD).write_text(json.dumps({"source": source.spec, "files": file_table(tmp)}, indent=1))
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.rename(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entry
+
+
+def write_checkpoint(source: ModelSource, out_dir: Path, *, cache_dir: Path, dtype: str, trust_remote_code: bool, log=print) -> None:
+    """Write the model as a safetensors checkpoint + tokenizer into ``out_dir``."""
+    if source.is_gguf:
+        entry = cached_checkpoint(source, cache_dir=cache_dir, dtype=dtype, trust_remote_code=trust_remote_code, log=log)
+        for path in sorted(entry.iterdir()):
+            if path.is_file() and path.name != CACHE_RECORD:
+                # A copy, not a hard link: damage to the cache must not reach finished artifacts.
+                shutil.copyfile(path, out_dir / path.name)
+        return
+    model, tokenizer = _load_from_source(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def load_checkpoint(path: Path, *, dtype: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load a checkpoint directory written by the load stage (or any later checkpoint stage)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype:
+        kwargs["dtype"] = torch_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

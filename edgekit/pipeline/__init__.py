@@ -1,0 +1,1 @@
+"""Stage registry, runner (cache + resume + atomic outputs) and manifest."""

@@ -1,0 +1,103 @@
+"""The stage registry: a stage is a config model + a function, registered by name.
+
+A stage reads the artifact directories of earlier stages and writes its own. Stages never
+import one another; they meet only through artifacts on disk and the records the runner
+passes along. Adding a stage = one new folder with a ``stage.py`` that calls
+:func:`register_stage`, plus one line in :data:`BUILTIN_STAGE_MODULES`.
+
+Registration must stay light (pydantic only): the recipe validator imports every stage
+module to check parameters, and ``import edgekit`` must not pull in torch. The stage's
+``run`` function is named as ``"module:function"`` and imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict
+
+# Artifact kinds that stages pass along. A stage's ``requires`` lists alternatives:
+# each entry is a set of kinds of which at least one must have been produced earlier.
+CHECKPOINT = "checkpoint"  # Hugging Face directory: config.json + *.safetensors + tokenizer
+ONNX = "onnx"  # model.onnx (+ external data) + tokenizer + configs
+BUNDLE = "bundle"  # deployable directory + .tar with manifest
+
+BUILTIN_STAGE_MODULES = (
+    "edgekit.models.stage",
+    "edgekit.evaluate.stage",
+    "edgekit.export.stage",
+    "edgekit.bundle.stage",
+    # Designed in later issues; registered so recipes that use them validate today.
+    "edgekit.pipeline.planned",
+)
+
+
+class StageConfig(BaseModel):
+    """Base class of every stage's parameters: strict, so typos are caught."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class StageDef:
+    type: str
+    config: type[StageConfig]
+    summary: str
+    run: str | None = None  # "package.module:function"; None while only designed
+    requires: tuple[frozenset[str], ...] = ()
+    produces: str | None = None
+    # Recipe sections (besides the stage's own parameters) whose content changes the
+    # stage's output and so belong in its cache key: "model", "data", "target", "recipe".
+    uses: tuple[str, ...] = ()
+    planned_in: str | None = None  # e.g. "issue #4" for a designed-but-unbuilt stage
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return self.run is not None
+
+    def load_function(self):
+        module_name, func_name = self.run.split(":")
+        return getattr(importlib.import_module(module_name), func_name)
+
+
+_REGISTRY: dict[str, StageDef] = {}
+_loaded = False
+
+
+def register_stage(
+    type: str,
+    *,
+    config: type[StageConfig],
+    summary: str,
+    run: str | None = None,
+    requires: tuple[tuple[str, ...] | str, ...] = (),
+    produces: str | None = None,
+    uses: tuple[str, ...] = (),
+    planned_in: str | None = None,
+) -> StageDef:
+    if type in _REGISTRY:
+        raise ValueError(f"stage type {type!r} registered twice")
+    normalized = tuple(frozenset((r,) if isinstance(r, str) else r) for r in requires)
+    stage = StageDef(type, config, summary, run, normalized, produces, uses, planned_in)
+    _REGISTRY[type] = stage
+    return stage
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN_STAGE_MODULES:
+            importlib.import_module(module)
+
+
+def get_stage(type: str) -> StageDef | None:
+    _load_builtins()
+    return _REGISTRY.get(type)
+
+
+def all_stages() -> list[StageDef]:
+    _load_builtins()
+    return list(_REGISTRY.values())

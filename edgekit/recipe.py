@@ -1,0 +1,278 @@
+"""Recipes: the YAML file that says what to compress, for which target, and how.
+
+Strict on purpose (``extra="forbid"`` everywhere, stage parameters validated against the
+stage's own config model): a misspelled key is an error naming the file and line, never a
+silently ignored setting. See the README's "Recipe reference" for every field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgekit.errors import EdgekitError, RecipeError
+from edgekit.pipeline.registry import get_stage, all_stages
+from edgekit.yamlio import LineMap, dump_yaml, format_loc, load_yaml, pydantic_error
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Calibration and evaluation text."""
+
+    source: str = Field(
+        "builtin:python-docs",
+        description="builtin:python-docs (the stdlib's pydoc_data.topics), a .txt or .jsonl file, "
+        "or a directory of .txt/.jsonl files (or a `datasets.save_to_disk` directory)",
+    )
+    eval_tokens: int = Field(8192, ge=2, description="held-out tokens, taken from the end of the text")
+    window: int = Field(512, ge=2, description="perplexity window (tokens); windows do not overlap")
+    text_field: str = Field("text", description="the field holding text in .jsonl records / datasets")
+
+    @model_validator(mode="after")
+    def _window_fits(self):
+        if self.window > self.eval_tokens:
+            raise ValueError(f"window ({self.window}) is longer than eval_tokens ({self.eval_tokens})")
+        return self
+
+
+class Budgets(_Strict):
+    """What the deployed model must meet on the target; checked by `edgekit validate`."""
+
+    latency_p99_ms: float | None = Field(None, gt=0, description="p99 time per generated token (ms)")
+    ttft_p99_ms: float | None = Field(None, gt=0, description="p99 time to first token (ms)")
+    memory_gb: float | None = Field(None, gt=0, description="peak memory of the runtime (GiB)")
+
+
+class StageSpec(_Strict):
+    """One entry of ``stages``: ``type`` + an optional unique ``name`` + its parameters."""
+
+    type: str
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def resolved(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"type": self.type}
+        if self.name != self.type:
+            entry["name"] = self.name
+        entry.update(self.params)
+        return entry
+
+
+class Recipe(_Strict):
+    name: str = Field(description="a short identifier; names the output directory and bundle")
+    description: str = ""
+    model: str = Field(description="hub id, local checkpoint directory, .gguf file, or smollm2-135m")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="allow custom modelling code from the hub")
+    target: str = Field(description="a target profile name (edgekit targets list) or a target YAML path")
+    context_length: int = Field(2048, ge=16, description="longest prompt + generation the deployment serves")
+    data: DataConfig = Field(default_factory=DataConfig)
+    budgets: Budgets = Field(default_factory=Budgets)
+    output: str | None = Field(None, description="run directory; default runs/<name> (relative to the current directory)")
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return value
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_shorthand(cls, value: Any) -> Any:
+        return {"source": value} if isinstance(value, str) else value
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stage_entries(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        out, seen = [], {}
+        for entry in value:
+            if isinstance(entry, str):
+                entry = {"type": entry}
+            if not isinstance(entry, dict) or "type" not in entry:
+                out.append(entry)  # pydantic reports the shape error
+                continue
+            entry = dict(entry)
+            kind = entry.pop("type")
+            name = entry.pop("name", None)
+            if name is None:
+                seen[kind] = seen.get(kind, 0) + 1
+                name = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
+            out.append({"type": kind, "name": name, "params": entry})
+        return out
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("runs") / self.name
+
+    def stage_config(self, index: int) -> Any:
+        spec = self.stages[index]
+        return get_stage(spec.type).config.model_validate(spec.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe: every default filled in, stage parameters included."""
+        data = self.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = []
+        for index, spec in enumerate(self.stages):
+            entry = {"type": spec.type}
+            if spec.name != spec.type:
+                entry["name"] = spec.name
+            entry.update(self.stage_config(index).model_dump(mode="json"))
+            data["stages"].append(entry)
+        return data
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+
+def _check_stages(recipe: Recipe, path: Path, lines: LineMap) -> list[str]:
+    """Stage types, parameters, names and order. Returns warnings (designed-only stages)."""
+    warnings: list[str] = []
+    produced: set[str] = set()
+    names: dict[str, int] = {}
+    known = sorted(stage.type for stage in all_stages())
+    for index, spec in enumerate(recipe.stages):
+        loc = ("stages", index)
+        stage = get_stage(spec.type)
+        if stage is None:
+            import difflib
+
+            close = difflib.get_close_matches(spec.type, known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise RecipeError(
+                f"unknown stage type '{spec.type}'",
+                where=lines.where(path, loc + ("type",)),
+                how=f"{hint}use one of: {', '.join(known)} (see `edgekit stages`)",
+            )
+        if spec.name in names:
+            raise RecipeError(
+                f"stage name '{spec.name}' is used twice (stages[{names[spec.name]}] and stages[{index}])",
+                where=lines.where(path, loc),
+                how="give one of them a different 'name:'",
+            )
+        names[spec.name] = index
+        try:
+            stage.config.model_validate(spec.params)
+        except ValidationError as exc:
+            raise pydantic_error(
+                exc, path=path, lines=lines, model_cls=stage.config, error_cls=RecipeError, loc_prefix=loc
+            ) from None
+        for alternatives in stage.requires:
+            if not alternatives & produced:
+                wanted = " or ".join(sorted(alternatives))
+                makers = sorted(s.type for s in all_stages() if s.produces in alternatives)
+                raise RecipeError(
+                    f"stage '{spec.name}' needs a {wanted} artifact, but no stage before it produces one",
+                    where=lines.where(path, loc),
+                    how=f"put a stage that produces it ({', '.join(makers)}) earlier in 'stages'",
+                )
+        if stage.produces:
+            produced.add(stage.produces)
+        if not stage.available:
+            warnings.append(f"stage '{spec.name}' ({spec.type}) is designed but not built yet ({stage.planned_in})")
+    return warnings
+
+
+class LoadedRecipe:
+    """A validated recipe plus where it came from (for relative paths and messages)."""
+
+    def __init__(self, recipe: Recipe, path: Path, lines: LineMap, warnings: list[str]):
+        self.recipe = recipe
+        self.path = path
+        self.lines = lines
+        self.warnings = warnings
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def where(self, *loc: str | int) -> str:
+        return self.lines.where(self.path, tuple(loc))
+
+    @property
+    def target_spec(self) -> str:
+        """The recipe's target as :func:`edgekit.targets.load_target` takes it (a YAML path
+        is relative to the recipe's directory)."""
+        spec = self.recipe.target
+        if spec.endswith((".yaml", ".yml")) and not Path(spec).is_absolute():
+            return str(self.base_dir / spec)
+        return spec
+
+
+def load_recipe(path: Path | str, *, check_sources: bool = True) -> LoadedRecipe:
+    """Parse and validate a recipe file. Every problem raises a one-line :class:`RecipeError`
+    (or the Target/Model/Data error for that field) naming the file and line.
+
+    With ``check_sources`` the target profile, the model path and the data file are
+    checked too (cheap: nothing is loaded).
+    """
+    path = Path(path)
+    data, lines = load_yaml(path, error_cls=RecipeError, what="recipe")
+    if not isinstance(data, dict):
+        raise RecipeError(
+            "a recipe must be a YAML mapping (name:, model:, target:, stages: ...)",
+            where=str(path),
+            how="start from recipes/smollm2_to_orin_nano.yaml",
+        )
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise pydantic_error(exc, path=path, lines=lines, model_cls=Recipe, error_cls=RecipeError) from None
+    warnings = _check_stages(recipe, path, lines)
+    loaded = LoadedRecipe(recipe, path, lines, warnings)
+    if check_sources:
+        check_recipe_sources(loaded)
+    return loaded
+
+
+def check_recipe_sources(loaded: LoadedRecipe) -> None:
+    """Target, model and data exist and are usable. Errors point at the recipe line."""
+    from edgekit.models.source import check_gguf_supported, resolve_model_source
+    from edgekit.models.text import resolve_text_source
+    from edgekit.targets import load_target
+
+    recipe = loaded.recipe
+
+    def _relocate(exc: EdgekitError, *loc: str) -> EdgekitError:
+        # Keep the error's class and advice but say where in the recipe it came from.
+        where = loaded.where(*loc) + (f" -> {exc.where}" if exc.where and exc.where not in loc else "")
+        return type(exc)(exc.what, where=where, how=exc.how)
+
+    try:
+        load_target(loaded.target_spec)
+    except EdgekitError as exc:
+        raise _relocate(exc, "target") from None
+    try:
+        source = resolve_model_source(recipe.model, revision=recipe.revision, base_dir=loaded.base_dir)
+        if source.kind == "gguf":
+            check_gguf_supported(source.path)
+    except EdgekitError as exc:
+        raise _relocate(exc, "model") from None
+    try:
+        resolve_text_source(recipe.data.source, base_dir=loaded.base_dir)
+    except EdgekitError as exc:
+        raise _relocate(exc, "data", "source") from None
+
+
+def recipe_reference() -> list[dict[str, str]]:
+    """Rows (field, type, default, description) for the README's recipe reference."""
+    rows = []
+    for model, prefix in ((Recipe, ""), (DataConfig, "data."), (Budgets, "budgets.")):
+        for name, field in model.model_fields.items():
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=False))
+            rows.append({"field": prefix + name, "default": default, "description": field.description or ""})
+    return rows
+
+
+__all__ = ["Recipe", "DataConfig", "Budgets", "StageSpec", "LoadedRecipe", "load_recipe", "format_loc"]
