@@ -132,6 +132,13 @@ class Recipe(_Strict):
             data["stages"].append(entry)
         return data
 
+    def portable_dict(self) -> dict[str, Any]:
+        """The resolved recipe without machine-local settings (the output directory): what a
+        bundle records and what cache keys hash, so moving a run does not change them."""
+        data = self.to_dict()
+        data.pop("output", None)
+        return data
+
     def to_yaml(self) -> str:
         return dump_yaml(self.to_dict())
 

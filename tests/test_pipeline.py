@@ -146,12 +146,16 @@ def test_sigkill_mid_stage_resumes_with_same_hashes(tmp_path, tiny_model_dir, re
     proc = subprocess.Popen([sys.executable, "-m", "edgekit", "compress", str(recipe), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if list((out / "stages").glob(".tmp-03-export_onnx-*")):
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "compress finished before stage 3 could be interrupted"
-        time.sleep(0.5)  # well inside the export (it takes seconds)
+        tmp_dirs = []
+        while time.time() < deadline and proc.poll() is None and not tmp_dirs:
+            tmp_dirs = list((out / "stages").glob(".tmp-03-export_onnx-*"))
+            time.sleep(0.01)
+        assert tmp_dirs and proc.poll() is None, "compress finished before stage 3 could be interrupted"
+        # Kill while optimum is writing the graph (its staging dir exists), or shortly after
+        # the stage started: either way in the middle of the stage.
+        started = time.time()
+        while time.time() - started < 1.0 and not (tmp_dirs[0] / ".optimum").exists():
+            time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()

@@ -24,7 +24,7 @@ def run_bundle(ctx) -> dict:
     bundle_dir = ctx.output_dir / name
     bundle_dir.mkdir()
     collect_model_files(ctx.inputs[ONNX], bundle_dir)
-    (bundle_dir / "recipe.yaml").write_text(dump_yaml(recipe.to_dict()))
+    (bundle_dir / "recipe.yaml").write_text(dump_yaml(recipe.portable_dict()))
     (bundle_dir / "target.yaml").write_text(dump_yaml(ctx.target.model_dump(mode="json")))
     export = next((r for r in reversed(ctx.history) if r.produces == ONNX), None)
     manifest = {

@@ -77,7 +77,7 @@ class _Fingerprints:
             elif section == "target":
                 value = self._target.model_dump(mode="json")
             elif section == "recipe":
-                value = recipe.to_dict()
+                value = recipe.portable_dict()
             else:
                 raise ValueError(f"unknown cache section {section!r}")
             self._cache[section] = value

