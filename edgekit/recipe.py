@@ -253,7 +253,9 @@ def check_recipe_sources(loaded: LoadedRecipe) -> None:
 
     def _relocate(exc: EdgekitError, *loc: str) -> EdgekitError:
         # Keep the error's class and advice but say where in the recipe it came from.
-        where = loaded.where(*loc) + (f" -> {exc.where}" if exc.where and exc.where not in loc else "")
+        # Keep a file path the error named (e.g. the custom target YAML with the bad line).
+        detail = f" -> {exc.where}" if exc.where and ("/" in exc.where or "\\" in exc.where) else ""
+        where = loaded.where(*loc) + detail
         return type(exc)(exc.what, where=where, how=exc.how)
 
     try:

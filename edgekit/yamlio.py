@@ -160,12 +160,9 @@ def pydantic_error(
         key = str(loc[-1])
         keys = valid_keys(model_cls, loc[len(loc_prefix) : -1]) or []
         close = difflib.get_close_matches(key, keys, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return error_cls(
-            f"unknown key '{key}'",
-            where=where,
-            how=f"{hint}remove or rename it; valid keys here: {', '.join(keys)}" if keys else "remove it",
-        )
+        action = f"rename it to '{close[0]}'" if close else "remove it"
+        valid = f" (valid keys here: {', '.join(keys)})" if keys else ""
+        return error_cls(f"unknown key '{key}'", where=where, how=action + valid)
     if kind == "missing":
         return error_cls(f"missing required key '{loc[-1]}'", where=where, how=f"add '{loc[-1]}:' there")
     message = err["msg"]

@@ -75,7 +75,7 @@ def test_shorthand_stage_strings(tmp_path, tiny_model_dir):
 def test_unknown_top_level_key(tmp_path, tiny_model_dir):
     path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, extra="contxt_length: 4096\n")
     line = assert_one_line_error(run_cli("recipe", "validate", str(path)), "unknown key 'contxt_length'", "line 8")
-    assert "did you mean 'context_length'" in line
+    assert "rename it to 'context_length'" in line
 
 
 def test_misspelled_stage_parameter(tmp_path, tiny_model_dir):
@@ -84,7 +84,7 @@ def test_misspelled_stage_parameter(tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert "unknown key 'opst'" in str(info.value) and "line 11" in str(info.value)
-    assert "did you mean 'opset'" in str(info.value) and "stages[1].opst" in str(info.value)
+    assert "rename it to 'opset'" in str(info.value) and "stages[1].opst" in str(info.value)
 
 
 def test_bad_stage_value(tmp_path, tiny_model_dir):
