@@ -258,8 +258,10 @@ def check_recipe_sources(loaded: LoadedRecipe) -> None:
         where = loaded.where(*loc) + detail
         return type(exc)(exc.what, where=where, how=exc.how)
 
+    from edgekit.rules import check_target_rules
+
     try:
-        load_target(loaded.target_spec)
+        target = load_target(loaded.target_spec)
     except EdgekitError as exc:
         raise _relocate(exc, "target") from None
     try:
@@ -272,6 +274,7 @@ def check_recipe_sources(loaded: LoadedRecipe) -> None:
         resolve_text_source(recipe.data.source, base_dir=loaded.base_dir)
     except EdgekitError as exc:
         raise _relocate(exc, "data", "source") from None
+    check_target_rules(loaded, target, source)
 
 
 def recipe_reference() -> list[dict[str, str]]:

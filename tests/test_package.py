@@ -37,4 +37,18 @@ def test_stages_command_lists_registered_and_designed():
     assert result.returncode == 0
     for stage in ("load", "evaluate", "export_onnx", "bundle"):
         assert f"{stage}:" in result.stdout
-    assert "designed, lands with issue #3" in result.stdout  # quantize
+    assert "designed, lands with issue #4" in result.stdout  # prune, distill
+
+
+def test_every_subpackage_is_packaged():
+    """A non-editable install must carry every edgekit/ subpackage (pyproject lists them)."""
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(repo).parts)
+        for p in (repo / "edgekit").rglob("__init__.py")
+    }
+    assert found <= listed, sorted(found - listed)

@@ -102,7 +102,7 @@ def test_damaged_artifact_is_rebuilt_not_trusted(reference_run, tmp_path):
     onnx_data = next((copy / "stages").glob("03-export_onnx")) / "model.onnx_data"
     data = bytearray(onnx_data.read_bytes())
     data[100] ^= 0xFF
-    onnx_data.unlink()  # break the hard link to the bundle's copy
+    onnx_data.unlink()  # write a new file rather than through any other name of it
     onnx_data.write_bytes(bytes(data))
     again = api.compress(out.parent / "tiny.yaml", quiet=True, output=copy)
     assert statuses(again)[:2] == ["cached", "cached"]
@@ -130,7 +130,7 @@ def test_stage_failure_leaves_no_partial_output(tmp_path, tiny_model_dir):
     recipe = write_recipe(tmp_path / "tiny.yaml", tiny_model_dir, stages=stages, output=tmp_path / "run")
     result = run_cli("compress", str(recipe))
     assert result.returncode == 2
-    assert "ONNX logits differ from PyTorch" in result.stderr and "parity_tolerance" in result.stderr
+    assert "ONNX graph's logits differ from PyTorch" in result.stderr and "parity_tolerance" in result.stderr
     stages_dir = tmp_path / "run" / "stages"
     assert sorted(p.name for p in stages_dir.iterdir()) == ["01-load"]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())

@@ -35,7 +35,12 @@ def run_bundle(ctx) -> dict:
         "target": ctx.target.name,
         "context_length": recipe.context_length,
         "budgets": recipe.budgets.model_dump(),
-        "onnx": {"file": "model.onnx", "external_data": "model.onnx_data", **({"export": export.metrics} if export else {})},
+        "onnx": {
+            "file": "model.onnx",
+            "external_data": "model.onnx_data",
+            "variants": _variants(ctx.inputs[ONNX]),
+            **({"export": export.metrics} if export else {}),
+        },
         # Quality and cost stage by stage, as the pipeline measured them.
         "stages": [{"name": r.name, "type": r.type, "metrics": r.metrics} for r in ctx.history],
         "packages": package_versions(),
@@ -46,6 +51,11 @@ def run_bundle(ctx) -> dict:
         write_tar(bundle_dir, ctx.output_dir / f"{name}.tar")
     size = sum(meta["size"] for meta in manifest["files"].values())
     return {"bundle": name, "files": len(manifest["files"]) + 1, "bundle_bytes": size, "tar": ctx.config.tar}
+
+
+def _variants(onnx_dir) -> dict:
+    record = onnx_dir / "export.json"
+    return json.loads(record.read_text())["variants"] if record.is_file() else {"float": "model.onnx"}
 
 
 register_stage(

@@ -7,7 +7,6 @@ inputs give the same bytes and the same sha256 on every machine.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import platform
 import shutil
 import tarfile
@@ -34,21 +33,32 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def link_or_copy(source: Path, dest: Path) -> None:
-    # Artifacts are immutable once a stage finishes, so a hard link is safe and saves a
-    # model-sized copy; across file systems fall back to copying.
-    try:
-        os.link(source, dest)
-    except OSError:
-        shutil.copyfile(source, dest)
+def copy_file(source: Path, dest: Path) -> None:
+    # A copy, not a hard link: onnx (>= 1.23) refuses external data with several hard links
+    # ("potential hardlink attack"), and a bundle must load anywhere.
+    shutil.copyfile(source, dest)
 
 
 def collect_model_files(onnx_dir: Path, bundle_dir: Path) -> list[str]:
+    """The primary graph, tokenizer and configs at the top; other graph variants (e.g. the
+    TensorRT Q/DQ graph next to the ONNX Runtime one) in their own subdirectories."""
+    import json
+
     copied = []
-    for name in MODEL_FILES + TOKENIZER_FILES:
+    for name in MODEL_FILES + TOKENIZER_FILES + ("export.json",):
         if (onnx_dir / name).is_file():
-            link_or_copy(onnx_dir / name, bundle_dir / name)
+            copy_file(onnx_dir / name, bundle_dir / name)
             copied.append(name)
+    record = onnx_dir / "export.json"
+    if record.is_file():
+        for rel in json.loads(record.read_text())["variants"].values():
+            variant_dir = (onnx_dir / rel).parent
+            if variant_dir == onnx_dir:
+                continue
+            (bundle_dir / variant_dir.name).mkdir(exist_ok=True)
+            for path in sorted(variant_dir.glob("model.onnx*")):
+                copy_file(path, bundle_dir / variant_dir.name / path.name)
+                copied.append(f"{variant_dir.name}/{path.name}")
     return copied
 
 

@@ -18,6 +18,10 @@ class DecoderSession:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        # By default ONNX Runtime replaces DequantizeLinear -> MatMul (the TensorRT weight-only
+        # pattern) by its own kernel with int8 *activations*; that is not what TensorRT
+        # computes (on SmolLM2-135M logits moved by 1.4). Level 0 keeps activations in float.
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(model_path), options, providers=providers or ["CPUExecutionProvider"])

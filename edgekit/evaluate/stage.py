@@ -53,12 +53,36 @@ def run_evaluate(ctx) -> dict:
         else:
             from edgekit.evaluate.perplexity import perplexity_onnx
 
-            result = perplexity_onnx(model_dir / "model.onnx", splits.evaluation, window=data.window, max_windows=windows, advance=bar.advance)
+            variants = _onnx_variants(model_dir)
+            scores = {}
+            for fmt, rel in variants.items():
+                bar.update(description=f"{ctx.name}: perplexity (ONNX Runtime, {fmt} graph)", completed=0)
+                scores[fmt] = perplexity_onnx(model_dir / rel, splits.evaluation, window=data.window, max_windows=windows, advance=bar.advance)
+            primary = next(iter(variants))
+            result = dict(scores[primary])
+            if len(variants) > 1 or primary != "float":
+                result["graph"] = primary
+                for fmt, score in scores.items():
+                    if fmt != primary:
+                        result[f"perplexity_{fmt}"] = round(score["perplexity"], 6)
     result = {"perplexity": round(result["perplexity"], 6), **{k: v for k, v in result.items() if k != "perplexity"}}
     result["backend"] = "pytorch" if kind == CHECKPOINT else "onnxruntime"
     result["evaluated"] = kind
     (ctx.output_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _onnx_variants(model_dir) -> dict:
+    """{format: relative path}, primary first (export.json from export_onnx; else model.onnx)."""
+    import json
+
+    record = model_dir / "export.json"
+    if not record.is_file():
+        return {"float": "model.onnx"}
+    data = json.loads(record.read_text())
+    variants = data["variants"]
+    primary = data.get("primary", next(iter(variants)))
+    return {primary: variants[primary], **{k: v for k, v in variants.items() if k != primary}}
 
 
 register_stage(

@@ -59,6 +59,8 @@ def _to_external_data(model_path: Path, out_dir: Path) -> None:
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=True)
+    # onnx appends to an existing external-data file: start from none.
+    (out_dir / DATA_FILE).unlink(missing_ok=True)
     onnx.save_model(
         model,
         str(out_dir / MODEL_FILE),

@@ -1,62 +1,206 @@
-"""The ``export_onnx`` stage: checkpoint -> ONNX with KV cache, parity-checked."""
+"""The ``export_onnx`` stage: checkpoint -> ONNX with KV cache, parity-checked.
+
+A float checkpoint gives one graph that both runtimes read. A quantized checkpoint is
+exported through its dequantized float twin, then the graph's weight MatMuls are rewritten
+per runtime from *our* integer weights (not re-derived by another quantizer):
+
+* ``onnxruntime``: INT4/INT8 ``MatMulNBits`` (ONNX Runtime's fast weight-only kernels);
+* ``tensorrt``: block-wise ``DequantizeLinear`` (opset 21) feeding the MatMul, the pattern
+  TensorRT 10 fuses for weight-only quantization; FP8 as FLOAT8E4M3FN Q/DQ.
+
+The primary variant (onnxruntime when asked for, else tensorrt) is ``model.onnx``; the
+other lives in ``<format>/model.onnx``; ``export.json`` lists them. Every variant is run in
+ONNX Runtime (CPU) against the PyTorch model with the same quantized weights, and its max
+abs diff per output is recorded; over tolerance fails the stage.
+"""
 
 from __future__ import annotations
 
-import json
+from typing import Literal
 
 from pydantic import Field
 
 from edgekit.pipeline.registry import CHECKPOINT, ONNX, StageConfig, register_stage
 
+EXPORT_RECORD = "export.json"
+
 
 class ExportOnnxConfig(StageConfig):
-    opset: int = Field(18, ge=14, le=23, description="ONNX opset (18 = optimum's minimum for Llama; TensorRT 10.3 parses up to 20)")
+    format: Literal["onnxruntime", "tensorrt", "both"] = Field(
+        "onnxruntime", description="graphs for ONNX Runtime (MatMulNBits), TensorRT (Q/DQ), or both (quantized models)"
+    )
+    opset: int = Field(18, ge=14, le=23, description="ONNX opset of the float graph (Q/DQ variants use at least 21)")
     parity_tolerance: float = Field(
-        1e-3, gt=0, description="max |logits_onnx - logits_pytorch| allowed (fp32); over it the stage fails"
+        1e-3, gt=0, description="max |logits_onnx - logits_pytorch| allowed for a float graph; over it the stage fails"
+    )
+    quantized_parity_tolerance: float = Field(
+        2e-2, gt=0, description="the same for quantized graphs (different accumulation order in the INT4 kernels)"
     )
     parity_prompts: list[str] | None = Field(None, description="prompts for the parity check (default: three fixed prompts)")
 
 
 def run_export_onnx(ctx) -> dict:
-    from edgekit.errors import ParityError
+    import json
+    import shutil
+
     from edgekit.export.onnx_export import MODEL_FILE, describe, export_decoder
-    from edgekit.export.parity import DEFAULT_PROMPTS, check_parity
+    from edgekit.export.parity import DEFAULT_PROMPTS
     from edgekit.models.checkpoint import load_checkpoint
 
+    config = ctx.config
     checkpoint = ctx.inputs[CHECKPOINT]
     trust = ctx.recipe.trust_remote_code
-    with ctx.progress(None, "optimum-onnx export (text-generation-with-past)"):
-        export_decoder(checkpoint, ctx.output_dir, opset=ctx.config.opset, trust_remote_code=trust)
+    prompts = tuple(config.parity_prompts or DEFAULT_PROMPTS)
+    method = _quant_method(checkpoint)
     model, tokenizer = load_checkpoint(checkpoint, dtype="float32", trust_remote_code=trust)
-    prompts = tuple(ctx.config.parity_prompts or DEFAULT_PROMPTS)
-    with ctx.progress(None, f"parity vs PyTorch on {len(prompts)} prompts"):
-        parity = check_parity(model, tokenizer, ctx.output_dir / MODEL_FILE, prompts=prompts)
-    parity["tolerance"] = ctx.config.parity_tolerance
-    (ctx.output_dir / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
-    if parity["logits_max_abs_diff"] > ctx.config.parity_tolerance:
-        raise ParityError(
-            f"ONNX logits differ from PyTorch by {parity['logits_max_abs_diff']:.3g} "
-            f"(tolerance {ctx.config.parity_tolerance:g}; per-output diffs in parity.json)",
-            where=f"stage {ctx.name}",
-            how="raise export_onnx.parity_tolerance if the difference is expected (e.g. fp16), "
-            "or report the model's architecture as an export bug",
-        )
+    record: dict = {"quantization": method, "variants": {}, "parity": {}}
+    if method is None:
+        with ctx.progress(None, "optimum-onnx export (text-generation-with-past)"):
+            export_decoder(checkpoint, ctx.output_dir, opset=config.opset, trust_remote_code=trust)
+        record["variants"]["float"] = MODEL_FILE
+        record["primary"] = "float"
+        tolerances = {"float": config.parity_tolerance}
+    else:
+        formats = ["onnxruntime", "tensorrt"] if config.format == "both" else [config.format]
+        weights = _quantized_weights(model, method)
+        if method == "fp8" and any(w["input_scale"] is None for w in weights.values()):
+            from edgekit.errors import StageError
+
+            raise StageError(
+                "fp8 with dynamic (per-token) activation scales has no standard ONNX Q/DQ form",
+                where=f"stage {ctx.name}",
+                how="quantize with fp8_activations: static for an ONNX/TensorRT export (dynamic stays a PyTorch evaluation)",
+            )
+        float_dir, staging = ctx.output_dir / ".float-checkpoint", ctx.output_dir / ".float-onnx"
+        _write_float_twin(model, tokenizer, float_dir)  # also turns `model` into the float twin
+        with ctx.progress(None, "optimum-onnx export of the dequantized twin"):
+            export_decoder(float_dir, staging, opset=config.opset, trust_remote_code=trust)
+        for index, fmt in enumerate(formats):
+            target_dir = ctx.output_dir if index == 0 else ctx.output_dir / fmt
+            target_dir.mkdir(exist_ok=True)
+            with ctx.progress(None, f"{fmt} graph ({method})"):
+                report = _rewrite(fmt, method, staging / MODEL_FILE, target_dir / MODEL_FILE, weights)
+            record["variants"][fmt] = (target_dir / MODEL_FILE).relative_to(ctx.output_dir).as_posix()
+            record.setdefault("rewrites", {})[fmt] = report
+        record["primary"] = formats[0]
+        for path in sorted(staging.iterdir()):  # tokenizer + configs next to the primary graph
+            if path.is_file() and not path.name.startswith("model.onnx"):
+                shutil.move(str(path), ctx.output_dir / path.name)
+        shutil.rmtree(staging)
+        shutil.rmtree(float_dir)
+        tolerances = {fmt: config.quantized_parity_tolerance for fmt in formats}
+        # transformers would refuse the quantization_config without its GPTQ backends; the
+        # ONNX graphs carry the quantization, so configs next to them describe the float twin.
+    metrics = _check_variants(ctx, model, tokenizer, record, tolerances, prompts)
+    (ctx.output_dir / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     info = describe(ctx.output_dir / MODEL_FILE)
-    return {
+    metrics.update({
+        "quantization": method,
+        "primary": record["primary"],
         "opset": info["opset"],
         "nodes": info["nodes"],
         "onnx_bytes": sum(p.stat().st_size for p in ctx.output_dir.glob("model.onnx*")),
-        "logits_max_abs_diff": parity["logits_max_abs_diff"],
-        "present_max_abs_diff": parity["present_max_abs_diff"],
-        "greedy_agreement": parity["greedy_agreement"],
-        "parity_tolerance": ctx.config.parity_tolerance,
-    }
+    })
+    return metrics
+
+
+def _quant_method(checkpoint) -> str | None:
+    import json
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    return (config.get("quantization_config") or {}).get("quant_method")
+
+
+def _quantized_weights(model, method: str) -> dict:
+    """What the graph rewriters consume, read from the loaded quantized modules."""
+    if method == "fp8":
+        from edgekit.quantize.fp8 import Fp8Linear
+
+        out = {}
+        for name, module in model.named_modules():
+            if isinstance(module, Fp8Linear):
+                scale = module.weight_scale.float()
+                out[name] = {
+                    "weight": (module.weight.float() * scale[:, None]).numpy(),
+                    "weight_scale": scale.numpy(),
+                    "input_scale": float(module.input_scale) if getattr(module, "input_scale", None) is not None else None,
+                }
+        return out
+    from edgekit.quantize.loader import QuantLinear
+
+    return {name: module.quantized_weight() for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+
+
+def _write_float_twin(model, tokenizer, out_dir) -> None:
+    """Replace quantized modules by float Linears holding the dequantized weights, and save
+    that model: its ONNX export has exactly the weights the rewriters look for."""
+    import torch
+
+    from edgekit.quantize.loader import dequantize_model
+
+    try:
+        from edgekit.quantize.fp8 import Fp8Linear
+    except ImportError:  # pragma: no cover
+        Fp8Linear = ()
+    dequantize_model(model)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if Fp8Linear and isinstance(child, Fp8Linear):
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight.data = child.weight.float() * child.weight_scale.float()[:, None]
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data.float()
+                setattr(parent, child_name, linear)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _rewrite(fmt: str, method: str, src, dst, weights) -> dict:
+    from edgekit.export import quantized
+
+    if method == "fp8":
+        return quantized.to_fp8_qdq(src, dst, weights)
+    if fmt == "onnxruntime":
+        return quantized.to_matmulnbits(src, dst, weights)
+    return quantized.to_blockwise_dq(src, dst, weights, opset=21)
+
+
+def _check_variants(ctx, model, tokenizer, record, tolerances, prompts) -> dict:
+    import json
+
+    from edgekit.errors import ParityError
+    from edgekit.export.parity import check_parity
+
+    metrics: dict = {}
+    for fmt, rel in record["variants"].items():
+        with ctx.progress(None, f"parity of the {fmt} graph vs PyTorch on {len(prompts)} prompts"):
+            parity = check_parity(model, tokenizer, ctx.output_dir / rel, prompts=prompts)
+        parity["tolerance"] = tolerances[fmt]
+        record["parity"][fmt] = {k: parity[k] for k in ("logits_max_abs_diff", "present_max_abs_diff", "greedy_agreement", "tolerance")}
+        name = "parity.json" if fmt == record["primary"] else f"parity-{fmt}.json"
+        (ctx.output_dir / name).write_text(json.dumps(parity, indent=2) + "\n")
+        suffix = "" if fmt == record["primary"] else f"_{fmt}"
+        metrics[f"logits_max_abs_diff{suffix}"] = parity["logits_max_abs_diff"]
+        metrics[f"present_max_abs_diff{suffix}"] = parity["present_max_abs_diff"]
+        metrics[f"greedy_agreement{suffix}"] = parity["greedy_agreement"]
+        if parity["logits_max_abs_diff"] > tolerances[fmt]:
+            raise ParityError(
+                f"the {fmt} ONNX graph's logits differ from PyTorch by {parity['logits_max_abs_diff']:.3g} "
+                f"(tolerance {tolerances[fmt]:g}; per-output diffs in {name})",
+                where=f"stage {ctx.name}",
+                how="raise export_onnx.parity_tolerance (float) or quantized_parity_tolerance if the difference "
+                "is expected, or report the model's architecture as an export bug",
+            )
+    metrics["parity_tolerance"] = tolerances[record["primary"]]
+    return metrics
 
 
 register_stage(
     "export_onnx",
     config=ExportOnnxConfig,
-    summary="checkpoint -> ONNX decoder with KV cache (optimum-onnx), parity-checked in ONNX Runtime",
+    summary="checkpoint -> ONNX decoder with KV cache (optimum-onnx; MatMulNBits / Q-DQ for quantized models), parity-checked",
     run="edgekit.export.stage:run_export_onnx",
     requires=(CHECKPOINT,),
     produces=ONNX,

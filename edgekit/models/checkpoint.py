@@ -139,6 +139,13 @@ def load_checkpoint(path: Path, *, dtype: str | None = None, trust_remote_code: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("quantization_config"):
+        # Our GPTQ/FP8 checkpoints run on CPU through edgekit's own (simulating) modules.
+        from edgekit.quantize.loader import load_quantized_model
+
+        model = load_quantized_model(Path(path), dtype=torch_dtype(dtype) if dtype else None)
+        return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype:
         kwargs["dtype"] = torch_dtype(dtype)

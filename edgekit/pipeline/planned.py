@@ -55,19 +55,6 @@ class DistillConfig(StageConfig):
     eval_every: int = Field(100, ge=1)
 
 
-class QuantizeConfig(StageConfig):
-    method: Literal["gptq", "rtn", "awq", "fp8"] = "gptq"
-    bits: Literal[4, 8] = 4
-    group_size: Literal[32, 64, 128] | None = 64
-    symmetric: bool = False
-    act_order: bool = True
-    damp: float = Field(0.01, gt=0, lt=1)
-    calibration_samples: int = Field(128, ge=1)
-    sequence_length: int = Field(512, ge=16)
-    quantize_lm_head: bool = False
-    fp8_activations: Literal["static", "dynamic"] = "static"
-
-
 class BuildEngineConfig(StageConfig):
     max_batch: int = Field(1, ge=1)
     max_prefill: int = Field(512, ge=1)
@@ -82,7 +69,5 @@ register_stage("prune", config=PruneConfig, summary="structured width/depth prun
                requires=(CHECKPOINT,), produces=CHECKPOINT, planned_in="issue #4")
 register_stage("distill", config=DistillConfig, summary="knowledge distillation from the model before pruning",
                requires=(CHECKPOINT,), produces=CHECKPOINT, planned_in="issue #4")
-register_stage("quantize", config=QuantizeConfig, summary="GPTQ / RTN / AWQ (NNCF) / FP8 quantization",
-               requires=(CHECKPOINT,), produces=CHECKPOINT, planned_in="issue #3")
 register_stage("build_engine", config=BuildEngineConfig, summary="TensorRT engine for the target (+ trtexec script)",
                requires=(BUNDLE,), produces="engine", planned_in="issue #5")

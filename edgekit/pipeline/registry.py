@@ -27,6 +27,7 @@ BUILTIN_STAGE_MODULES = (
     "edgekit.models.stage",
     "edgekit.evaluate.stage",
     "edgekit.export.stage",
+    "edgekit.quantize.stage",
     "edgekit.bundle.stage",
     # Designed in later issues; registered so recipes that use them validate today.
     "edgekit.pipeline.planned",

@@ -92,6 +92,15 @@ def find_params(w: Any, bits: int, symmetric: bool, *, mse: bool = False, grid: 
         scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))
         if zero is None:
             zero = torch.clamp(torch.round(-lo_ / scale), 0, maxq)
+            # The GPTQ v1 checkpoint stores ``zero - 1`` in `bits` bits, so zero 0 has no
+            # encoding (it wraps to maxq and every v1 reader dequantizes with maxq + 1). A
+            # group that is (nearly) all >= 0 gets zero 1 and a scale that still reaches hi.
+            low = zero < 1
+            if maxq > 1 and bool(low.any()):
+                shifted = (hi_ / (maxq - 1)).half().float()
+                shifted = torch.where(shifted > 0, shifted, torch.ones_like(shifted))
+                scale = torch.where(low, shifted, scale)
+                zero = torch.where(low, torch.ones_like(zero), zero)
         return scale, zero
 
     scale, zero = params_for(lo, hi)

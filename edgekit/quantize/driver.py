@@ -1,0 +1,183 @@
+"""Layer-by-layer calibration driver for GPTQ (and anything else that needs per-layer
+input statistics).
+
+Peak memory stays near one decoder layer plus its calibration activations: the inputs of
+layer 0 are captured once, then for each layer i the linears are quantized in
+true-sequential order — (q, k, v) → o → (gate, up) → down — each group's Hessian collected
+with the groups before it already quantized, and finally the quantized layer is run to
+produce the inputs of layer i+1. A forward pass for a group stops as soon as every module
+of the group has seen its input, so collecting the early groups costs little.
+
+On a GPU host (``device="cuda"``) the model stays in CPU memory and each decoder layer
+visits the GPU only while it is calibrated, with its activations: so a 7B model quantizes on
+one GPU, and SmolLM2-135M on 2 CPU cores with the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+# True-sequential groups for Llama-family decoder layers (Llama, Mistral, Qwen2/3, SmolLM):
+# modules in one group read the same input, so they share one Hessian.
+SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early (its remaining work is not needed)."""
+
+
+def decoder_layers(model: Any) -> Any:
+    """The ModuleList of decoder layers (``model.model.layers`` for Llama-likes)."""
+    import torch
+
+    inner = getattr(model, "model", None)
+    if inner is not None and isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
+        return inner.layers
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError("cannot find the decoder layers of this model")
+
+
+def linear_groups(layer: Any) -> list[tuple[str, ...]]:
+    import torch
+
+    linears = {name for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)}
+    groups = [tuple(n for n in group if n in linears) for group in SEQUENTIAL_GROUPS]
+    groups = [g for g in groups if g]
+    covered = {n for g in groups for n in g}
+    rest = sorted(linears - covered)
+    if rest:  # an architecture with other names: quantize the rest together, after the known ones
+        groups.append(tuple(rest))
+    return groups
+
+
+def _to(value: Any, device: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def capture_layer_inputs(model: Any, samples: list[Any], device: Any = "cpu") -> tuple[list[Any], list[dict]]:
+    """Hidden states entering decoder layer 0, and the keyword arguments the model passes to
+    its layers (attention mask, rotary embeddings, ...), for every calibration sample."""
+    import torch
+
+    layers = decoder_layers(model)
+    inputs: list[Any] = []
+    kwargs_list: list[dict] = []
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        inputs.append(hidden.detach().to(device))
+        kwargs_list.append({k: _to(v, device) for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for ids in samples:
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return inputs, kwargs_list
+
+
+def _run_layer(layer: Any, hidden: Any, kwargs: dict) -> Any:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+QuantizeFn = Callable[[str, Any, Any], Any]  # (module name, nn.Linear, Hessian) -> QuantizedWeight
+
+
+def quantize_layer_by_layer(
+    model: Any, samples: list[Any], quantize: QuantizeFn, *, device: Any = "cpu", advance: Callable[[], None] = lambda: None
+) -> dict[str, Any]:
+    """Quantize every Linear inside the decoder layers; returns {module name: QuantizedWeight}.
+
+    ``quantize`` returns the QuantizedWeight for one module given its Hessian; the module's
+    weight is then replaced by the dequantized weight so later groups and layers calibrate
+    on the quantized model, as GPTQ requires.
+    """
+    import torch
+
+    from edgekit.quantize.gptq import accumulate_hessian
+
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    hidden_states, layer_kwargs = capture_layer_inputs(model, samples, device)
+    results: dict[str, Any] = {}
+    home = next(layers[0].parameters()).device
+    with torch.inference_mode():
+        for index, layer in enumerate(layers):
+            layer.to(device)
+            modules = dict(layer.named_modules())
+            for group in linear_groups(layer):
+                stats: dict[str, list] = {name: [None, 0] for name in group}
+                seen: set[str] = set()
+
+                def make_hook(name: str):
+                    def hook(_module, args):
+                        x = args[0]
+                        stats[name][0], stats[name][1] = accumulate_hessian(stats[name][0], x, stats[name][1])
+                        seen.add(name)
+                        if len(seen) == len(group):
+                            raise _StopForward
+
+                    return hook
+
+                handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in group]
+                try:
+                    for hidden, kwargs in zip(hidden_states, layer_kwargs):
+                        seen.clear()
+                        try:
+                            _run_layer(layer, hidden, kwargs)
+                        except _StopForward:
+                            pass
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                for name in group:
+                    module = modules[name]
+                    qweight = quantize(f"{prefix}.{index}.{name}", module, stats[name][0])
+                    module.weight.data = qweight.dequantize(module.weight.dtype).to(module.weight.device)
+                    results[f"{prefix}.{index}.{name}"] = _to_cpu(qweight)
+            # inputs of the next layer come from this layer, quantized
+            hidden_states = [_run_layer(layer, h, kw) for h, kw in zip(hidden_states, layer_kwargs)]
+            layer.to(home)
+            advance()
+    return results
+
+
+def _to_cpu(qweight: Any) -> Any:
+    for field in ("qweight", "scales", "zeros", "g_idx"):
+        setattr(qweight, field, getattr(qweight, field).cpu())
+    return qweight
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` = the first CUDA GPU when torch sees one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from edgekit.errors import StageError
+
+        raise StageError("quantize.device cuda was asked for, but torch sees no CUDA GPU", where="quantize.device",
+                         how="install a CUDA build of torch on a GPU host, or use device: auto")
+    return name

@@ -1,0 +1,84 @@
+"""Target rules checked when a recipe is validated, before any work starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgekit.errors import RecipeError
+
+FP8_MIN_CC = (8, 9)
+_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
+
+
+def check_target_rules(loaded: Any, target: Any, source: Any) -> None:
+    recipe = loaded.recipe
+    quantize = [(i, loaded.recipe.stage_config(i)) for i, s in enumerate(recipe.stages) if s.type == "quantize"]
+    for index, config in quantize:
+        if config.method == "fp8" and target.compute_capability_tuple < FP8_MIN_CC:
+            raise RecipeError(
+                f"quantize.method fp8 needs compute capability ≥ 8.9 but {target.name} has {target.compute_capability}",
+                where=loaded.where("stages", index, "method"),
+                how="use method gptq with bits 4 or 8",
+            )
+    _check_tensorrt_weights(loaded, quantize)
+    _check_memory_fit(loaded, target, source, quantize)
+
+
+def _check_tensorrt_weights(loaded: Any, quantize: list) -> None:
+    """TensorRT's DequantizeLinear takes no zero point: its INT4/INT8 weight-only path
+    needs symmetric weights. Refuse an asymmetric integer quantization exported for it."""
+    recipe = loaded.recipe
+    for index, spec in enumerate(recipe.stages):
+        if spec.type != "export_onnx":
+            continue
+        fmt = recipe.stage_config(index).format
+        earlier = [(i, c) for i, c in quantize if i < index]
+        if fmt in ("tensorrt", "both") and earlier:
+            q_index, config = earlier[-1]
+            if config.method != "fp8" and not config.symmetric:
+                raise RecipeError(
+                    f"export_onnx.format {fmt} needs symmetric weights, but quantize ({config.method}, "
+                    f"{config.bits}-bit) is asymmetric: TensorRT's DequantizeLinear takes no zero point",
+                    where=loaded.where("stages", q_index, "symmetric"),
+                    how="set 'symmetric: true' in the quantize stage, or export with format: onnxruntime",
+                )
+
+
+def _check_memory_fit(loaded: Any, target: Any, source: Any, quantize: list) -> None:
+    from edgekit.sizing import estimate_memory_gb, model_shape
+
+    recipe = loaded.recipe
+    try:
+        shape = model_shape(source)
+    except (KeyError, ValueError, OSError):
+        return  # the load stage reports unreadable models; the fit check needs a readable shape
+    if shape is None:
+        return  # a hub model without a cached config: checked once it is loaded
+    loads = [recipe.stage_config(i) for i, s in enumerate(recipe.stages) if s.type == "load"]
+    float_bits = _BITS[loads[0].dtype] if loads else 32
+    linear_bits, precision = float_bits, f"{float_bits}-bit float"
+    if quantize:
+        config = quantize[-1][1]
+        if config.method == "fp8":
+            linear_bits, precision = 8.0, "fp8"
+        else:
+            group = config.group_size or shape.hidden_size
+            linear_bits = config.bits + (16 + config.bits) / group
+            precision = f"{config.bits}-bit {config.method}"
+    fraction = 1.0
+    for index, spec in enumerate(recipe.stages):
+        if spec.type == "prune":
+            fraction = min(fraction, getattr(recipe.stage_config(index), "params", None) or 1.0)
+    estimate = estimate_memory_gb(
+        shape, linear_bits=linear_bits, other_bits=min(float_bits, 16) if quantize else float_bits,
+        context_length=recipe.context_length, parameter_fraction=fraction,
+    )
+    usable = target.memory.usable_gb
+    if estimate["total_gb"] > usable:
+        raise RecipeError(
+            f"the model will not fit {target.name}: predicted {estimate['total_gb']:.2f} GB "
+            f"(weights {estimate['weights_gb']:.2f} GB at {precision} + KV cache {estimate['kv_cache_gb']:.2f} GB "
+            f"at context {recipe.context_length} + {estimate['overhead_gb']} GB runtime) > {usable} GB usable",
+            where=loaded.where("target"),
+            how="add or tighten quantize (bits 4), prune the model, lower context_length, or pick a larger target",
+        )

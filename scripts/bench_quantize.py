@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Quantization benchmark on SmolLM2-135M, every method side by side in one run.
+
+For each configuration it runs the real pipeline (`edgekit compress`: load → quantize →
+evaluate, each configuration in its own process so peak RSS is its own) and collects
+held-out perplexity (the README's protocol: last 8192 tokens of the stdlib docs, windows
+of 512), bits per weight, size on disk, quantization wall time and peak RSS. Then it
+exports the float model and the GPTQ W4 g64 model to ONNX and measures greedy decode
+tokens/s of ONNX Runtime (float graph vs INT4 MatMulNBits) and PyTorch eager, on the same
+prompt, one after the other.
+
+    python scripts/bench_quantize.py [--out results] [--samples 32] [--only gptq-g64,rtn-g64-sym]
+
+Writes <out>/bench_quantize.json, <out>/bench_quantize.md and <out>/bench_quantize.png
+(perplexity vs bits per weight). Numbers are measured on the machine that runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FLOAT_PPL_NOTE = "float reference"
+
+
+def configurations(samples: int) -> list[tuple[str, str, dict]]:
+    """(name, target, quantize parameters or None for the float reference)."""
+    gptq = {"method": "gptq", "bits": 4, "calibration_samples": samples}
+    orin, workstation = "jetson-orin-nano-8gb", "workstation-rtx4090"  # FP8 needs cc >= 8.9
+    return [
+        ("float", orin, None),
+        ("rtn-g64-sym", orin, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True, "clip_search": False}),
+        ("rtn-g64-asym", orin, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False, "clip_search": False}),
+        ("rtn-g64-asym-clip", orin, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}),
+        ("gptq-g32", orin, {**gptq, "group_size": 32}),
+        ("gptq-g64", orin, {**gptq, "group_size": 64}),
+        ("gptq-g64-sym", orin, {**gptq, "group_size": 64, "symmetric": True}),
+        ("gptq-g64-noactorder", orin, {**gptq, "group_size": 64, "act_order": False}),
+        ("gptq-g32-noactorder", orin, {**gptq, "group_size": 32, "act_order": False}),
+        ("gptq-g128", orin, {**gptq, "group_size": 128}),
+        ("gptq-w8-g64", orin, {**gptq, "bits": 8, "group_size": 64}),
+        ("awq-se-g64-sym", orin, {"method": "awq", "bits": 4, "group_size": 64, "symmetric": True, "calibration_samples": samples}),
+        ("awq-se-g64-asym", orin, {"method": "awq", "bits": 4, "group_size": 64, "symmetric": False, "calibration_samples": samples}),
+        ("fp8-static", workstation, {"method": "fp8", "fp8_activations": "static", "calibration_samples": samples}),
+        ("fp8-dynamic", workstation, {"method": "fp8", "fp8_activations": "dynamic", "calibration_samples": samples}),
+    ]
+
+
+def recipe_yaml(name: str, target: str, quantize: dict | None, *, export: bool = False) -> str:
+    stages = ["  - type: load"]
+    if quantize:
+        stages.append("  - type: quantize")
+        stages += [f"    {k}: {json.dumps(v)}" for k, v in quantize.items()]
+    stages.append("  - type: evaluate")
+    if export:
+        stages.append("  - type: export_onnx\n    format: onnxruntime")
+    return textwrap.dedent(
+        f"""\
+        name: bench-{name}
+        model: smollm2-135m
+        target: {target}
+        data: builtin:python-docs
+        stages:
+        """
+    ) + "\n".join(stages) + "\n"
+
+
+def run_config(work: Path, name: str, target: str, quantize: dict | None, export: bool) -> dict:
+    recipe = work / f"{name}.yaml"
+    recipe.write_text(recipe_yaml(name, target, quantize, export=export))
+    out = work / name
+    base = work / "_base" / "stages" / "01-load"
+    if base.exists() and not out.exists():  # share the converted checkpoint (hard links)
+        (out / "stages").mkdir(parents=True)
+        shutil.copytree(base, out / "stages" / "01-load", copy_function=os.link)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "edgekit", "compress", str(recipe), "-q", "--output", str(out)], capture_output=True, text=True)
+    result = {"name": name, "target": target, "quantize": quantize, "wall_seconds": round(time.perf_counter() - started, 1)}
+    if proc.returncode != 0:
+        result["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        return result
+    manifest = json.loads((out / "manifest.json").read_text())
+    stages = {s["type"]: s for s in manifest["stages"]}
+    result["perplexity"] = stages["evaluate"]["metrics"]["perplexity"]
+    if quantize:
+        q = stages["quantize"]["metrics"]
+        result.update({k: q[k] for k in ("bits_per_weight", "checkpoint_bytes", "quantize_seconds", "peak_rss_mb", "calibration_tokens")})
+    else:
+        result.update({"bits_per_weight": 32.0, "checkpoint_bytes": stages["load"]["metrics"]["weights_bytes"]})
+    if export:
+        result["onnx_dir"] = str(out / stages["export_onnx"]["dir"])
+        result["onnx_bytes"] = stages["export_onnx"]["metrics"]["onnx_bytes"]
+    return result
+
+
+def speed(results: dict, work: Path, new_tokens: int) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from edgekit.evaluate.speed import decode_speed_onnx, decode_speed_torch
+    from edgekit.models.checkpoint import load_checkpoint
+
+    prompt = "The Jetson Orin module runs large language models at the edge because"
+    float_dir = Path(results["float"]["onnx_dir"])
+    ids = AutoTokenizer.from_pretrained(float_dir)(prompt)["input_ids"]
+    rows = []
+    for label, key in (("ONNX Runtime fp32 (float graph)", "float"), ("ONNX Runtime INT4 MatMulNBits (GPTQ g64)", "gptq-g64")):
+        if "onnx_dir" in results.get(key, {}):
+            r = decode_speed_onnx(Path(results[key]["onnx_dir"]) / "model.onnx", ids, new_tokens=new_tokens)
+            rows.append({"backend": label, **{k: v for k, v in r.items() if k != "tokens"}})
+    model, _ = load_checkpoint(work / "float" / "stages" / "01-load")
+    r = decode_speed_torch(model, ids, new_tokens=new_tokens)
+    rows.append({"backend": "PyTorch eager fp32", **{k: v for k, v in r.items() if k != "tokens"}})
+    return rows
+
+
+def write_reports(out: Path, payload: dict) -> None:
+    (out / "bench_quantize.json").write_text(json.dumps(payload, indent=2) + "\n")
+    ref = next((r["perplexity"] for r in payload["quality"] if r["name"] == "float" and "perplexity" in r), None)
+    lines = [
+        "# Quantization benchmark: SmolLM2-135M",
+        "",
+        f"Measured {payload['date']} on {payload['machine']} ({payload['cores']} cores). Held-out perplexity: last 8192 "
+        "tokens of the stdlib docs, windows of 512; calibration only from the text before it "
+        f"({payload['samples']} windows of 512 tokens).",
+        "",
+        "| configuration | perplexity | vs float | bits/weight | size (MB) | quantize (s) | peak RSS (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in payload["quality"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | — | {r['error']} | | | | |")
+            continue
+        delta = f"{(r['perplexity'] / ref - 1) * 100:+.1f}%" if ref else ""
+        lines.append(
+            f"| {r['name']} | {r['perplexity']:.3f} | {delta} | {r['bits_per_weight']:.2f} | {r['checkpoint_bytes'] / 1e6:.0f} | "
+            f"{r.get('quantize_seconds', '')} | {r.get('peak_rss_mb', '')} |"
+        )
+    lines += ["", "| decode backend | tokens/s | TTFT (ms) |", "| --- | --- | --- |"]
+    for r in payload["speed"]:
+        lines.append(f"| {r['backend']} | {r['decode_tokens_per_s']} | {r['ttft_ms']} |")
+    (out / "bench_quantize.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in payload["quality"]:
+        if "perplexity" not in r or r["name"] == "float":
+            continue
+        family = r["name"].split("-")[0]
+        marker = {"rtn": "x", "gptq": "o", "awq": "s", "fp8": "^"}.get(family, ".")
+        ax.scatter(r["bits_per_weight"], r["perplexity"], marker=marker, label=r["name"])
+    if ref:
+        ax.axhline(ref, color="grey", linestyle="--", label=f"float ({ref:.2f})")
+    ax.set_xlabel("bits per quantized weight (codes + scales + zeros)")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_title("SmolLM2-135M: perplexity vs bits per weight")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "bench_quantize.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "results")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_quantize")
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--only", default="", help="comma-separated configuration names")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    configs = configurations(args.samples)
+    if args.only:
+        wanted = set(args.only.split(",")) | {"float"}
+        configs = [c for c in configs if c[0] in wanted]
+    base = args.work / "_base.yaml"
+    base.write_text(recipe_yaml("base", "jetson-orin-nano-8gb", None))
+    subprocess.run([sys.executable, "-m", "edgekit", "compress", str(base), "-q", "--output", str(args.work / "_base"), "--until", "load"], check=True)
+    results = {}
+    for name, target, quantize in configs:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        results[name] = run_config(args.work, name, target, quantize, export=name in ("float", "gptq-g64"))
+        print(f"[bench] {name}: {json.dumps({k: v for k, v in results[name].items() if k != 'quantize'})}", file=sys.stderr, flush=True)
+    payload = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "samples": args.samples,
+        "quality": list(results.values()),
+        "speed": speed(results, args.work, args.new_tokens),
+    }
+    write_reports(args.out, payload)
+    print((args.out / "bench_quantize.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

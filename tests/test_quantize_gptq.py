@@ -1,0 +1,185 @@
+"""GPTQ (edgekit.quantize.gptq): quality against RTN, exactness, static groups, Hessians."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgekit.quantize.gptq import _gptq, accumulate_hessian, gptq_quantize, split_rows  # noqa: E402
+from edgekit.quantize.grid import find_params, max_code, rtn_quantize  # noqa: E402
+
+IN, OUT = 256, 64
+
+
+def correlated_inputs(n: int, seed: int) -> "torch.Tensor":
+    """Inputs with a strong, LLM-like covariance: a shared random mixing of latent factors with
+    a decaying spectrum, plus a few outlier channels 8x larger than the rest."""
+    mixing_gen = torch.Generator().manual_seed(1234)
+    A = torch.randn(IN, IN, generator=mixing_gen) / IN**0.5 * torch.linspace(2, 0.05, IN)[:, None]
+    A = A + 0.1 * torch.randn(IN, IN, generator=mixing_gen)
+    X = torch.randn(n, IN, generator=torch.Generator().manual_seed(seed)) @ A
+    X[:, :4] *= 8
+    return X
+
+
+@pytest.fixture(scope="module")
+def layer():
+    X_calib, X_test = correlated_inputs(4096, 1), correlated_inputs(4096, 2)
+    W = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(3))
+    H, _ = accumulate_hessian(None, X_calib, 0)
+    return W, H, X_test
+
+
+def sqnr_db(X, W, W_hat) -> float:
+    """Output signal-to-quantization-noise ratio: 10 log10(||X W^T||^2 / ||X (W - W_hat)^T||^2)."""
+    return 10 * torch.log10((X @ W.T).pow(2).sum() / (X @ (W - W_hat).T).pow(2).sum()).item()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 64, None])
+def test_gptq_beats_rtn_on_correlated_inputs(layer, group_size, symmetric, act_order):
+    W, H, X_test = layer
+    rtn = rtn_quantize(W, bits=4, group_size=group_size, symmetric=symmetric)
+    qw, stats = gptq_quantize(W, H, bits=4, group_size=group_size, symmetric=symmetric, act_order=act_order)
+    rtn_db, gptq_db = sqnr_db(X_test, W, rtn.dequantize()), sqnr_db(X_test, W, qw.dequantize())
+    print(f"\n4-bit group={group_size} sym={symmetric} act_order={act_order}: "
+          f"RTN {rtn_db:.2f} dB, GPTQ {gptq_db:.2f} dB (+{gptq_db - rtn_db:.2f}), {stats['seconds'] * 1000:.0f} ms")
+    # Held-out inputs; with these seeds GPTQ wins by 5.0-5.5 dB in every configuration.
+    assert gptq_db >= rtn_db + 3.0
+    assert stats["loss"] > 0 and stats["seconds"] >= 0
+
+
+def reference_gptq(W, H, bits, group_size, symmetric, act_order, damp=0.01):
+    """Textbook GPTQ, no tricks: one column at a time in float64 with an explicit inverse
+    Hessian that is eliminated column by column (OBS), no Cholesky, no lazy batches. Group
+    grids are computed (like edgekit's) when a group is first reached, from its current weights."""
+    W, H = W.double().clone(), H.double().clone()
+    rows, cols = W.shape
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    order = torch.argsort(torch.diagonal(H), descending=True, stable=True).tolist() if act_order else range(cols)
+    Hinv = torch.linalg.inv(H + damp * torch.diagonal(H).mean() * torch.eye(cols, dtype=H.dtype))
+    codes, params = torch.zeros(rows, cols, dtype=torch.int32), {}
+    for c in order:
+        g = c // group_size
+        if g not in params:
+            s, z = find_params(W[:, g * group_size:(g + 1) * group_size].float(), bits, symmetric)
+            params[g] = (s, z.float())
+        s, z = params[g]
+        q = torch.clamp(torch.round(W[:, c].float() / s) + z, 0, max_code(bits))
+        codes[:, c] = q.int()
+        w_hat = ((q - z) * s).double()
+        W -= ((W[:, c] - w_hat) / Hinv[c, c])[:, None] * Hinv[c][None, :]
+        Hinv = Hinv - Hinv[:, c:c + 1] @ Hinv[c:c + 1, :] / Hinv[c, c]
+    return codes
+
+
+@pytest.mark.parametrize("block_size", [8, 128])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [16, 64])
+def test_matches_textbook_reference(act_order, group_size, block_size):
+    """The Cholesky factor, two-level lazy batches and block cuts at group starts change
+    nothing: the same codes as the naive algorithm."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(1024, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
+    X[:, 3] *= 10
+    H, _ = accumulate_hessian(None, X, 0)
+    W = torch.randn(32, 64, generator=gen)
+    expected = reference_gptq(W, H, 4, group_size, False, act_order)
+    qw, _ = gptq_quantize(W, H, bits=4, group_size=group_size, symmetric=False, act_order=act_order,
+                          block_size=block_size)
+    assert (qw.qweight == expected).float().mean().item() >= 0.999
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_static_groups_codes_and_exact_dequantize(layer, bits, symmetric):
+    W, H, _ = layer
+    qw, _, committed = _gptq(W, H, bits=bits, group_size=32, symmetric=symmetric, act_order=True,
+                             damp=0.01, block_size=48, mse=False)
+    assert torch.equal(qw.g_idx, torch.arange(IN, dtype=torch.int32) // 32)
+    assert qw.contiguous_groups and qw.group_size == 32 and qw.n_groups == IN // 32
+    assert qw.qweight.dtype == torch.int32 and tuple(qw.qweight.shape) == (OUT, IN)
+    assert int(qw.qweight.min()) >= 0 and int(qw.qweight.max()) <= max_code(bits)
+    assert qw.zeros.dtype == torch.int32 and int(qw.zeros.min()) >= 1 and int(qw.zeros.max()) <= max_code(bits)
+    if symmetric:
+        assert bool((qw.zeros == 2 ** (bits - 1)).all())
+    assert qw.scales.dtype == torch.float32 and torch.equal(qw.scales.half().float(), qw.scales)
+    # What the error feedback used is bit-for-bit what dequantize() (and every loader) rebuilds.
+    assert torch.equal(qw.dequantize(), committed)
+
+
+def test_per_channel_and_mse(layer):
+    W, H, X_test = layer
+    qw, _ = gptq_quantize(W, H, bits=4, group_size=None, symmetric=False, act_order=True)
+    assert qw.group_size == IN and qw.n_groups == 1 and bool((qw.g_idx == 0).all())
+    plain_db = sqnr_db(X_test, W, qw.dequantize())
+    qw_mse, _, committed = _gptq(W, H, bits=4, group_size=None, symmetric=False, act_order=True,
+                                 damp=0.01, block_size=128, mse=True)
+    assert torch.equal(qw_mse.dequantize(), committed)
+    print(f"\nper-channel GPTQ: {plain_db:.2f} dB, with mse grid search {sqnr_db(X_test, W, qw_mse.dequantize()):.2f} dB")
+    assert sqnr_db(X_test, W, qw_mse.dequantize()) > plain_db - 1.0
+
+
+def test_dead_inputs_are_zeroed():
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(512, 64, generator=gen)
+    X[:, [7, 40]] = 0  # never-firing inputs: H[i, i] == 0
+    H, _ = accumulate_hessian(None, X, 0)
+    W = torch.randn(16, 64, generator=gen)
+    qw, stats = gptq_quantize(W, H, bits=4, group_size=32, symmetric=False, act_order=True)
+    W_hat = qw.dequantize()
+    assert bool(torch.isfinite(W_hat).all()) and math.isfinite(stats["loss"])
+    assert bool((W_hat[:, [7, 40]] == 0).all())
+
+
+def test_hessian_independent_of_batching():
+    X = correlated_inputs(600, 7)
+    whole, n = accumulate_hessian(None, X, 0)
+    assert n == 600
+    H, seen = None, 0
+    for chunk in (X[:1], X[1:101].reshape(4, 25, IN), X[101:101], X[101:].reshape(1, 499, IN)):
+        H, seen = accumulate_hessian(H, chunk, seen)
+    assert seen == 600
+    torch.testing.assert_close(H, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
+    torch.testing.assert_close(whole, 2 * X.double().T @ X.double() / 600, rtol=1e-5, atol=1e-3, check_dtype=False)
+    H64, _ = accumulate_hessian(torch.zeros(IN, IN, dtype=torch.float64), X, 0)
+    assert H64.dtype == torch.float64
+
+
+def test_invalid_arguments(layer):
+    W, H, _ = layer
+    with pytest.raises(ValueError, match="group_size 48 does not divide in_features 256"):
+        gptq_quantize(W, H, bits=4, group_size=48, symmetric=True, act_order=False)
+    with pytest.raises(ValueError, match="Hessian shape"):
+        gptq_quantize(W, H[:10, :10], bits=4, group_size=32, symmetric=True, act_order=False)
+    with pytest.raises(ValueError, match="NaN"):
+        gptq_quantize(W, H * float("nan"), bits=4, group_size=32, symmetric=True, act_order=False)
+
+
+def test_rank_deficient_hessian_still_quantizes():
+    """Fewer samples than inputs: H is singular; the 1% dampening makes it invertible."""
+    X = torch.randn(8, 64, generator=torch.Generator().manual_seed(9))
+    H, _ = accumulate_hessian(None, X, 0)
+    W = torch.randn(16, 64)
+    qw, stats = gptq_quantize(W, H, bits=4, group_size=32, symmetric=True, act_order=True)
+    assert bool(torch.isfinite(qw.dequantize()).all()) and stats["damp"] >= 0.01
+
+
+def test_rows_are_independent_so_fused_layers_split_back(layer):
+    """q/k/v (or gate/up) share their input: quantizing them concatenated gives each part
+    the grid and codes it would get alone (up to float summation order)."""
+    W, H, _ = layer
+    W2 = torch.randn(32, IN, generator=torch.Generator().manual_seed(11))
+    fused, _ = gptq_quantize(torch.cat([W, W2]), H, bits=4, group_size=32, symmetric=False, act_order=True)
+    a, b = split_rows(fused, [OUT, 32])
+    alone, _ = gptq_quantize(W2, H, bits=4, group_size=32, symmetric=False, act_order=True)
+    assert b.qweight.shape == alone.qweight.shape and (b.qweight == alone.qweight).float().mean() > 0.99
+    assert torch.equal(torch.cat([a.dequantize(), b.dequantize()]), fused.dequantize())
+    with pytest.raises(ValueError):
+        split_rows(fused, [OUT, 31])
