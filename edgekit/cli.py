@@ -67,6 +67,12 @@ def compress(recipe: str, output: str | None, force: bool, from_stage: str | Non
     _print_run(manifest, output)
 
 
+_SHOWN_METRICS = (
+    "perplexity", "perplexity_tensorrt", "parameters", "method", "bits_per_weight", "logits_max_abs_diff",
+    "logits_max_abs_diff_tensorrt", "onnx_bytes", "bundle_bytes", "bundle",
+)
+
+
 def _print_run(manifest: dict, output: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -79,7 +85,7 @@ def _print_run(manifest: dict, output: str | None) -> None:
         shown = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in metrics.items()
-            if k in ("perplexity", "parameters", "logits_max_abs_diff", "onnx_bytes", "bundle_bytes", "bundle")
+            if k in _SHOWN_METRICS
         )
         seconds = f"{stage['seconds']:.1f}" if "seconds" in stage else ""
         table.add_row(stage["name"], stage["type"], stage["status"], seconds, shown)

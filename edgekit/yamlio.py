@@ -196,6 +196,18 @@ def atomic_write_text(path: Path | str, text: str) -> None:
         raise
 
 
+def atomic_write(path: Path | str, write: Any) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a reader never sees a partial file
+    (for writers that want a path, e.g. safetensors' ``save_file``)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_json(path: Path | str, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 

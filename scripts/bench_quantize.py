@@ -32,37 +32,46 @@ REPO = Path(__file__).resolve().parent.parent
 FLOAT_PPL_NOTE = "float reference"
 
 
-def configurations(samples: int) -> list[tuple[str, str, dict]]:
-    """(name, target, quantize parameters or None for the float reference)."""
+def configurations(samples: int) -> list[tuple[str, str, dict | None, dict | None]]:
+    """(name, target, quantize parameters or None for the float reference, export_onnx
+    parameters or None for no export)."""
     gptq = {"method": "gptq", "bits": 4, "calibration_samples": samples}
+    head = {**gptq, "group_size": 64, "symmetric": True, "quantize_lm_head": True}
     orin, workstation = "jetson-orin-nano-8gb", "workstation-rtx4090"  # FP8 needs cc >= 8.9
+    ort = {"format": "onnxruntime"}
     return [
-        ("float", orin, None),
-        ("rtn-g64-sym", orin, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True, "clip_search": False}),
-        ("rtn-g64-asym", orin, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False, "clip_search": False}),
-        ("rtn-g64-asym-clip", orin, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}),
-        ("gptq-g32", orin, {**gptq, "group_size": 32}),
-        ("gptq-g64", orin, {**gptq, "group_size": 64}),
-        ("gptq-g64-sym", orin, {**gptq, "group_size": 64, "symmetric": True}),
-        ("gptq-g64-noactorder", orin, {**gptq, "group_size": 64, "act_order": False}),
-        ("gptq-g32-noactorder", orin, {**gptq, "group_size": 32, "act_order": False}),
-        ("gptq-g128", orin, {**gptq, "group_size": 128}),
-        ("gptq-w8-g64", orin, {**gptq, "bits": 8, "group_size": 64}),
-        ("awq-se-g64-sym", orin, {"method": "awq", "bits": 4, "group_size": 64, "symmetric": True, "calibration_samples": samples}),
-        ("awq-se-g64-asym", orin, {"method": "awq", "bits": 4, "group_size": 64, "symmetric": False, "calibration_samples": samples}),
-        ("fp8-static", workstation, {"method": "fp8", "fp8_activations": "static", "calibration_samples": samples}),
-        ("fp8-dynamic", workstation, {"method": "fp8", "fp8_activations": "dynamic", "calibration_samples": samples}),
+        ("float", orin, None, ort),
+        ("rtn-g64-sym", orin, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True, "clip_search": False}, None),
+        ("rtn-g64-asym", orin, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False, "clip_search": False}, None),
+        ("rtn-g64-asym-clip", orin, {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}, None),
+        ("gptq-g32", orin, {**gptq, "group_size": 32}, None),
+        ("gptq-g64", orin, {**gptq, "group_size": 64}, ort),
+        ("gptq-g64-sym", orin, {**gptq, "group_size": 64, "symmetric": True}, None),
+        ("gptq-g64-noactorder", orin, {**gptq, "group_size": 64, "act_order": False}, None),
+        ("gptq-g64-sym-s64", orin, {**gptq, "group_size": 64, "symmetric": True, "calibration_samples": 4 * samples}, None),
+        ("gptq-g128", orin, {**gptq, "group_size": 128}, None),
+        ("gptq-w8-g64", orin, {**gptq, "bits": 8, "group_size": 64}, None),
+        # lm_head is the largest matrix of a 135M model (49152 x 576): quantizing it too is
+        # what makes INT4 decode fast on CPU; accuracy_level 4 = int8 activations in MatMulNBits.
+        ("gptq-g64-sym-head", orin, head, ort),
+        ("gptq-g64-sym-head-acc4", orin, head, {**ort, "accuracy_level": 4, "quantized_parity_tolerance": 5.0}),
+        ("awq-se-g64-sym", orin, {"method": "awq", "bits": 4, "group_size": 64, "symmetric": True, "calibration_samples": samples}, None),
+        ("awq-se-g64-asym", orin, {"method": "awq", "bits": 4, "group_size": 64, "symmetric": False, "calibration_samples": samples}, None),
+        ("fp8-static", workstation, {"method": "fp8", "fp8_activations": "static", "calibration_samples": samples}, None),
+        ("fp8-dynamic", workstation, {"method": "fp8", "fp8_activations": "dynamic", "calibration_samples": samples}, None),
     ]
 
 
-def recipe_yaml(name: str, target: str, quantize: dict | None, *, export: bool = False) -> str:
+def recipe_yaml(name: str, target: str, quantize: dict | None, export: dict | None = None) -> str:
     stages = ["  - type: load"]
     if quantize:
         stages.append("  - type: quantize")
         stages += [f"    {k}: {json.dumps(v)}" for k, v in quantize.items()]
     stages.append("  - type: evaluate")
     if export:
-        stages.append("  - type: export_onnx\n    format: onnxruntime")
+        stages.append("  - type: export_onnx")
+        stages += [f"    {k}: {json.dumps(v)}" for k, v in export.items()]
+        stages.append("  - type: evaluate")  # the graph's own held-out perplexity
     return textwrap.dedent(
         f"""\
         name: bench-{name}
@@ -74,9 +83,9 @@ def recipe_yaml(name: str, target: str, quantize: dict | None, *, export: bool =
     ) + "\n".join(stages) + "\n"
 
 
-def run_config(work: Path, name: str, target: str, quantize: dict | None, export: bool) -> dict:
+def run_config(work: Path, name: str, target: str, quantize: dict | None, export: dict | None) -> dict:
     recipe = work / f"{name}.yaml"
-    recipe.write_text(recipe_yaml(name, target, quantize, export=export))
+    recipe.write_text(recipe_yaml(name, target, quantize, export))
     out = work / name
     base = work / "_base" / "stages" / "01-load"
     if base.exists() and not out.exists():  # share the converted checkpoint (hard links)
@@ -89,7 +98,7 @@ def run_config(work: Path, name: str, target: str, quantize: dict | None, export
         result["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
         return result
     manifest = json.loads((out / "manifest.json").read_text())
-    stages = {s["type"]: s for s in manifest["stages"]}
+    stages = {s["name"]: s for s in manifest["stages"]}
     result["perplexity"] = stages["evaluate"]["metrics"]["perplexity"]
     if quantize:
         q = stages["quantize"]["metrics"]
@@ -99,26 +108,36 @@ def run_config(work: Path, name: str, target: str, quantize: dict | None, export
     if export:
         result["onnx_dir"] = str(out / stages["export_onnx"]["dir"])
         result["onnx_bytes"] = stages["export_onnx"]["metrics"]["onnx_bytes"]
+        result["onnx_perplexity"] = stages["evaluate-2"]["metrics"]["perplexity"]
+        result["onnx_logits_max_abs_diff"] = stages["export_onnx"]["metrics"]["logits_max_abs_diff"]
     return result
 
 
+SPEED_LABELS = {
+    "float": "ONNX Runtime fp32 (float graph)",
+    "gptq-g64": "ONNX Runtime INT4 MatMulNBits (GPTQ g64; lm_head fp32)",
+    "gptq-g64-sym-head": "ONNX Runtime INT4 MatMulNBits (GPTQ g64 + INT4 lm_head)",
+    "gptq-g64-sym-head-acc4": "ONNX Runtime INT4 MatMulNBits, accuracy_level 4 (int8 activations)",
+}
+
+
 def speed(results: dict, work: Path, new_tokens: int) -> list[dict]:
+    """Decode tokens/s of every exported graph and of PyTorch eager, one after the other."""
     from transformers import AutoTokenizer
 
     from edgekit.evaluate.speed import decode_speed_onnx, decode_speed_torch
     from edgekit.models.checkpoint import load_checkpoint
 
     prompt = "The Jetson Orin module runs large language models at the edge because"
-    float_dir = Path(results["float"]["onnx_dir"])
-    ids = AutoTokenizer.from_pretrained(float_dir)(prompt)["input_ids"]
+    ids = AutoTokenizer.from_pretrained(work / "_base" / "stages" / "01-load")(prompt)["input_ids"]
     rows = []
-    for label, key in (("ONNX Runtime fp32 (float graph)", "float"), ("ONNX Runtime INT4 MatMulNBits (GPTQ g64)", "gptq-g64")):
+    for key, label in SPEED_LABELS.items():
         if "onnx_dir" in results.get(key, {}):
             r = decode_speed_onnx(Path(results[key]["onnx_dir"]) / "model.onnx", ids, new_tokens=new_tokens)
-            rows.append({"backend": label, **{k: v for k, v in r.items() if k != "tokens"}})
-    model, _ = load_checkpoint(work / "float" / "stages" / "01-load")
+            rows.append({"backend": label, "config": key, **{k: v for k, v in r.items() if k != "tokens"}})
+    model, _ = load_checkpoint(work / "_base" / "stages" / "01-load")
     r = decode_speed_torch(model, ids, new_tokens=new_tokens)
-    rows.append({"backend": "PyTorch eager fp32", **{k: v for k, v in r.items() if k != "tokens"}})
+    rows.append({"backend": "PyTorch eager fp32", "config": "float", **{k: v for k, v in r.items() if k != "tokens"}})
     return rows
 
 
@@ -144,9 +163,21 @@ def write_reports(out: Path, payload: dict) -> None:
             f"| {r['name']} | {r['perplexity']:.3f} | {delta} | {r['bits_per_weight']:.2f} | {r['checkpoint_bytes'] / 1e6:.0f} | "
             f"{r.get('quantize_seconds', '')} | {r.get('peak_rss_mb', '')} |"
         )
-    lines += ["", "| decode backend | tokens/s | TTFT (ms) |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        f"Greedy decode of {payload['speed'][0]['new_tokens'] if payload['speed'] else ''} tokens after a "
+        f"{payload['speed'][0]['prompt_tokens'] if payload['speed'] else ''}-token prompt, KV cache fed back each step "
+        "(numpy in/out, no IO binding), all cores; held-out perplexity of the graph itself in ONNX Runtime.",
+        "",
+        "| decode backend | tokens/s | vs float ONNX | TTFT (ms) | graph perplexity |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    base = next((r["decode_tokens_per_s"] for r in payload["speed"] if r["config"] == "float" and "ONNX" in r["backend"]), None)
+    by_name = {r["name"]: r for r in payload["quality"]}
     for r in payload["speed"]:
-        lines.append(f"| {r['backend']} | {r['decode_tokens_per_s']} | {r['ttft_ms']} |")
+        ratio = f"{r['decode_tokens_per_s'] / base:.2f}x" if base else ""
+        graph_ppl = by_name.get(r["config"], {}).get("onnx_perplexity", "") if "ONNX" in r["backend"] else by_name["float"]["perplexity"]
+        lines.append(f"| {r['backend']} | {r['decode_tokens_per_s']} | {ratio} | {r['ttft_ms']} | {graph_ppl} |")
     (out / "bench_quantize.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -177,30 +208,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "results")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_quantize")
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens")
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows of 512 tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--only", default="", help="comma-separated configuration names")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     configs = configurations(args.samples)
-    if args.only:
-        wanted = set(args.only.split(",")) | {"float"}
+    previous = {}
+    if args.only:  # rerun some configurations, keep the others' measured rows
+        wanted = set(args.only.split(","))
         configs = [c for c in configs if c[0] in wanted]
+        if (args.out / "bench_quantize.json").is_file():
+            previous = {r["name"]: r for r in json.loads((args.out / "bench_quantize.json").read_text())["quality"]}
     base = args.work / "_base.yaml"
     base.write_text(recipe_yaml("base", "jetson-orin-nano-8gb", None))
     subprocess.run([sys.executable, "-m", "edgekit", "compress", str(base), "-q", "--output", str(args.work / "_base"), "--until", "load"], check=True)
-    results = {}
-    for name, target, quantize in configs:
+    results = dict(previous)
+    for name, target, quantize, export in configs:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_config(args.work, name, target, quantize, export=name in ("float", "gptq-g64"))
+        results[name] = run_config(args.work, name, target, quantize, export)
         print(f"[bench] {name}: {json.dumps({k: v for k, v in results[name].items() if k != 'quantize'})}", file=sys.stderr, flush=True)
     payload = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "samples": args.samples,
-        "quality": list(results.values()),
+        "quality": [results[c[0]] for c in configurations(args.samples) if c[0] in results],
         "speed": speed(results, args.work, args.new_tokens),
     }
     write_reports(args.out, payload)

@@ -226,3 +226,29 @@ def test_unsupported_settings_are_stage_errors(tiny_model_dir, data, kwargs, mes
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
     with pytest.raises(StageError, match="calibration sample"):
         awq_quantize(model, [], bits=4, group_size=32, symmetric=False)
+
+
+def test_zero_point_zero_groups_become_packable():
+    """NNCF may give an asymmetric group zero point 0 with its top code in use; GPTQ v1
+    cannot store zero 0, so such groups are refitted to zero 1 (others shift losslessly)."""
+    import torch
+
+    from edgekit.quantize.awq import _shift_zero_points
+    from edgekit.quantize.grid import QuantizedWeight
+    from edgekit.quantize.packing import pack_gptq
+
+    # row 0: zero 0 with code 15 in use (must be refitted); rows 1-7: zero 0, top code unused
+    codes = torch.tensor([[0, 3, 15, 7, 9, 2, 4, 1]] + [[0, 1, 2, 3, 4, 5, 6, 7]] * 7, dtype=torch.int32)
+    qw = QuantizedWeight(
+        qweight=codes.clone(), scales=torch.tensor([[0.5]] + [[0.25]] * 7), zeros=torch.zeros(8, 1, dtype=torch.int32),
+        g_idx=torch.zeros(8, dtype=torch.int32), bits=4, group_size=8, symmetric=False,
+    )
+    before = qw.dequantize()
+    shifted, refitted = _shift_zero_points(qw)
+    assert (shifted, refitted) == (7, 1)
+    assert bool((qw.zeros >= 1).all())
+    after = qw.dequantize()
+    assert torch.equal(after[1:], before[1:])  # shifted rows: not a value changed
+    assert float((after[0] - before[0]).abs().max()) <= float(qw.scales[0, 0]) / 2 + 1e-6
+    assert float(after[0].max()) == pytest.approx(float(before[0].max()), rel=1e-3)  # the top still reached
+    pack_gptq(qw)  # packable now

@@ -37,6 +37,10 @@ class ExportOnnxConfig(StageConfig):
         2e-2, gt=0, description="the same for quantized graphs (different accumulation order in the INT4 kernels)"
     )
     parity_prompts: list[str] | None = Field(None, description="prompts for the parity check (default: three fixed prompts)")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        0, description="MatMulNBits compute type on CPU: 0 = float32 (exact); 4 = int8 activations (faster, "
+        "less exact: the parity check and the following evaluate measure the cost)"
+    )
 
 
 def run_export_onnx(ctx) -> dict:
@@ -79,7 +83,7 @@ def run_export_onnx(ctx) -> dict:
             target_dir = ctx.output_dir if index == 0 else ctx.output_dir / fmt
             target_dir.mkdir(exist_ok=True)
             with ctx.progress(None, f"{fmt} graph ({method})"):
-                report = _rewrite(fmt, method, staging / MODEL_FILE, target_dir / MODEL_FILE, weights)
+                report = _rewrite(fmt, method, staging / MODEL_FILE, target_dir / MODEL_FILE, weights, config.accuracy_level)
             record["variants"][fmt] = (target_dir / MODEL_FILE).relative_to(ctx.output_dir).as_posix()
             record.setdefault("rewrites", {})[fmt] = report
         record["primary"] = formats[0]
@@ -157,13 +161,13 @@ def _write_float_twin(model, tokenizer, out_dir) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def _rewrite(fmt: str, method: str, src, dst, weights) -> dict:
+def _rewrite(fmt: str, method: str, src, dst, weights, accuracy_level: int) -> dict:
     from edgekit.export import quantized
 
     if method == "fp8":
         return quantized.to_fp8_qdq(src, dst, weights)
     if fmt == "onnxruntime":
-        return quantized.to_matmulnbits(src, dst, weights)
+        return quantized.to_matmulnbits(src, dst, weights, accuracy_level=accuracy_level or None)
     return quantized.to_blockwise_dq(src, dst, weights, opset=21)
 
 

@@ -66,7 +66,7 @@ class AwqResult:
     # Asymmetric groups with zero point 0 shifted losslessly to zero 1 (codes + 1), and the
     # ones that could not be shifted (a code already at the top of the range).
     zero_shifted_groups: int = 0
-    zero_point_zero_groups: int = 0
+    zero_point_refitted_groups: int = 0  # zero 0 with the top code in use: refitted to zero 1
     nncf_version: str = ""
 
 
@@ -169,20 +169,12 @@ def _quiet_nncf():
 
 
 def _decoder_linear_weights(model: Any) -> list[str]:
-    import torch
-
-    from edgekit.quantize.driver import decoder_layers
+    from edgekit.quantize.driver import decoder_linears
 
     try:
-        layers = decoder_layers(model)
+        names = [f"{name}.weight" for name, _module in decoder_linears(model)]
     except ValueError as exc:
         raise StageError(str(exc), where=WHERE, how="use a Llama-like causal LM (model.model.layers)") from exc
-    prefix = next(name for name, module in model.named_modules() if module is layers)
-    names = []
-    for index, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                names.append(f"{prefix}.{index}.{name}.weight")
     if not names:
         raise StageError("the decoder layers contain no torch.nn.Linear", where=WHERE, how="use a Llama-like causal LM")
     return names
@@ -364,7 +356,8 @@ def _decompressor_to_grid(decompressor: Any, packed: Any, shape: tuple[int, int]
 def _shift_zero_points(qw: QuantizedWeight) -> tuple[int, int]:
     """GPTQ's v1 layout stores ``zero - 1``, so zero point 0 has no encoding there. Where a
     group with zero 0 has no code at the top of the range, ``(q+1) - 1 == q - 0`` moves it to
-    zero 1 without changing a single dequantized value. Returns (shifted, left at 0)."""
+    zero 1 without changing a single dequantized value; the other zero-0 groups are refitted
+    (see below). Returns (shifted exactly, refitted)."""
     import torch
 
     if qw.symmetric:
@@ -378,7 +371,20 @@ def _shift_zero_points(qw: QuantizedWeight) -> tuple[int, int]:
     if bool(shiftable.any()):
         qw.qweight = qw.qweight + shiftable[:, qw.g_idx.long()].to(torch.int32)
         qw.zeros = qw.zeros + shiftable.to(torch.int32)
-    return int(shiftable.sum()), int((at_zero & ~shiftable).sum())
+    stuck = at_zero & ~shiftable
+    if bool(stuck.any()):
+        # Zero 0 with the top code in use: refit those groups (all weights >= 0) onto a grid
+        # with zero 1 whose top code still reaches the group's maximum. This moves their
+        # values by at most half a (slightly larger) step; counted for the report.
+        g = qw.g_idx.long()
+        values = qw.dequantize()
+        new_scale = (qw.scales * top / (top - 1)).half().float()
+        refit_codes = torch.clamp(torch.round(values / new_scale[:, g]) + 1, 0, top).to(torch.int32)
+        mask = stuck[:, g]
+        qw.qweight = torch.where(mask, refit_codes, qw.qweight)
+        qw.scales = torch.where(stuck, new_scale, qw.scales)
+        qw.zeros = torch.where(stuck, torch.ones_like(qw.zeros), qw.zeros)
+    return int(shiftable.sum()), int(stuck.sum())
 
 
 def _unwrap(model: Any) -> None:
@@ -416,7 +422,7 @@ def extract_and_restore(run: NncfRun) -> AwqResult:
                 qw = _decompressor_to_grid(hook, packed, tuple(nncf_weight.shape))
                 shifted, left = _shift_zero_points(qw)
                 result.zero_shifted_groups += shifted
-                result.zero_point_zero_groups += left
+                result.zero_point_refitted_groups += left
                 weight = qw.dequantize(dtype).to(packed.device)
                 result.max_abs_diff = max(result.max_abs_diff, float((weight.float() - nncf_weight.float()).abs().max()))
                 param.data = weight

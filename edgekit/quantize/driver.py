@@ -45,16 +45,32 @@ def decoder_layers(model: Any) -> Any:
     raise ValueError("cannot find the decoder layers of this model")
 
 
-def linear_groups(layer: Any) -> list[tuple[str, ...]]:
+def decoder_linears(model: Any) -> list[tuple[str, Any]]:
+    """(full module name, nn.Linear) of every Linear inside the decoder layers: what every
+    method quantizes (lm_head and the embeddings are outside the layers)."""
     import torch
 
-    linears = {name for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)}
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    return [
+        (f"{prefix}.{index}.{name}", module)
+        for index, layer in enumerate(layers)
+        for name, module in layer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+
+
+def linear_groups(layer: Any) -> list[tuple[str, ...]]:
+    """Groups of Linears that read the same input, in execution order."""
+    import torch
+
+    linears = [name for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)]
     groups = [tuple(n for n in group if n in linears) for group in SEQUENTIAL_GROUPS]
     groups = [g for g in groups if g]
     covered = {n for g in groups for n in g}
-    rest = sorted(linears - covered)
-    if rest:  # an architecture with other names: quantize the rest together, after the known ones
-        groups.append(tuple(rest))
+    # An architecture with other names: each remaining Linear on its own, in module order
+    # (their inputs may differ, so they cannot share a Hessian).
+    groups += [(name,) for name in linears if name not in covered]
     return groups
 
 
@@ -101,17 +117,18 @@ def _run_layer(layer: Any, hidden: Any, kwargs: dict) -> Any:
     return out[0] if isinstance(out, tuple) else out
 
 
-QuantizeFn = Callable[[str, Any, Any], Any]  # (module name, nn.Linear, Hessian) -> QuantizedWeight
+# (module names, the nn.Linear modules, their shared Hessian) -> one QuantizedWeight per module
+QuantizeGroupFn = Callable[[tuple[str, ...], list, Any], list]
 
 
 def quantize_layer_by_layer(
-    model: Any, samples: list[Any], quantize: QuantizeFn, *, device: Any = "cpu", advance: Callable[[], None] = lambda: None
+    model: Any, samples: list[Any], quantize: QuantizeGroupFn, *, device: Any = "cpu", advance: Callable[[], None] = lambda: None
 ) -> dict[str, Any]:
     """Quantize every Linear inside the decoder layers; returns {module name: QuantizedWeight}.
 
-    ``quantize`` returns the QuantizedWeight for one module given its Hessian; the module's
-    weight is then replaced by the dequantized weight so later groups and layers calibrate
-    on the quantized model, as GPTQ requires.
+    ``quantize`` gets each group of Linears that read one input (q/k/v, gate/up) with their
+    shared Hessian; each module's weight is then replaced by its dequantized weight, so later
+    groups and layers calibrate on the quantized model, as GPTQ requires.
     """
     import torch
 
@@ -127,33 +144,23 @@ def quantize_layer_by_layer(
             layer.to(device)
             modules = dict(layer.named_modules())
             for group in linear_groups(layer):
-                stats: dict[str, list] = {name: [None, 0] for name in group}
-                seen: set[str] = set()
+                state: list = [None, 0]
 
-                def make_hook(name: str):
-                    def hook(_module, args):
-                        x = args[0]
-                        stats[name][0], stats[name][1] = accumulate_hessian(stats[name][0], x, stats[name][1])
-                        seen.add(name)
-                        if len(seen) == len(group):
-                            raise _StopForward
+                def hook(_module, args):
+                    state[0], state[1] = accumulate_hessian(state[0], args[0], state[1])
+                    raise _StopForward  # the group's other modules read this same input
 
-                    return hook
-
-                handles = [modules[name].register_forward_pre_hook(make_hook(name)) for name in group]
+                handle = modules[group[0]].register_forward_pre_hook(hook)
                 try:
                     for hidden, kwargs in zip(hidden_states, layer_kwargs):
-                        seen.clear()
                         try:
                             _run_layer(layer, hidden, kwargs)
                         except _StopForward:
                             pass
                 finally:
-                    for handle in handles:
-                        handle.remove()
-                for name in group:
-                    module = modules[name]
-                    qweight = quantize(f"{prefix}.{index}.{name}", module, stats[name][0])
+                    handle.remove()
+                members = [modules[name] for name in group]
+                for name, module, qweight in zip(group, members, quantize(group, members, state[0])):
                     module.weight.data = qweight.dequantize(module.weight.dtype).to(module.weight.device)
                     results[f"{prefix}.{index}.{name}"] = _to_cpu(qweight)
             # inputs of the next layer come from this layer, quantized

@@ -29,12 +29,12 @@ only inside the quantize stage's run function.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from edgekit.yamlio import atomic_write
 from edgekit.errors import ModelError, StageError
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -143,19 +143,12 @@ class Fp8Linear(torch.nn.Module):
 
 
 def _decoder_linears(model: Any) -> list[tuple[str, Any]]:
-    from edgekit.quantize.driver import decoder_layers
+    from edgekit.quantize.driver import decoder_linears
 
     try:
-        layers = decoder_layers(model)
+        return decoder_linears(model)
     except ValueError as exc:
         raise StageError(str(exc), where=WHERE, how="use a Llama-like causal LM (model.model.layers)") from exc
-    prefix = next(name for name, module in model.named_modules() if module is layers)
-    found = []
-    for index, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                found.append((f"{prefix}.{index}.{name}", module))
-    return found
 
 
 def _set_submodule(model: Any, name: str, module: Any) -> None:
@@ -227,16 +220,6 @@ def _quantization_config(activations: str) -> dict:
     }
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_fp8_checkpoint(model: Any, out_dir: Path, *, activations: str) -> None:
     """config.json (with ``quantization_config``) + generation_config.json + model.safetensors
     (FP8 codes and scales as they are, every other tensor as it is; a tied embedding once).
@@ -262,14 +245,14 @@ def save_fp8_checkpoint(model: Any, out_dir: Path, *, activations: str) -> None:
     config["quantization_config"] = _quantization_config(activations)
     if not config.get("architectures"):
         config["architectures"] = [type(model).__name__]
-    _write_atomic(out_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_write(out_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
 
     generation = getattr(model, "generation_config", None)
     if generation is None:
         from transformers import GenerationConfig
 
         generation = GenerationConfig.from_model_config(model.config)
-    _write_atomic(out_dir / "generation_config.json", lambda p: generation.to_json_file(p))
+    atomic_write(out_dir / "generation_config.json", lambda p: generation.to_json_file(p))
 
     tensors: dict[str, Any] = {}
     stored: set[tuple] = set()
@@ -280,7 +263,7 @@ def save_fp8_checkpoint(model: Any, out_dir: Path, *, activations: str) -> None:
         stored.add(key)
         tensors[name] = tensor.detach().to("cpu").contiguous()
     with torch.no_grad():
-        _write_atomic(out_dir / SAFETENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(out_dir / SAFETENSORS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
 
 
 def load_fp8_model(path: Path, *, dtype: Any = None) -> Any:

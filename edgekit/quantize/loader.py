@@ -14,13 +14,13 @@ memory are those of the float model. Deployment runs the exported ONNX/TensorRT 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch  # QuantLinear subclasses nn.Module (edgekit/__init__ never imports this module)
 from torch import nn
 
+from edgekit.yamlio import atomic_write
 from edgekit.errors import ModelError
 from edgekit.quantize.grid import QuantizedWeight
 from edgekit.quantize.packing import pack_gptq, unpack_gptq
@@ -53,17 +53,6 @@ def is_quantized_checkpoint(path: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------- saving
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a reader never sees a partial file."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _storage_key(tensor: Any) -> tuple:
@@ -114,11 +103,11 @@ def save_quantized_checkpoint(model: Any, quantized: dict[str, QuantizedWeight],
     config["quantization_config"] = dict(quantization_config)
     if _output_embedding_name(model) in quantized:
         config["tie_word_embeddings"] = False  # the float embedding stays, lm_head is packed
-    _atomic_write(out_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_write(out_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     generation = getattr(model, "generation_config", None)
     if generation is not None:
-        _atomic_write(out_dir / "generation_config.json", lambda p: p.write_text(generation.to_json_string()))
-    _atomic_write(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(out_dir / "generation_config.json", lambda p: p.write_text(generation.to_json_string()))
+    atomic_write(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
 
 
 def _is_quantized_weight(key: str, quantized: dict) -> bool:

@@ -98,8 +98,11 @@ def run_quantize(ctx) -> dict:
             quantized_count = len(quantized)
             bits_per_weight = _bits_per_weight(quantized)
     except ValueError as exc:  # e.g. a group size that does not divide a layer's width
+        message = str(exc).splitlines()[0]
+        if "group_size" not in message:
+            raise
         raise StageError(
-            str(exc).splitlines()[0],
+            message,
             where=f"stage {ctx.name}",
             how="pick a group_size that divides every layer's input size (SmolLM2-135M: 32 or 64; 576 is not a multiple of 128)",
         ) from exc
@@ -138,7 +141,7 @@ def _integer_method(ctx, model, samples) -> dict:
                 model, samples, bits=config.bits, group_size=config.group_size or 0, symmetric=config.symmetric,
                 awq=True, scale_estimation=config.scale_estimation,
             )
-    from edgekit.quantize.driver import decoder_layers, quantize_layer_by_layer
+    from edgekit.quantize.driver import decoder_layers, decoder_linears, quantize_layer_by_layer
     from edgekit.quantize.grid import rtn_quantize
 
     layers = decoder_layers(model)
@@ -147,22 +150,23 @@ def _integer_method(ctx, model, samples) -> dict:
     if config.method == "rtn":
         import torch
 
-        with ctx.progress(len(layers), "RTN"), torch.inference_mode():
-            prefix = next(name for name, module in model.named_modules() if module is layers)
-            for index, layer in enumerate(layers):
-                for name, module in layer.named_modules():
-                    if isinstance(module, torch.nn.Linear):
-                        qw = rtn_quantize(module.weight, mse=config.clip_search, **grid)
-                        module.weight.data = qw.dequantize(module.weight.dtype)
-                        quantized[f"{prefix}.{index}.{name}"] = qw
+        linears = decoder_linears(model)
+        with ctx.progress(len(linears), "RTN") as bar, torch.inference_mode():
+            for name, module in linears:
+                qw = rtn_quantize(module.weight, mse=config.clip_search, **grid)
+                module.weight.data = qw.dequantize(module.weight.dtype)
+                quantized[name] = qw
+                bar.advance()
     else:
-        from edgekit.quantize.gptq import gptq_quantize
+        import torch
 
-        def gptq(_name, module, hessian):
-            qw, _stats = gptq_quantize(
-                module.weight.data, hessian, act_order=config.act_order, damp=config.damp, mse=config.clip_search, **grid
-            )
-            return qw
+        from edgekit.quantize.gptq import gptq_quantize, split_rows
+
+        def gptq(_names, modules, hessian):
+            # One solve for the whole group: GPTQ treats rows independently given H.
+            weight = torch.cat([m.weight.data for m in modules], dim=0)
+            qw, _stats = gptq_quantize(weight, hessian, act_order=config.act_order, damp=config.damp, mse=config.clip_search, **grid)
+            return split_rows(qw, [m.weight.shape[0] for m in modules])
 
         from edgekit.quantize.driver import resolve_device
 
