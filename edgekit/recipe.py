@@ -277,14 +277,4 @@ def check_recipe_sources(loaded: LoadedRecipe) -> None:
     check_target_rules(loaded, target, source)
 
 
-def recipe_reference() -> list[dict[str, str]]:
-    """Rows (field, type, default, description) for the README's recipe reference."""
-    rows = []
-    for model, prefix in ((Recipe, ""), (DataConfig, "data."), (Budgets, "budgets.")):
-        for name, field in model.model_fields.items():
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=False))
-            rows.append({"field": prefix + name, "default": default, "description": field.description or ""})
-    return rows
-
-
 __all__ = ["Recipe", "DataConfig", "Budgets", "StageSpec", "LoadedRecipe", "load_recipe", "format_loc"]

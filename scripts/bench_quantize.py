@@ -83,6 +83,14 @@ def recipe_yaml(name: str, target: str, quantize: dict | None, export: dict | No
     ) + "\n".join(stages) + "\n"
 
 
+def _shown(path: Path) -> str:
+    """Paths in the results relative to the repository (absolute when outside it)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path.resolve())
+
+
 def run_config(work: Path, name: str, target: str, quantize: dict | None, export: dict | None) -> dict:
     recipe = work / f"{name}.yaml"
     recipe.write_text(recipe_yaml(name, target, quantize, export))
@@ -106,7 +114,7 @@ def run_config(work: Path, name: str, target: str, quantize: dict | None, export
     else:
         result.update({"bits_per_weight": 32.0, "checkpoint_bytes": stages["load"]["metrics"]["weights_bytes"]})
     if export:
-        result["onnx_dir"] = str(out / stages["export_onnx"]["dir"])
+        result["onnx_dir"] = _shown(out / stages["export_onnx"]["dir"])
         result["onnx_bytes"] = stages["export_onnx"]["metrics"]["onnx_bytes"]
         result["onnx_perplexity"] = stages["evaluate-2"]["metrics"]["perplexity"]
         result["onnx_logits_max_abs_diff"] = stages["export_onnx"]["metrics"]["logits_max_abs_diff"]
@@ -133,7 +141,7 @@ def speed(results: dict, work: Path, new_tokens: int) -> list[dict]:
     rows = []
     for key, label in SPEED_LABELS.items():
         if "onnx_dir" in results.get(key, {}):
-            r = decode_speed_onnx(Path(results[key]["onnx_dir"]) / "model.onnx", ids, new_tokens=new_tokens)
+            r = decode_speed_onnx(REPO / results[key]["onnx_dir"] / "model.onnx", ids, new_tokens=new_tokens)
             rows.append({"backend": label, "config": key, **{k: v for k, v in r.items() if k != "tokens"}})
     model, _ = load_checkpoint(work / "_base" / "stages" / "01-load")
     r = decode_speed_torch(model, ids, new_tokens=new_tokens)

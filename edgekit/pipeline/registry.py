@@ -13,7 +13,7 @@ module to check parameters, and ``import edgekit`` must not pull in torch. The s
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
@@ -52,7 +52,6 @@ class StageDef:
     # stage's output and so belong in its cache key: "model", "data", "target", "recipe".
     uses: tuple[str, ...] = ()
     planned_in: str | None = None  # e.g. "issue #4" for a designed-but-unbuilt stage
-    extra: dict = field(default_factory=dict)
 
     @property
     def available(self) -> bool:
