@@ -126,3 +126,21 @@ def test_kill_during_quantize_resumes_cleanly(tmp_path, tiny_model_dir, gptq_run
     assert [s["status"] for s in resumed["stages"]] == ["cached", "cached"] + ["done"] * 5
     hashes = lambda m: {s["name"]: {k: v["sha256"] for k, v in s["files"].items()} for s in m["stages"]}  # noqa: E731
     assert hashes(resumed)["quantize"] == hashes(reference)["quantize"]
+
+
+def test_fp8_static_export_matches_the_fp8_model(tmp_path, tiny_model_dir):
+    """The FP8 Q/DQ graph (activation Q/DQ included) is checked against the FP8-simulating
+    PyTorch model, not its float twin, and scores the same perplexity."""
+    stages = (
+        "stages:\n  - type: load\n  - type: quantize\n    method: fp8\n    calibration_samples: 4\n"
+        "    sequence_length: 128\n  - type: evaluate\n  - type: export_onnx\n    format: tensorrt\n"
+        "  - type: evaluate\n"
+    )
+    recipe = write_recipe(tmp_path / "fp8.yaml", tiny_model_dir, stages=stages, output=tmp_path / "run")
+    recipe.write_text(recipe.read_text().replace("jetson-orin-nano-8gb", "workstation-rtx4090"))
+    stages_out = by_name(api.compress(recipe, quiet=True))
+    assert stages_out["export_onnx"]["metrics"]["quantization"] == "fp8"
+    assert stages_out["export_onnx"]["metrics"]["logits_max_abs_diff"] < 1e-3
+    assert stages_out["evaluate-2"]["metrics"]["perplexity"] == pytest.approx(
+        stages_out["evaluate"]["metrics"]["perplexity"], rel=1e-3
+    )

@@ -18,6 +18,7 @@ SIGKILL) in stage k therefore redoes stage k and what follows, nothing before.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import time
@@ -89,8 +90,6 @@ def _verify(stage_dir: Path, key: str) -> tuple[dict[str, Any] | None, str | Non
     record_path = stage_dir / STAGE_RECORD
     if not record_path.is_file():
         return None, None
-    import json
-
     try:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):

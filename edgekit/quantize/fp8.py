@@ -319,27 +319,13 @@ def load_fp8_model(path: Path, *, dtype: Any = None) -> Any:
             Fp8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, activations=activations, dtype=linear.weight.dtype),
         )
 
-    state = load_file(str(weights_file))
+    from edgekit.quantize.loader import load_state_strict
+
     model.tie_weights()
-    result = model.load_state_dict(state, strict=False)
-    # A tied head (lm_head = embed_tokens) is stored once: missing only in name.
-    owners: dict[int, list[str]] = {}
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        owners.setdefault(id(tensor), []).append(name)
-    aliases = {alias for names in owners.values() if any(n in state for n in names) for alias in names}
-    missing = [key for key in result.missing_keys if key not in aliases]
-    unexpected = list(result.unexpected_keys)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"lacks {len(missing)} tensor(s) the model needs (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"has {len(unexpected)} tensor(s) the model does not use (e.g. {unexpected[0]})")
-        raise ModelError(
-            f"{SAFETENSORS_FILE} does not match config.json: it " + " and ".join(parts),
-            where=str(weights_file),
-            how="re-create the checkpoint with edgekit's quantize stage (method fp8); a file edited by hand cannot be loaded",
-        )
+    load_state_strict(
+        model, load_file(str(weights_file)), str(weights_file),
+        how="re-create the checkpoint with edgekit's quantize stage (method fp8); a file edited by hand cannot be loaded",
+    )
     model.tie_weights()
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)

@@ -339,7 +339,7 @@ def load_quantized_model(path: Path, *, dtype: Any = None) -> Any:
     if _output_embedding_name(model) in names:
         model.config.tie_word_embeddings = False  # a quantized lm_head cannot share the float embedding
     _replace_linears(model, names, tensors, bits=bits, group_size=group_size, sym=sym, dtype=dtype, where=where)
-    _load_strict(model, tensors, where)
+    load_state_strict(model, tensors, where)
     model.tie_weights()
     for module in model.modules():
         if isinstance(module, QuantLinear):
@@ -353,6 +353,9 @@ def _output_embedding_name(model: Any) -> str | None:
     return next((n for n, m in model.named_modules() if m is out), None) if out is not None else None
 
 
+REBUILD_HOW = "re-create the checkpoint with the quantize stage (it is damaged or from another model)"
+
+
 def _shared_groups(state: dict[str, Any]) -> list[set[str]]:
     """Names of state-dict entries that share storage (tied weights), grouped."""
     groups: dict[tuple, set[str]] = {}
@@ -361,25 +364,28 @@ def _shared_groups(state: dict[str, Any]) -> list[set[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _load_strict(model: Any, tensors: dict[str, Any], where: str) -> None:
-    # A tied weight is stored once, under either name: the others may be missing.
+def load_state_strict(model: Any, tensors: dict[str, Any], where: str, *, how: str = REBUILD_HOW) -> None:
+    """``load_state_dict`` that accepts only an exact match (tied weights may be stored once,
+    under either name) and reports a mismatch as one ModelError line."""
     tied = {n for g in _shared_groups(model.state_dict()) if g & set(tensors) for n in g}
     try:
         result = model.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # shape mismatches
         detail = " ".join(str(exc).split())
-        raise ModelError(f"checkpoint tensors do not fit the model: {detail[:300]}", where=where,
-                         how="re-create the checkpoint with the quantize stage (it is damaged or from another model)") from exc
+        raise ModelError(f"checkpoint tensors do not fit the model: {detail[:300]}", where=where, how=how) from exc
     missing = sorted(set(result.missing_keys) - tied)
     unexpected = sorted(result.unexpected_keys)
     if missing or unexpected:
+
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+
         parts = []
         if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+            parts.append(f"lacks {len(missing)} tensor(s) the model needs (missing {listed(missing)})")
         if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
-        raise ModelError(f"checkpoint tensors do not match the model ({'; '.join(parts)})", where=where,
-                         how="re-create the checkpoint with the quantize stage (it is damaged or from another model)")
+            parts.append(f"has {len(unexpected)} tensor(s) the model does not use (unexpected {listed(unexpected)})")
+        raise ModelError(f"checkpoint tensors do not match the model: it {' and '.join(parts)}", where=where, how=how)
 
 
 def _check_g_idx(module: QuantLinear, where: str) -> None:
