@@ -70,6 +70,7 @@ def compress(recipe: str, output: str | None, force: bool, from_stage: str | Non
 _SHOWN_METRICS = (
     "perplexity", "perplexity_tensorrt", "parameters", "method", "bits_per_weight", "logits_max_abs_diff",
     "logits_max_abs_diff_tensorrt", "onnx_bytes", "bundle_bytes", "bundle",
+    "parameters_after", "parameter_fraction", "perplexity_start", "perplexity_end", "steps", "tokens_per_second",
 )
 
 

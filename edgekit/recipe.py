@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekit.errors import EdgekitError, RecipeError
-from edgekit.pipeline.registry import get_stage, all_stages
+from edgekit.pipeline.registry import EarlierStage, ReferenceProblem, all_stages, get_stage
 from edgekit.yamlio import LineMap, dump_yaml, format_loc, load_yaml, pydantic_error
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -148,6 +148,7 @@ def _check_stages(recipe: Recipe, path: Path, lines: LineMap) -> list[str]:
     warnings: list[str] = []
     produced: set[str] = set()
     names: dict[str, int] = {}
+    earlier: list[EarlierStage] = []
     known = sorted(stage.type for stage in all_stages())
     for index, spec in enumerate(recipe.stages):
         loc = ("stages", index)
@@ -170,7 +171,7 @@ def _check_stages(recipe: Recipe, path: Path, lines: LineMap) -> list[str]:
             )
         names[spec.name] = index
         try:
-            stage.config.model_validate(spec.params)
+            config = stage.config.model_validate(spec.params)
         except ValidationError as exc:
             raise pydantic_error(
                 exc, path=path, lines=lines, model_cls=stage.config, error_cls=RecipeError, loc_prefix=loc
@@ -184,6 +185,14 @@ def _check_stages(recipe: Recipe, path: Path, lines: LineMap) -> list[str]:
                     where=lines.where(path, loc),
                     how=f"put a stage that produces it ({', '.join(makers)}) earlier in 'stages'",
                 )
+        if stage.references is not None:
+            try:
+                stage.references(config, earlier)
+            except ReferenceProblem as exc:
+                raise RecipeError(
+                    str(exc), where=lines.where(path, loc + ((exc.field,) if exc.field else ())), how=exc.how
+                ) from None
+        earlier.append(EarlierStage(spec.name, spec.type, stage.produces))
         if stage.produces:
             produced.add(stage.produces)
         if not stage.available:

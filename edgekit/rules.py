@@ -21,7 +21,35 @@ def check_target_rules(loaded: Any, target: Any, source: Any) -> None:
                 how="use method gptq with bits 4 or 8",
             )
     _check_tensorrt_weights(loaded, quantize)
-    _check_memory_fit(loaded, target, source, quantize)
+    shape = _source_shape(source)
+    if shape is not None:
+        shape = _check_prune_shapes(loaded, shape)
+    _check_memory_fit(loaded, target, shape, quantize)
+
+
+def _source_shape(source: Any) -> Any:
+    from edgekit.sizing import model_shape
+
+    try:
+        return model_shape(source)
+    except (KeyError, ValueError, OSError):
+        return None  # the load stage reports unreadable models; these checks need a readable shape
+
+
+def _check_prune_shapes(loaded: Any, shape: Any) -> Any:
+    """Refuse an impossible pruned shape now (with the nearest valid ones); return the shape
+    the model will have after the last prune stage."""
+    from edgekit.prune.shapes import ShapeError, plan_shape
+
+    recipe = loaded.recipe
+    for index, spec in enumerate(recipe.stages):
+        if spec.type != "prune":
+            continue
+        try:
+            shape = plan_shape(shape, recipe.stage_config(index))
+        except ShapeError as exc:
+            raise RecipeError(str(exc), where=loaded.where("stages", index, *((exc.field,) if exc.field else ())), how=exc.how) from None
+    return shape
 
 
 def _check_tensorrt_weights(loaded: Any, quantize: list) -> None:
@@ -44,16 +72,14 @@ def _check_tensorrt_weights(loaded: Any, quantize: list) -> None:
                 )
 
 
-def _check_memory_fit(loaded: Any, target: Any, source: Any, quantize: list) -> None:
-    from edgekit.sizing import estimate_memory_gb, model_shape
+def _check_memory_fit(loaded: Any, target: Any, shape: Any, quantize: list) -> None:
+    """``shape``: the model's shape after pruning (None: a hub model without a cached config,
+    checked once it is loaded)."""
+    from edgekit.sizing import estimate_memory_gb
 
     recipe = loaded.recipe
-    try:
-        shape = model_shape(source)
-    except (KeyError, ValueError, OSError):
-        return  # the load stage reports unreadable models; the fit check needs a readable shape
     if shape is None:
-        return  # a hub model without a cached config: checked once it is loaded
+        return
     loads = [recipe.stage_config(i) for i, s in enumerate(recipe.stages) if s.type == "load"]
     float_bits = _BITS[loads[0].dtype] if loads else 32
     linear_bits, precision = float_bits, f"{float_bits}-bit float"
@@ -65,13 +91,9 @@ def _check_memory_fit(loaded: Any, target: Any, source: Any, quantize: list) -> 
             group = config.group_size or shape.hidden_size
             linear_bits = config.bits + (16 + config.bits) / group
             precision = f"{config.bits}-bit {config.method}"
-    fraction = 1.0
-    for index, spec in enumerate(recipe.stages):
-        if spec.type == "prune":
-            fraction = min(fraction, getattr(recipe.stage_config(index), "params", None) or 1.0)
     estimate = estimate_memory_gb(
         shape, linear_bits=linear_bits, other_bits=min(float_bits, 16) if quantize else float_bits,
-        context_length=recipe.context_length, parameter_fraction=fraction,
+        context_length=recipe.context_length,
     )
     usable = target.memory.usable_gb
     if estimate["total_gb"] > usable:

@@ -103,10 +103,9 @@ def estimate_memory_gb(
     context_length: int,
     batch: int = 1,
     kv_bytes: int = 2,
-    parameter_fraction: float = 1.0,
 ) -> dict[str, float]:
     """Predicted device memory: weights + KV cache (fp16 by default) + runtime allowance."""
-    linear = shape.linear_parameters * parameter_fraction * linear_bits / 8
+    linear = shape.linear_parameters * linear_bits / 8
     other = shape.embedding_parameters * other_bits / 8
     kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * context_length * batch * kv_bytes
     weights_gb, kv_gb = (linear + other) / GIB, kv / GIB

@@ -37,7 +37,9 @@ def test_stages_command_lists_registered_and_designed():
     assert result.returncode == 0
     for stage in ("load", "evaluate", "export_onnx", "bundle"):
         assert f"{stage}:" in result.stdout
-    assert "designed, lands with issue #4" in result.stdout  # prune, distill
+    assert "designed, lands with issue #5" in result.stdout  # build_engine
+    for stage in ("prune", "distill"):
+        assert f"{stage}:" in result.stdout
 
 
 def test_every_subpackage_is_packaged():

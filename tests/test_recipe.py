@@ -33,7 +33,7 @@ def test_shipped_recipes_validate():
     types = [s.type for s in flagship.recipe.stages]
     assert types.index("prune") < types.index("distill") < types.index("quantize") < types.index("export_onnx")
     # designed-but-unbuilt stages are reported, not hidden
-    assert any("prune" in w and "issue #4" in w for w in flagship.warnings)
+    assert any("build_engine" in w and "issue #5" in w for w in flagship.warnings)
 
 
 def test_cli_validate_and_show():
@@ -200,7 +200,7 @@ def test_debug_shows_traceback(tmp_path):
 def test_designed_stage_refused_before_work(tmp_path):
     out = tmp_path / "run"
     result = run_cli("compress", str(REPO / "recipes" / "7b_to_orin.yaml"), "--output", str(out))
-    assert_one_line_error(result, "designed but not built", "prune", "issue #4")
+    assert_one_line_error(result, "designed but not built", "build_engine", "issue #5")
     assert not out.exists()  # refused before anything was written
 
 

@@ -35,6 +35,10 @@ class StageContext:
     inputs: dict[str, Path]  # artifact kind -> directory of the latest stage producing it
     history: list[StageRecord]
     cache_dir: Path  # long-lived cache shared by runs (converted checkpoints)
+    # Survives a killed run (unlike output_dir) and is deleted once the stage succeeds:
+    # where long stages keep resumable checkpoints. Unique to this stage's cache key.
+    work_dir: Path = Path()
+    references: dict[str, Path] = field(default_factory=dict)  # role -> artifact dir (e.g. "teacher")
     reporter: Reporter = field(repr=False, default_factory=Reporter)
 
     def input(self, *kinds: str) -> tuple[str, Path]:

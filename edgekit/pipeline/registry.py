@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,11 +28,31 @@ BUILTIN_STAGE_MODULES = (
     "edgekit.models.stage",
     "edgekit.evaluate.stage",
     "edgekit.export.stage",
+    "edgekit.prune.stage",
+    "edgekit.distill.stage",
     "edgekit.quantize.stage",
     "edgekit.bundle.stage",
     # Designed in later issues; registered so recipes that use them validate today.
     "edgekit.pipeline.planned",
 )
+
+
+class ReferenceProblem(ValueError):
+    """A stage's reference to an earlier stage cannot be resolved: ``str(self)`` says what,
+    ``how`` says how to fix it (recipe validation turns it into a RecipeError)."""
+
+    def __init__(self, what: str, how: str, field: str | None = None):
+        super().__init__(what)
+        self.how, self.field = how, field
+
+
+@dataclass(frozen=True)
+class EarlierStage:
+    """What a reference resolver may look at: an earlier stage's name, type and artifact kind."""
+
+    name: str
+    type: str
+    produces: str | None
 
 
 class StageConfig(BaseModel):
@@ -52,6 +73,11 @@ class StageDef:
     # stage's output and so belong in its cache key: "model", "data", "target", "recipe".
     uses: tuple[str, ...] = ()
     planned_in: str | None = None  # e.g. "issue #4" for a designed-but-unbuilt stage
+    # Earlier stages whose artifacts this stage reads besides its ``requires`` (distill's
+    # teacher). Pure and light: ``(config, earlier) -> {role: index into earlier}``; raises
+    # ReferenceProblem. The runner hashes those artifacts into the cache key and passes
+    # their directories as ``ctx.references``; recipe validation calls it too.
+    references: Callable[[StageConfig, Sequence["EarlierStage"]], dict[str, int]] | None = None
 
     @property
     def available(self) -> bool:
@@ -76,11 +102,12 @@ def register_stage(
     produces: str | None = None,
     uses: tuple[str, ...] = (),
     planned_in: str | None = None,
+    references: Callable[[StageConfig, Sequence[EarlierStage]], dict[str, int]] | None = None,
 ) -> StageDef:
     if type in _REGISTRY:
         raise ValueError(f"stage type {type!r} registered twice")
     normalized = tuple(frozenset((r,) if isinstance(r, str) else r) for r in requires)
-    stage = StageDef(type, config, summary, run, normalized, produces, uses, planned_in)
+    stage = StageDef(type, config, summary, run, normalized, produces, uses, planned_in, references)
     _REGISTRY[type] = stage
     return stage
 

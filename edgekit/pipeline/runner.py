@@ -30,7 +30,7 @@ from edgekit.errors import EdgekitError, OutputError, RecipeError, StageError
 from edgekit.hashing import file_table, sha256_file, sha256_json
 from edgekit.pipeline.context import StageContext, StageRecord
 from edgekit.pipeline.progress import Reporter
-from edgekit.pipeline.registry import get_stage
+from edgekit.pipeline.registry import EarlierStage, ReferenceProblem, get_stage
 from edgekit.yamlio import atomic_write_json
 
 STAGES_DIR = "stages"
@@ -217,15 +217,17 @@ def _run_locked(loaded, target, out, force, first, last, reporter, cache_dir) ->
         for alternatives in stage.requires:
             record = next(r for r in reversed(history) if r.produces in alternatives)
             inputs[record.produces] = record.artifact_hash
-        key = sha256_json(
-            {
-                "edgekit": __version__,
-                "type": spec.type,
-                "params": config.model_dump(mode="json"),
-                "inputs": inputs,
-                "uses": {section: fingerprints.get(section) for section in stage.uses},
-            }
-        )
+        references = _references(stage, config, history, spec)
+        key_parts = {
+            "edgekit": __version__,
+            "type": spec.type,
+            "params": config.model_dump(mode="json"),
+            "inputs": inputs,
+            "uses": {section: fingerprints.get(section) for section in stage.uses},
+        }
+        if references:
+            key_parts["references"] = {role: r.artifact_hash for role, r in references.items()}
+        key = sha256_json(key_parts)
         final = stages_dir / stage_dir_name(index, spec.name)
         rerun = force or (first is not None and index >= first)
         record, damage = (None, None) if rerun else _verify(final, key)
@@ -242,7 +244,8 @@ def _run_locked(loaded, target, out, force, first, last, reporter, cache_dir) ->
             reporter.log(f"[green]✓[/] {spec.name:<14} cached  ({record['seconds']:.1f}s originally){_summary(record['metrics'])}")
         else:
             status = "done"
-            record = _run_stage(index, spec, stage, config, key, final, loaded, target, history, cache_dir, reporter, manifest, out)
+            record = _run_stage(index, spec, stage, config, key, final, loaded, target, history, cache_dir, reporter, manifest, out,
+                                references)
         entry = {
             "name": spec.name,
             "type": spec.type,
@@ -267,10 +270,30 @@ def _summary(metrics: dict[str, Any]) -> str:
     return ("  " + " ".join(shown[:4])) if shown else ""
 
 
-def _run_stage(index, spec, stage, config, key, final, loaded, target, history, cache_dir, reporter, manifest, out):
+def _references(stage, config, history, spec) -> dict[str, StageRecord]:
+    if stage.references is None:
+        return {}
+    earlier = [EarlierStage(r.name, r.type, r.produces) for r in history]
+    try:
+        return {role: history[i] for role, i in stage.references(config, earlier).items()}
+    except ReferenceProblem as exc:  # validation catches this earlier; --until can still get here
+        raise StageError(str(exc), where=f"stage {spec.name}", how=exc.how) from None
+
+
+def _work_dir(final: Path, key: str) -> Path:
+    """A resumable-work directory for this stage and cache key; other keys' leftovers go."""
+    root = final.parent / f".work-{final.name}"
+    for stale in root.glob("*"):
+        if stale.name != key[:20]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return root / key[:20]
+
+
+def _run_stage(index, spec, stage, config, key, final, loaded, target, history, cache_dir, reporter, manifest, out, references):
     stages_dir = final.parent
     tmp = stages_dir / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir(parents=True)
+    work_dir = _work_dir(final, key)
     ctx = StageContext(
         name=spec.name,
         type=spec.type,
@@ -284,6 +307,8 @@ def _run_stage(index, spec, stage, config, key, final, loaded, target, history, 
         history=list(history),
         cache_dir=cache_dir,
         reporter=reporter,
+        work_dir=work_dir,
+        references={role: r.dir for role, r in references.items()},
     )
     reporter.log(f"[bold]▶ {spec.name}[/] ({spec.type})")
     started = time.perf_counter()
@@ -308,5 +333,6 @@ def _run_stage(index, spec, stage, config, key, final, loaded, target, history, 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
+    shutil.rmtree(work_dir.parent, ignore_errors=True)  # resumable state is spent once the result is in place
     reporter.log(f"[green]✓[/] {spec.name:<14} done    ({seconds:.1f}s){_summary(metrics)}")
     return record

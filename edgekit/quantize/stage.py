@@ -51,7 +51,7 @@ def run_quantize(ctx) -> dict:
     from edgekit.errors import StageError
     from edgekit.models.checkpoint import load_checkpoint
     from edgekit.models.text import resolve_text_source, tokenize_splits
-    from edgekit.quantize.calibration import calibration_samples
+    from edgekit.models.calibration import calibration_samples
 
     config = ctx.config
     source = ctx.inputs[CHECKPOINT]

@@ -1,0 +1,1 @@
+"""Knowledge distillation: recover a pruned student's quality from its teacher."""

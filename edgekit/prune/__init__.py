@@ -1,0 +1,1 @@
+"""Structured pruning (heads, MLP channels, hidden channels, layers) by activation importance."""

@@ -1,0 +1,137 @@
+"""The ``prune`` stage: checkpoint -> smaller checkpoint (a standard Hugging Face directory).
+
+Importance comes from the teacher's activations on calibration text (or from weight
+magnitudes, the baseline); the shape from explicit sizes or a parameter budget (see
+:mod:`edgekit.prune.shapes`, checked when the recipe is validated). The output holds the
+pruned model, the tokenizer and ``pruning.json``: both shapes, parameter counts and every
+kept unit (teacher indices), which ``distill`` uses to map hidden states onto the teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from edgekit.pipeline.registry import CHECKPOINT, StageConfig, register_stage
+
+
+class PruneConfig(StageConfig):
+    importance: Literal["activation", "magnitude"] = Field("activation", description="activation (calibration forward passes) or magnitude (weights only: the baseline)")
+    depth_metric: Literal["block_importance", "perplexity_drop"] = Field(
+        "block_importance", description="which layers go: lowest 1 - cos(input, output), or smallest calibration-loss increase when skipped"
+    )
+    params: float | None = Field(None, gt=0, lt=1, description="parameter budget as a fraction of the teacher (embeddings included)")
+    axes: list[Literal["mlp", "hidden", "heads", "depth"]] = Field(
+        ["mlp", "hidden"], min_length=1, description="what a 'params' budget may shrink (default: Minitron's width recipe)"
+    )
+    hidden_size: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1)
+    num_attention_heads: int | None = Field(None, ge=1)
+    num_key_value_heads: int | None = Field(None, ge=1)
+    calibration_samples: int = Field(64, ge=1, description="calibration windows (from the text before the held-out split)")
+    sequence_length: int = Field(512, ge=16, description="tokens per calibration window")
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        explicit = [self.hidden_size, self.intermediate_size, self.num_layers, self.num_attention_heads, self.num_key_value_heads]
+        if self.params is None and all(v is None for v in explicit):
+            raise ValueError("give a parameter budget ('params') or at least one explicit size")
+        if self.params is not None and any(v is not None for v in explicit):
+            raise ValueError("give either 'params' or explicit sizes, not both")
+        return self
+
+
+def run_prune(ctx) -> dict:
+    import json
+    import time
+
+    import torch
+
+    from edgekit.errors import StageError
+    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.models.text import resolve_text_source, tokenize_splits
+    from edgekit.prune.apply import prune_model, select_units
+    from edgekit.prune.importance import activation_importance, decoder_parts, magnitude_importance
+    from edgekit.prune.shapes import ShapeError, describe, plan_shape, shape_dict, total_parameters
+    from edgekit.sizing import shape_from_config
+
+    config = ctx.config
+    source = ctx.inputs[CHECKPOINT]
+    saved = json.loads((source / "config.json").read_text())
+    if saved.get("quantization_config"):
+        raise StageError("the input checkpoint is quantized", where=f"stage {ctx.name}",
+                         how="prune a float checkpoint: put prune before quantize")
+    teacher_shape = shape_from_config(saved)
+    try:
+        shape = plan_shape(teacher_shape, config)
+    except ShapeError as exc:
+        raise StageError(str(exc), where=f"stage {ctx.name}", how=exc.how) from None
+    dtype = saved.get("dtype") or saved.get("torch_dtype") or "float32"
+    # Importance is measured in float32; the pruned weights keep the checkpoint's dtype.
+    model, tokenizer = load_checkpoint(source, dtype="float32", trust_remote_code=ctx.recipe.trust_remote_code)
+    try:
+        decoder_parts(model)
+    except ValueError as exc:
+        raise StageError(str(exc), where=f"stage {ctx.name}", how="prune a Llama/Qwen/Mistral-style checkpoint, or drop the prune stage") from None
+    started = time.perf_counter()
+    samples = []
+    if config.importance == "activation" or config.depth_metric == "perplexity_drop":
+        from edgekit.models.calibration import calibration_samples
+
+        data = ctx.recipe.data
+        text = resolve_text_source(data.source, base_dir=ctx.recipe_dir).read(data.text_field)
+        splits = tokenize_splits(text, tokenizer, eval_tokens=data.eval_tokens, window=data.window)
+        samples = calibration_samples(splits.calibration, samples=config.calibration_samples, sequence_length=config.sequence_length)
+    torch.manual_seed(0)
+    if config.importance == "activation":
+        with ctx.progress(len(samples), f"activation importance on {len(samples)}×{config.sequence_length} tokens") as bar:
+            importance = activation_importance(model, samples, depth_metric=config.depth_metric, advance=bar.advance)
+    else:
+        importance = magnitude_importance(model)
+        if config.depth_metric == "perplexity_drop" and shape.num_layers < teacher_shape.num_layers:
+            from edgekit.prune.importance import perplexity_drop
+
+            importance.layers = perplexity_drop(model, samples).float()
+    kept = select_units(model, importance, shape)
+    student = prune_model(model, kept)
+    if dtype in ("float16", "bfloat16"):
+        student = student.to(getattr(torch, dtype))
+    student.save_pretrained(ctx.output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(ctx.output_dir)
+    before, after = total_parameters(teacher_shape), total_parameters(shape)
+    counted = sum(p.numel() for p in student.parameters())  # tied weights appear once
+    if counted != after:
+        raise StageError(f"pruned model has {counted} parameters, the shape arithmetic says {after}",
+                         where=f"stage {ctx.name}", how="report this as a bug (unsupported layer layout?)")
+    record = {
+        "importance": config.importance,
+        "depth_metric": config.depth_metric if shape.num_layers < teacher_shape.num_layers else None,
+        "calibration_samples": len(samples),
+        "teacher": shape_dict(teacher_shape),
+        "student": shape_dict(shape),
+        "parameter_fraction": round(after / before, 4),
+        "kept": kept.as_json(),
+        "layer_scores": [round(float(s), 6) for s in importance.layers],
+    }
+    (ctx.output_dir / "pruning.json").write_text(json.dumps(record, indent=1) + "\n")
+    ctx.log(f"{describe(teacher_shape)} -> {describe(shape)}: {before / 1e6:.1f}M -> {after / 1e6:.1f}M parameters ({after / before:.1%})")
+    return {
+        "parameters_before": before,
+        "parameters_after": after,
+        "parameter_fraction": round(after / before, 4),
+        "shape": describe(shape),
+        "importance_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+register_stage(
+    "prune",
+    config=PruneConfig,
+    summary="structured width/depth pruning by activation importance -> smaller HF checkpoint",
+    run="edgekit.prune.stage:run_prune",
+    requires=(CHECKPOINT,),
+    produces=CHECKPOINT,
+    uses=("data",),
+)

@@ -1,0 +1,517 @@
+"""The distill stage: losses, schedule, data order, resumable state, distillation on the tiny
+Llama (in this process and under `accelerate launch` with 2 CPU processes), recipe errors,
+and a kill -9 in the middle of training that resumes bit-identically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import python_docs_text, run_cli, write_recipe
+
+from edgekit import api
+from edgekit.errors import StageError
+
+# A tiny model is fastest on one thread, and one thread is immune to a busy machine (OpenMP
+# threads spinning against another process). Same setting for every run that is compared.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+DATA = {"source": "builtin:python-docs", "text_field": "text", "eval_tokens": 1024, "window": 128}
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """(teacher, student): the tiny Llama after 60 steps of next-token training (so its
+    predictions carry structure worth distilling), and that model with its MLP cut from 128
+    to 64 channels, plus the pruning.json the prune stage would write."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("pair")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        ids = tokenizer(python_docs_text()[:100_000])["input_ids"]
+        data = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
+        generator = torch.Generator().manual_seed(0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(60):
+            batch = data[torch.randint(0, len(data), (8,), generator=generator)]
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+        teacher, student = root / "teacher", root / "student"
+        model.save_pretrained(teacher)
+        tokenizer.save_pretrained(teacher)
+        config = model.config
+        config.intermediate_size = 64
+        small = AutoModelForCausalLM.from_config(config)
+        cut = {}
+        for name, tensor in model.state_dict().items():
+            if "gate_proj" in name or "up_proj" in name:
+                tensor = tensor[:64]
+            elif "down_proj" in name:
+                tensor = tensor[:, :64]
+            cut[name] = tensor
+        small.load_state_dict(cut)
+        small.save_pretrained(student)
+        tokenizer.save_pretrained(student)
+    finally:
+        torch.set_num_threads(threads)
+    shape = {"layers": 2, "hidden_size": 64, "intermediate_size": 128}
+    (student / "pruning.json").write_text(json.dumps({
+        "teacher": shape,
+        "student": dict(shape, intermediate_size=64),
+        "kept": {"layers": [0, 1], "hidden": None, "channels": [list(range(64))] * 2},
+    }))
+    return teacher, student
+
+
+def make_ctx(tmp: Path, teacher: Path, student: Path, **params):
+    from edgekit.distill.stage import DistillConfig
+    from edgekit.pipeline.context import StageContext
+    from edgekit.pipeline.progress import Reporter
+
+    defaults = dict(steps=30, learning_rate=1e-3, warmup_steps=3, batch_size=2, sequence_length=32,
+                    checkpoint_every=10, eval_every=10, eval_windows=2)
+    out = tmp / "out"
+    out.mkdir(parents=True)
+    return StageContext(
+        name="distill", type="distill", index=1, config=DistillConfig(**{**defaults, **params}),
+        recipe=SimpleNamespace(data=SimpleNamespace(**DATA), trust_remote_code=False),
+        recipe_dir=tmp, target=None, output_dir=out, inputs={"checkpoint": student}, history=[],
+        cache_dir=tmp / "cache", work_dir=tmp / "work", references={"teacher": teacher}, reporter=Reporter(quiet=True),
+    )
+
+
+# -- losses ------------------------------------------------------------------------------------
+
+
+def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
+    import torch
+
+    from edgekit.distill.losses import kl_divergence
+
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(0))
+    assert float(kl_divergence(logits, logits.clone())) == pytest.approx(0.0, abs=1e-7)
+    assert float(kl_divergence(logits + 3.0, logits)) == pytest.approx(0.0, abs=1e-6)  # a shift changes no softmax
+    other = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(1))
+    assert float(kl_divergence(other, logits)) > 0.05
+    assert kl_divergence(other.half(), logits.half()).dtype == torch.float32
+
+
+def test_kl_matches_float64_reference_with_temperature():
+    import torch
+
+    from edgekit.distill.losses import kl_divergence
+
+    generator = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(3, 4, 7, generator=generator), torch.randn(3, 4, 7, generator=generator) * 2
+    for t in (1.0, 2.0, 0.5):
+        s, p = student.double() / t, teacher.double() / t
+        ps, pt = torch.softmax(s, -1), torch.softmax(p, -1)
+        expected = (pt * (pt.log() - ps.log())).sum(-1).mean() * t * t  # forward KL(teacher || student), mean over tokens
+        assert float(kl_divergence(student, teacher, t)) == pytest.approx(float(expected), rel=1e-5)
+    # direction: KL(teacher || student), not the reverse
+    reverse = (torch.softmax(student.double(), -1) * (torch.log_softmax(student.double(), -1) - torch.log_softmax(teacher.double(), -1))).sum(-1).mean()
+    assert abs(float(kl_divergence(student, teacher)) - float(reverse)) > 1e-3
+    # the T² factor: at a high temperature the scaled KL tends to the mean squared logit gap / 2
+    centred = lambda x: x - x.mean(-1, keepdim=True)  # noqa: E731
+    limit = float(((centred(teacher.double()) - centred(student.double())) ** 2).mean(-1).mean() / 2)
+    assert float(kl_divergence(student, teacher, 100.0)) == pytest.approx(limit, rel=0.05)
+
+
+def test_cross_entropy_matches_torch():
+    import torch
+
+    from edgekit.distill.losses import next_token_cross_entropy
+
+    generator = torch.Generator().manual_seed(3)
+    logits, ids = torch.randn(2, 6, 13, generator=generator), torch.randint(0, 13, (2, 6), generator=generator)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 13), ids[:, 1:].reshape(-1))
+    assert float(next_token_cross_entropy(logits, ids)) == pytest.approx(float(expected), rel=1e-6)
+    # the targets are the *next* tokens: predicting the current one scores differently
+    assert float(next_token_cross_entropy(logits, ids)) != pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 13), ids[:, :-1].reshape(-1))), rel=1e-3)
+
+
+def test_hidden_mse_on_mapped_layers_and_kept_channels():
+    import torch
+
+    from edgekit.distill.losses import hidden_state_mse
+
+    generator = torch.Generator().manual_seed(4)
+    teacher = [torch.randn(2, 3, 8, generator=generator) for _ in range(4)]
+    channels = [1, 4, 6]
+    student = [teacher[1][..., channels].clone(), teacher[3][..., channels].clone()]
+    assert float(hidden_state_mse(student, teacher, [1, 3], channels)) == 0.0
+    assert float(hidden_state_mse(student, teacher, [1, 3], torch.tensor(channels))) == 0.0
+    assert float(hidden_state_mse(student, teacher, [0, 3], channels)) > 0.1  # wrong layer
+    student[1] = student[1] + 0.5
+    assert float(hidden_state_mse(student, teacher, [1, 3], channels)) == pytest.approx(0.25 / 2, rel=1e-6)
+    full = [teacher[0] + 1.0]
+    assert float(hidden_state_mse(full, teacher, [0])) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        hidden_state_mse(student, teacher, [1])
+
+
+def test_even_layer_map_and_combine():
+    from edgekit.distill.losses import combine, even_layer_map
+
+    assert even_layer_map(4, 4) == [0, 1, 2, 3]
+    assert even_layer_map(2, 4) == [1, 3]
+    assert even_layer_map(3, 30) == [9, 19, 29]
+    assert combine({"kl": 2.0, "ce": 3.0, "hidden": 5.0}, {"kl": 1.0, "ce": 0.5, "hidden": 0.0}) == 3.5
+    with pytest.raises(ValueError):
+        combine({"kl": 1.0}, {"kl": 0.0})
+
+
+# -- schedule, data order, layer map ---------------------------------------------------------
+
+
+def test_learning_rate_warmup_then_cosine_to_the_floor():
+    from edgekit.distill.train import learning_rate_at
+
+    lr = lambda s: learning_rate_at(s, peak=1e-3, steps=110, warmup=10, min_ratio=0.1)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-4) and lr(4) == pytest.approx(5e-4) and lr(9) == pytest.approx(1e-3)
+    assert lr(10) == pytest.approx(1e-3)
+    assert lr(109) == pytest.approx(1e-4)
+    assert lr(59) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 49 / 99)))
+    values = [lr(s) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert learning_rate_at(0, peak=1.0, steps=1, warmup=0, min_ratio=0.5) == pytest.approx(0.5)
+
+
+def test_window_order_is_a_function_of_seed_and_step():
+    from edgekit.distill.train import WindowOrder
+
+    one = WindowOrder(10, seed=0, batch_size=2, accumulation=1, world=1)
+    again = WindowOrder(10, seed=0, batch_size=2, accumulation=1, world=1)
+    epoch = [i for step in range(5) for i in one.indices(step, 0, 0)]
+    assert sorted(epoch) == list(range(10))  # an epoch visits every window once
+    assert epoch != list(range(10))  # shuffled
+    assert [again.indices(s, 0, 0) for s in (7, 3, 0)] == [one.indices(s, 0, 0) for s in (7, 3, 0)]  # any order, any time
+    assert sorted(i for s in range(5, 10) for i in one.indices(s, 0, 0)) == list(range(10))
+    assert [i for s in range(5, 10) for i in one.indices(s, 0, 0)] != epoch  # next epoch, new permutation
+    assert WindowOrder(10, seed=1, batch_size=2, accumulation=1, world=1).indices(0, 0, 0) != one.indices(0, 0, 0) or \
+        WindowOrder(10, seed=1, batch_size=2, accumulation=1, world=1).indices(1, 0, 0) != one.indices(1, 0, 0)
+    # ranks take consecutive slices of the global batch; micro-batches follow each other
+    two = WindowOrder(10, seed=0, batch_size=1, accumulation=1, world=2)
+    assert [two.indices(s, 0, 0) + two.indices(s, 0, 1) for s in range(5)] == [one.indices(s, 0, 0) for s in range(5)]
+    accumulated = WindowOrder(10, seed=0, batch_size=1, accumulation=2, world=1)
+    assert [accumulated.indices(s, 0, 0) + accumulated.indices(s, 1, 0) for s in range(5)] == [one.indices(s, 0, 0) for s in range(5)]
+
+
+def test_layer_map_from_pruning_json_or_even():
+    from edgekit.distill.train import layer_map
+
+    cfg = lambda layers, hidden: SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden)  # noqa: E731
+    pruning = {"kept": {"layers": [0, 2, 5], "hidden": [0, 2, 3, 7]}}
+    assert layer_map(cfg(3, 4), cfg(6, 8), pruning, need_hidden=True, where="x") == ([0, 2, 5], [0, 2, 3, 7])
+    assert layer_map(cfg(3, 8), cfg(6, 8), None, need_hidden=True, where="x") == ([1, 3, 5], None)
+    assert layer_map(cfg(3, 8), cfg(3, 8), None, need_hidden=True, where="x") == ([0, 1, 2], None)
+    with pytest.raises(StageError, match="hidden_weight"):
+        layer_map(cfg(3, 4), cfg(6, 8), None, need_hidden=True, where="x")
+    with pytest.raises(StageError, match="does not fit this teacher"):
+        layer_map(cfg(3, 4), cfg(6, 8), {"kept": {"layers": [0, 2, 9], "hidden": [0, 1, 2, 3]}}, need_hidden=True, where="x")
+    assert layer_map(cfg(3, 4), cfg(6, 8), None, need_hidden=False, where="x") == ([1, 3, 5], None)
+
+
+# -- resumable state -----------------------------------------------------------------------------
+
+
+def _tiny_training(steps: int, model=None, optimizer=None):
+    import torch
+
+    if model is None:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        model(torch.randn(5, 4, generator=generator)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer
+
+
+def test_state_roundtrip_is_exact_and_pickle_free(tmp_path):
+    import torch
+
+    from edgekit.distill import state as saved
+
+    model, optimizer = _tiny_training(3)
+    names = [n for n, _ in model.named_parameters()]
+    torch.manual_seed(123)
+    snapshot = saved.TrainingState(step=3, model=dict(model.named_parameters()), optimizer=optimizer.state_dict(),
+                                   rng=saved.rng_state(), scalars={"elapsed_seconds": 1.5, "losses": [{"step": 1, "loss": 0.1}]})
+    path = saved.save_state(tmp_path, snapshot, names)
+    assert path.name == "step-00000003"
+    assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    expected_next = torch.rand(3)
+
+    loaded = saved.load_state(tmp_path, names)
+    assert loaded.step == 3 and loaded.scalars["losses"] == [{"step": 1, "loss": 0.1}]
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():
+            p.copy_(loaded.model[name])
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2, weight_decay=0.1)
+    fresh_opt.load_state_dict(loaded.optimizer)
+    saved.set_rng_state(loaded.rng)
+    assert torch.equal(torch.rand(3), expected_next)
+    # continuing from the loaded state matches continuing the original bit for bit
+    _tiny_training(2, model, optimizer)
+    _tiny_training(2, fresh, fresh_opt)
+    for (_, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b)
+    for pa, pb in zip(model.parameters(), fresh.parameters()):
+        a, b = optimizer.state[pa], fresh_opt.state[pb]
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert fresh_opt.param_groups[0]["betas"] == optimizer.param_groups[0]["betas"]
+
+
+def test_state_ignores_half_written_checkpoints(tmp_path):
+    from edgekit.distill import state as saved
+
+    model, optimizer = _tiny_training(1)
+    names = [n for n, _ in model.named_parameters()]
+    snap = lambda step: saved.TrainingState(step=step, model=dict(model.named_parameters()),  # noqa: E731
+                                            optimizer=optimizer.state_dict(), rng=saved.rng_state())
+    saved.save_state(tmp_path, snap(5), names)
+    saved.save_state(tmp_path, snap(10), names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010"]  # older ones go once the new one is in place
+    # what a kill leaves: a temp dir mid-write, and (by damage) a newer dir with a short file
+    (tmp_path / ".tmp-step-00000015-999").mkdir()
+    (tmp_path / ".tmp-step-00000015-999" / "model.safetensors").write_bytes(b"partial")
+    damaged = tmp_path / "step-00000020"
+    damaged.mkdir()
+    for f in (tmp_path / "step-00000010").iterdir():
+        damaged.joinpath(f.name).write_bytes(f.read_bytes())
+    damaged.joinpath("optimizer.safetensors").write_bytes(b"truncated")
+    assert saved.load_state(tmp_path, names).step == 10
+    saved.clean_temporaries(tmp_path)
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert saved.load_state(tmp_path / "missing", names) is None
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def test_distillation_lowers_kl_and_writes_the_checkpoint(tmp_path, pair, one_thread):
+    import torch
+    from PIL import Image  # matplotlib depends on pillow
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.distill.stage import run_distill
+    from edgekit.evaluate.perplexity import perplexity_torch
+    from edgekit.models.checkpoint import load_tokenizer
+    from edgekit.models.text import tokenize_splits
+
+    teacher, student = pair
+    ctx = make_ctx(tmp_path, teacher, student)
+    metrics = run_distill(ctx)
+    assert metrics["steps"] == 30 and metrics["resumed_from"] == 0 and metrics["stopped"] == "steps"
+    assert metrics["kl_end"] < 0.5 * metrics["kl_start"]
+    assert metrics["agreement_end"] > metrics["agreement_start"]
+    assert metrics["tokens_seen"] == 30 * 2 * 32
+    assert metrics["tokens_per_second"] > 0 and metrics["train_seconds"] > 0
+    curve = metrics["curve"]
+    assert [c["step"] for c in curve] == [0, 10, 20, 30]
+    assert [c["windows"] for c in curve] == [2, 2, 2, 8]  # periodic: eval_windows; final: all
+    assert curve[0]["train_loss"] is None and all(c["train_loss"] > 0 for c in curve[1:])
+    assert metrics["perplexity_start"] == curve[0]["perplexity"] and metrics["perplexity_end"] == curve[-1]["perplexity"]
+
+    out = ctx.output_dir
+    assert {"config.json", "model.safetensors", "tokenizer.json", "pruning.json", "distill.json", "distill_curve.png"} <= {
+        p.name for p in out.iterdir()}
+    assert json.loads((out / "pruning.json").read_text()) == json.loads((student / "pruning.json").read_text())
+    record = json.loads((out / "distill.json").read_text())
+    assert record["steps"] == 30 and len(record["losses"]) == 30 and len(record["evals"]) == 4
+    assert record["config"]["steps"] == 30 and record["layer_map"] == [0, 1]
+    assert not any("second" in key or "time" in key for key in json.dumps(record).split('"'))  # nothing time-dependent
+    with Image.open(out / "distill_curve.png") as image:
+        assert image.size == (900, 360)
+    # the checkpoint is a plain HF one, and the reported perplexity is the evaluate protocol's
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 64 and model.dtype == torch.float32
+    splits = tokenize_splits(python_docs_text(), load_tokenizer(out), eval_tokens=1024, window=128)
+    assert perplexity_torch(model, splits.evaluation, window=128)["perplexity"] == pytest.approx(metrics["perplexity_end"], rel=1e-6)
+    assert sorted(p.name for p in ctx.work_dir.iterdir()) == ["step-00000020"]  # the runner deletes it on success
+
+
+def test_hidden_state_loss_accumulation_and_frozen_embeddings(tmp_path, pair, one_thread):
+    from safetensors.torch import load_file
+
+    from edgekit.distill.stage import run_distill
+
+    teacher, student = pair
+    ctx = make_ctx(tmp_path, teacher, student, steps=4, kl_weight=1.0, ce_weight=0.5, hidden_weight=1.0, batch_size=1,
+                   gradient_accumulation=2, freeze_embeddings=True, gradient_checkpointing=True, eval_every=100,
+                   checkpoint_every=3)
+    metrics = run_distill(ctx)
+    # one optimizer step per step (not per micro-batch), and no optimizer state for frozen weights
+    optimizer_state = load_file(ctx.work_dir / "step-00000003" / "optimizer.safetensors")
+    assert float(optimizer_state["model.layers.0.mlp.up_proj.weight/step"]) == 3.0
+    assert not any(k.startswith("model.embed_tokens") for k in optimizer_state)
+    losses = json.loads((ctx.output_dir / "distill.json").read_text())["losses"]
+    assert len(losses) == 4 and all(e["hidden"] > 0 and e["kl"] > 0 and e["ce"] > 0 for e in losses)
+    for e in losses:
+        assert e["loss"] == pytest.approx(e["kl"] + 0.5 * e["ce"] + e["hidden"], rel=1e-5)
+    before, after = load_file(student / "model.safetensors"), load_file(ctx.output_dir / "model.safetensors")
+    assert (before["model.embed_tokens.weight"] == after["model.embed_tokens.weight"]).all()
+    assert not (before["model.layers.0.mlp.up_proj.weight"] == after["model.layers.0.mlp.up_proj.weight"]).all()
+    assert metrics["tokens_seen"] == 4 * 2 * 32
+
+
+def test_quantized_input_is_refused(tmp_path, tiny_model_dir, one_thread):
+    stages = """\
+stages:
+  - type: load
+  - type: quantize
+    method: rtn
+    group_size: 32
+  - type: distill
+    teacher: load
+    steps: 2
+"""
+    recipe = write_recipe(tmp_path / "q.yaml", tiny_model_dir, stages=stages, output=tmp_path / "run")
+    with pytest.raises(StageError, match="student checkpoint is quantized.*put distill before quantize"):
+        api.compress(recipe, quiet=True)
+    assert not (tmp_path / "run" / "stages" / "03-distill").exists()
+
+
+def test_teacher_auto_without_prune_is_a_recipe_error(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "d.yaml", tiny_model_dir, stages="stages:\n  - load\n  - type: distill\n    steps: 2\n")
+    result = run_cli("recipe", "validate", str(recipe))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "distill has no teacher" in lines[0] and "put a prune stage before distill" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+KILL_STAGES = """\
+stages:
+  - type: load
+  - type: distill
+    teacher: load
+    steps: 60
+    ce_weight: 1.0
+    learning_rate: 1.0e-3
+    warmup_steps: 5
+    batch_size: 2
+    sequence_length: 32
+    checkpoint_every: 5
+    eval_every: 10
+    eval_windows: 2
+"""
+
+
+def test_sigkill_mid_training_resumes_bit_identical(tmp_path, tiny_model_dir):
+    """kill -9 a real `edgekit compress` once distill has saved a checkpoint; the rerun
+    resumes from it and ends with exactly the files of an uninterrupted run."""
+    env = dict(os.environ, **ONE_THREAD)
+    reference = write_recipe(tmp_path / "ref.yaml", tiny_model_dir, stages=KILL_STAGES, output=tmp_path / "ref")
+    result = run_cli("compress", str(reference), "-q", env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    expected = json.loads((tmp_path / "ref" / "manifest.json").read_text())["stages"][1]
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "run.yaml", tiny_model_dir, stages=KILL_STAGES, output=out)
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit", "compress", str(recipe), "-q"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        saved = []
+        while time.time() < deadline and proc.poll() is None and not saved:
+            saved = list((out / "stages").glob(".work-02-distill/*/step-*"))
+            time.sleep(0.005)
+        assert saved and proc.poll() is None, "compress finished before distill could be interrupted"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "stages" / "02-distill").exists()
+    checkpoints = list((out / "stages").glob(".work-02-distill/*/step-*"))
+    assert checkpoints
+    killed_at = max(int(c.name.split("-")[1]) for c in checkpoints)
+
+    result = run_cli("compress", str(recipe), env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    resumed = manifest["stages"][1]
+    assert [s["status"] for s in manifest["stages"]] == ["cached", "done"]
+    assert resumed["metrics"]["resumed_from"] == killed_at and 5 <= killed_at < 60
+    assert resumed["cache_key"] == expected["cache_key"]
+    assert resumed["files"]["model.safetensors"]["sha256"] == expected["files"]["model.safetensors"]["sha256"]
+    assert resumed["files"]["distill.json"]["sha256"] == expected["files"]["distill.json"]["sha256"]
+    assert {k: v["sha256"] for k, v in resumed["files"].items()} == {k: v["sha256"] for k, v in expected["files"].items()}
+    assert resumed["metrics"]["curve"] == expected["metrics"]["curve"]
+    assert not (out / "stages" / ".work-02-distill").exists()  # spent once the result is in place
+
+
+def test_two_processes_under_accelerate_launch(tmp_path, pair, one_thread):
+    """processes: 2 runs DDP over gloo on the CPU. Each rank takes its slice of the global
+    batch, so 2 processes × batch 1 train on exactly the windows 1 process × batch 2 does:
+    the results agree up to the order of floating-point sums."""
+    from edgekit.distill.stage import run_distill
+
+    teacher, student = pair
+    ctx = make_ctx(tmp_path / "two", teacher, student, processes=2, batch_size=1)
+    two = run_distill(ctx)
+    assert two["processes"] == 2 and two["steps"] == 30
+    assert two["kl_end"] < 0.5 * two["kl_start"]
+    assert (ctx.output_dir / "model.safetensors").is_file() and (ctx.output_dir / "distill.json").is_file()
+    assert json.loads((ctx.output_dir / "distill.json").read_text())["processes"] == 2
+    one = run_distill(make_ctx(tmp_path / "one", teacher, student, processes=1, batch_size=2))
+    assert two["perplexity_start"] == one["perplexity_start"]
+    assert two["perplexity_end"] == pytest.approx(one["perplexity_end"], rel=1e-3)
+    assert two["kl_end"] == pytest.approx(one["kl_end"], rel=2e-2, abs=1e-4)
+
+
+@pytest.mark.slow  # another ~10 s of process start-up on 2 cores
+def test_launch_failure_is_reported(tmp_path, pair):
+    """A user error inside the launched processes comes back as one StageError."""
+    from edgekit.distill.stage import run_distill
+
+    teacher, student = pair
+    ctx = make_ctx(tmp_path, teacher, student, processes=2, sequence_length=10_000_000, steps=2)
+    with pytest.raises(StageError, match="fewer than one training sequence of 10000000.*lower sequence_length"):
+        run_distill(ctx)
+
+
+def test_config_needs_some_loss():
+    from pydantic import ValidationError
+
+    from edgekit.distill.stage import DistillConfig
+
+    with pytest.raises(ValidationError, match="give at least one a positive weight"):
+        DistillConfig(kl_weight=0)
+    assert DistillConfig(kl_weight=0, hidden_weight=1.0).hidden_weight == 1.0
