@@ -30,8 +30,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 bench: install
-	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python scripts/bench_quantize.py
+	$(BIN)/python scripts/bench_prune_distill.py   # ~45 min: two 15-minute distillations
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache

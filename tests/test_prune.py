@@ -206,14 +206,16 @@ def test_bad_prune_shapes_refused_at_validation(tmp_path, tiny_model_dir):
     assert not (tmp_path / "run").exists()
 
 
-def test_prune_stage_writes_a_standard_checkpoint_that_exports(tmp_path, tiny_model_dir):
-    """load -> prune (params budget) -> export_onnx (parity-checked against PyTorch) -> evaluate."""
+@pytest.mark.parametrize("axes", ["[mlp, heads]", "[mlp, hidden]"])
+def test_prune_stage_writes_a_standard_checkpoint_that_exports(tmp_path, tiny_model_dir, axes):
+    """load -> prune (params budget) -> export_onnx (parity-checked against PyTorch) -> evaluate.
+    [mlp, hidden] gives hidden 48 with 4 heads of 16: head_dim no longer equals hidden/heads."""
     from transformers import AutoModelForCausalLM
 
     from edgekit import api
 
     stages = (
-        "stages:\n  - type: load\n  - type: prune\n    params: 0.75\n    axes: [mlp, heads]\n"
+        f"stages:\n  - type: load\n  - type: prune\n    params: 0.75\n    axes: {axes}\n"
         "    calibration_samples: 4\n    sequence_length: 64\n  - type: evaluate\n  - type: export_onnx\n  - type: evaluate\n    name: evaluate_onnx\n"
     )
     recipe = write_recipe(tmp_path / "prune.yaml", tiny_model_dir, stages=stages, output=tmp_path / "run")
@@ -224,6 +226,8 @@ def test_prune_stage_writes_a_standard_checkpoint_that_exports(tmp_path, tiny_mo
     model = AutoModelForCausalLM.from_pretrained(pruned)
     assert sum(p.numel() for p in model.parameters()) == record["student"]["parameters"]
     assert model.config.num_attention_heads % model.config.num_key_value_heads == 0
+    if "hidden" in axes:
+        assert model.config.hidden_size == 48 and model.config.head_dim == 16
     metrics = {s["name"]: s["metrics"] for s in manifest["stages"]}
     assert metrics["prune"]["parameters_after"] < metrics["prune"]["parameters_before"]
     torch_ppl = metrics["evaluate"]["perplexity"]
@@ -246,3 +250,27 @@ def test_magnitude_and_depth_options(tmp_path, tiny_model_dir):
     # The kept layer is the one whose removal costs more calibration loss.
     scores = record["layer_scores"]
     assert record["kept"]["layers"] == [max(range(2), key=lambda i: scores[i])]
+
+
+def test_prune_then_distill_with_the_auto_teacher(tmp_path, tiny_model_dir):
+    """The default recipe's shape on the tiny model: the teacher is what prune read, the work
+    dir is gone once distill is done, and a rerun is fully cached."""
+    from edgekit import api
+
+    stages = (
+        "stages:\n  - type: load\n  - type: prune\n    params: 0.75\n    axes: [mlp]\n    calibration_samples: 2\n"
+        "    sequence_length: 64\n  - type: distill\n    steps: 6\n    batch_size: 2\n    sequence_length: 32\n"
+        "    learning_rate: 3.0e-3\n    warmup_steps: 1\n    eval_every: 3\n    eval_windows: 1\n    checkpoint_every: 3\n"
+        "    precision: fp32\n  - type: evaluate\n"
+    )
+    recipe = write_recipe(tmp_path / "pd.yaml", tiny_model_dir, stages=stages, output=tmp_path / "run")
+    manifest = api.compress(recipe, quiet=True)
+    stages_dir = tmp_path / "run" / "stages"
+    assert not list(stages_dir.glob(".work-*")) and not list(stages_dir.glob(".tmp-*"))
+    distill = manifest["stages"][2]["metrics"]
+    assert distill["kl_end"] < distill["kl_start"]
+    assert manifest["stages"][3]["metrics"]["perplexity"] == pytest.approx(distill["perplexity_end"], rel=1e-6)
+    record = json.loads((stages_dir / "03-distill" / "distill.json").read_text())
+    assert record["layer_map"] == [0, 1]  # from pruning.json: no layer was removed
+    again = api.compress(recipe, quiet=True)
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 4

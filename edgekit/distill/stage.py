@@ -36,7 +36,7 @@ class DistillConfig(StageConfig):
     freeze_embeddings: bool = Field(False, description="keep embeddings / lm_head fixed (faster, fewer optimizer states)")
     checkpoint_every: int = Field(100, ge=1, description="save resumable state every N steps (not under FSDP: its optimizer state is sharded)")
     eval_every: int = Field(100, ge=1, description="held-out perplexity every K steps (into the manifest and the curve)")
-    eval_windows: int | None = Field(None, ge=1, description="held-out windows per periodic evaluation (null: all); the final one uses all")
+    eval_windows: int | None = Field(None, ge=1, description="held-out windows per periodic evaluation (null: all); the first (step 0) and the last use all")
     seed: int = Field(0, description="seeds the order of the training windows (permuted per epoch)")
     processes: int = Field(1, ge=1, description=">1: run under `accelerate launch --num_processes N` (DDP; gloo on CPU, one GPU each on CUDA)")
     accelerate_config: str | None = Field(None, description="an accelerate config file (FSDP, multi-node; relative to the recipe): run under `accelerate launch --config_file`")

@@ -501,7 +501,7 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
         report.log("FSDP: resumable checkpoints are not written (sharded optimizer state); a killed run restarts from step 0")
     model.train()
     if not evals:
-        evals.append(evaluate(0, config.eval_windows))
+        evals.append(evaluate(0, None))  # all windows, like the final one: start and end compare
     tokens_per_step = config.batch_size * length * config.gradient_accumulation * world
     session_tokens, session_seconds = 0, 0.0
     step, stopped = start, "steps"

@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""Pruning + distillation benchmark on SmolLM2-135M: parameters vs held-out perplexity.
+
+(a) Pruning alone, at 20 / 33 / 50 % fewer parameters: activation vs magnitude importance,
+    for width (MLP channels; MLP + hidden channels, Minitron's width recipe) and depth
+    (whole layers: block importance, or the calibration-loss drop when a layer is skipped).
+    The library functions the prune stage calls, in this process: importance is measured
+    once per method and every shape is cut from it.
+(b) Pruning + distillation for a fixed CPU budget: the real pipeline (`edgekit compress`:
+    load → prune → evaluate → distill with max_minutes → evaluate), one configuration at a
+    time, for the 33 % shapes. Goal of issue #4: 33 % fewer parameters at ≤ 1.35× the
+    teacher's perplexity after ≤ 15 minutes of distillation on 2 CPU cores.
+
+Protocol: held-out = the last 8192 tokens of the stdlib docs, windows of 512; importance
+and distillation use only the text before it.
+
+    python scripts/bench_prune_distill.py [--minutes 15] [--skip-a] [--skip-b] [--only-b mlp]
+
+Writes results/bench_prune_distill.{json,md,png}. Numbers are measured on the machine that
+runs it; rerunning one part keeps the other part's measured rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FRACTIONS = (0.8, 0.67, 0.5)
+AXES = {"mlp": ("mlp",), "mlp+hidden": ("mlp", "hidden"), "depth": ("depth",)}
+# (b): the distillation settings of the default recipe, with a time budget instead of a step count.
+DISTILL = {"batch_size": 4, "sequence_length": 256, "learning_rate": 1.0e-3, "warmup_steps": 5,
+           "freeze_embeddings": True, "eval_every": 10, "eval_windows": 4, "checkpoint_every": 50}
+
+
+def _teacher(cache_dir: Path):
+    from edgekit.models.checkpoint import cached_checkpoint, load_checkpoint
+    from edgekit.models.source import resolve_model_source
+
+    entry = cached_checkpoint(resolve_model_source("smollm2-135m"), cache_dir=cache_dir, dtype="float32", trust_remote_code=False)
+    model, tokenizer = load_checkpoint(entry, dtype="float32")
+    return entry, model, tokenizer
+
+
+def part_a(samples: int) -> dict:
+    import torch
+
+    from edgekit.evaluate.perplexity import perplexity_torch
+    from edgekit.models.calibration import calibration_samples
+    from edgekit.models.text import resolve_text_source, tokenize_splits
+    from edgekit.pipeline.runner import default_cache_dir
+    from edgekit.prune.apply import prune_model, select_units
+    from edgekit.prune.importance import activation_importance, magnitude_importance, perplexity_drop
+    from edgekit.prune.shapes import describe, solve_budget, total_parameters
+    from edgekit.sizing import shape_from_config
+
+    entry, model, tokenizer = _teacher(default_cache_dir())
+    text = resolve_text_source("builtin:python-docs").read()
+    splits = tokenize_splits(text, tokenizer, eval_tokens=8192, window=512)
+    calib = calibration_samples(splits.calibration, samples=samples, sequence_length=512)
+    teacher = shape_from_config(model.config.to_dict())
+    full = total_parameters(teacher)
+    torch.manual_seed(0)
+
+    def score(m) -> float:
+        return perplexity_torch(m, splits.evaluation, window=512)["perplexity"]
+
+    rows = [{"name": "teacher", "parameters": full, "fraction": 1.0, "perplexity": score(model), "shape": describe(teacher)}]
+    print(f"[a] teacher {rows[0]['perplexity']:.3f}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    importances = {"activation": activation_importance(model, calib)}
+    seconds = {"activation": time.perf_counter() - started}
+    importances["magnitude"] = magnitude_importance(model)
+    started = time.perf_counter()
+    drop = perplexity_drop(model, calib[: max(1, samples // 4)])
+    seconds["perplexity_drop"] = time.perf_counter() - started
+    for fraction in FRACTIONS:
+        for axes_name, axes in AXES.items():
+            shape = solve_budget(teacher, fraction, axes)
+            methods = ["activation", "magnitude"] + (["perplexity_drop"] if axes_name == "depth" else [])
+            for method in methods:
+                importance = importances["activation" if method == "perplexity_drop" else method]
+                if method == "perplexity_drop":
+                    import copy
+
+                    importance = copy.copy(importance)
+                    importance.layers = drop.float()
+                student = prune_model(model, select_units(model, importance, shape))
+                row = {
+                    "name": f"{axes_name} {method} {1 - fraction:.0%} fewer",
+                    "axes": axes_name, "importance": method, "target_fraction": fraction,
+                    "parameters": total_parameters(shape), "fraction": round(total_parameters(shape) / full, 4),
+                    "shape": describe(shape), "perplexity": score(student),
+                }
+                rows.append(row)
+                print(f"[a] {row['name']}: {row['shape']} -> {row['perplexity']:.2f}", file=sys.stderr, flush=True)
+    return {"rows": rows, "calibration_samples": samples, "importance_seconds": {k: round(v, 1) for k, v in seconds.items()}}
+
+
+def recipe_b(name: str, axes: tuple[str, ...], minutes: float, steps: int) -> str:
+    distill = {**DISTILL, "steps": steps, "max_minutes": minutes}
+    lines = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in distill.items())
+    return textwrap.dedent(
+        f"""\
+        name: bench-{name.replace("+", "-")}
+        model: smollm2-135m
+        target: jetson-orin-nano-8gb
+        data: builtin:python-docs
+        stages:
+          - type: load
+          - type: prune
+            params: 0.67
+            axes: {json.dumps(list(axes))}
+            calibration_samples: 16
+          - type: evaluate
+            name: evaluate_pruned
+          - type: distill
+        """
+    ) + lines + "\n  - type: evaluate\n    name: evaluate_distilled\n"
+
+
+def part_b(work: Path, minutes: float, steps: int, only: list[str]) -> list[dict]:
+    results = []
+    for name in only:
+        recipe = work / f"{name}.yaml"
+        recipe.write_text(recipe_b(name, AXES[name], minutes, steps))
+        out = work / name
+        print(f"[b] {name}: prune 0.67 + distill {minutes} min ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "edgekit", "compress", str(recipe), "-q", "--output", str(out), "--force"],
+                              capture_output=True, text=True)
+        result = {"name": f"{name} + distill", "axes": name, "minutes_budget": minutes, "wall_seconds": round(time.perf_counter() - started, 1)}
+        if proc.returncode != 0:
+            result["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            results.append(result)
+            continue
+        stages = {s["name"]: s for s in json.loads((out / "manifest.json").read_text())["stages"]}
+        prune, distill = stages["prune"]["metrics"], stages["distill"]["metrics"]
+        result.update({
+            "parameters": prune["parameters_after"], "fraction": prune["parameter_fraction"], "shape": prune["shape"],
+            "perplexity_pruned": stages["evaluate_pruned"]["metrics"]["perplexity"],
+            "perplexity": stages["evaluate_distilled"]["metrics"]["perplexity"],
+            "steps": distill["steps"], "stopped": distill["stopped"], "tokens_seen": distill["tokens_seen"],
+            "train_seconds": distill["train_seconds"], "tokens_per_second": distill["tokens_per_second"],
+            "precision": distill["precision"], "curve": distill["curve"],
+        })
+        results.append(result)
+        print(f"[b] {name}: {result['perplexity_pruned']:.2f} -> {result['perplexity']:.3f} after {result['steps']} steps", file=sys.stderr, flush=True)
+    return results
+
+
+def write_reports(out: Path, payload: dict) -> None:
+    (out / "bench_prune_distill.json").write_text(json.dumps(payload, indent=2) + "\n")
+    a = payload.get("a") or {"rows": []}
+    teacher = next((r for r in a["rows"] if r["name"] == "teacher"), None)
+    ref = teacher["perplexity"] if teacher else payload.get("teacher_perplexity")
+    def ppl(x: float) -> str:
+        return f"{x:.2f}" if x < 1000 else f"{x:.3g}"
+
+    lines = [
+        "# Pruning + distillation benchmark: SmolLM2-135M",
+        "",
+        f"Measured {payload['date']} on {payload['machine']} ({payload['cores']} cores). Held-out perplexity: last 8192 "
+        "tokens of the stdlib docs, windows of 512; importance and distillation only from the text before it.",
+        "",
+        "## (a) Pruning alone (no retraining)",
+        "",
+        f"Activation importance from {a.get('calibration_samples', '?')} windows of 512 tokens "
+        f"({a.get('importance_seconds', {}).get('activation', '?')} s); perplexity_drop = calibration loss with the layer "
+        f"skipped ({a.get('importance_seconds', {}).get('perplexity_drop', '?')} s).",
+        "",
+        "| pruned | axes | importance | shape | parameters | perplexity | × teacher |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in a["rows"]:
+        ratio = ppl(r["perplexity"] / ref) if ref else ""
+        fewer = "—" if r["name"] == "teacher" else f"{1 - r['fraction']:.0%} fewer"
+        lines.append(f"| {fewer} | {r.get('axes', 'teacher')} | {r.get('importance', '')} | {r['shape']} | "
+                     f"{r['parameters'] / 1e6:.1f}M | {ppl(r['perplexity'])} | {ratio} |")
+    lines += [
+        "",
+        "## (b) Pruning + distillation, fixed CPU budget",
+        "",
+        "| configuration | shape | parameters | pruned perplexity | distilled perplexity | × teacher | goal ≤ 1.35× | steps | tokens | train time | tokens/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in payload.get("b", []):
+        if "error" in r:
+            lines.append(f"| {r['name']} | — | | | {r['error']} | | | | | | |")
+            continue
+        ratio = r["perplexity"] / ref if ref else float("nan")
+        lines.append(
+            f"| {r['name']} | {r['shape']} | {r['parameters'] / 1e6:.1f}M ({1 - r['fraction']:.0%} fewer) | {r['perplexity_pruned']:.2f} | "
+            f"{r['perplexity']:.3f} | {ratio:.2f} | {'met' if ratio <= 1.35 else 'missed'} | {r['steps']} ({r['stopped']}) | "
+            f"{r['tokens_seen']} | {r['train_seconds'] / 60:.1f} min | {r['tokens_per_second']:.0f} ({r['precision']}) |"
+        )
+    (out / "bench_prune_distill.md").write_text("\n".join(lines) + "\n")
+    plot(out, payload, ref)
+
+
+def plot(out: Path, payload: dict, ref: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = {"mlp": "tab:blue", "mlp+hidden": "tab:orange", "depth": "tab:green"}
+    markers = {"activation": "o", "magnitude": "x", "perplexity_drop": "s"}
+    for r in (payload.get("a") or {"rows": []})["rows"]:
+        if r["name"] == "teacher":
+            left.scatter(r["parameters"] / 1e6, r["perplexity"], color="black", marker="*", s=120, label="teacher", zorder=3)
+            continue
+        left.scatter(r["parameters"] / 1e6, r["perplexity"], color=colors[r["axes"]], marker=markers[r["importance"]],
+                     label=f"{r['axes']} / {r['importance']}")
+    for r in payload.get("b", []):
+        if "perplexity" in r:
+            left.scatter(r["parameters"] / 1e6, r["perplexity"], color=colors[r["axes"]], marker="D", s=70, edgecolors="black",
+                         label=f"{r['axes']} + distill {r['train_seconds'] / 60:.0f} min", zorder=4)
+            curve = [c for c in r["curve"] if c.get("perplexity")]
+            minutes = [c["step"] * r["train_seconds"] / max(r["steps"], 1) / 60 for c in curve]
+            right.plot(minutes, [c["perplexity"] for c in curve], marker=".", color=colors[r["axes"]], label=r["name"])
+    if ref:
+        left.axhline(ref * 1.35, color="grey", linestyle=":", label="goal: 1.35× teacher")
+        right.axhline(ref * 1.35, color="grey", linestyle=":", label="goal: 1.35× teacher")
+        right.axhline(ref, color="black", linestyle="--", label=f"teacher ({ref:.2f})")
+    left.set_yscale("log")
+    left.set_xlabel("parameters (M)")
+    left.set_ylabel("held-out perplexity (log; lower is better)")
+    left.set_title("(a) pruning alone and (b) + distillation")
+    handles, labels = left.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    left.legend(unique.values(), unique.keys(), fontsize=6, ncol=2)
+    right.set_yscale("log")
+    right.set_xlabel("distillation minutes (2 CPU cores; evaluations on 4 windows until the last point)")
+    right.set_ylabel("held-out perplexity")
+    right.set_title("(b) recovery during distillation (33% fewer parameters)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "bench_prune_distill.png", dpi=120, metadata={"Software": None})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "results")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_prune_distill")
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows of 512 tokens for importance")
+    parser.add_argument("--minutes", type=float, default=15.0, help="distillation budget per configuration in (b)")
+    parser.add_argument("--steps", type=int, default=200, help="cosine schedule length in (b) (max_minutes stops earlier)")
+    parser.add_argument("--only-b", default="mlp,mlp+hidden", help="configurations for (b): " + ", ".join(AXES))
+    parser.add_argument("--skip-a", action="store_true")
+    parser.add_argument("--skip-b", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    previous_path = args.out / "bench_prune_distill.json"
+    payload = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
+    payload.update({"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "cores": os.cpu_count()})
+    if not args.skip_a:
+        payload["a"] = part_a(args.samples)
+        write_reports(args.out, payload)
+    if not args.skip_b:
+        fresh = part_b(args.work, args.minutes, args.steps, [n for n in args.only_b.split(",") if n])
+        kept = [r for r in payload.get("b", []) if r["name"] not in {f["name"] for f in fresh} and "error" not in r]
+        payload["b"] = sorted(kept + fresh, key=lambda r: list(AXES).index(r["axes"]))
+        payload["b_settings"] = {**DISTILL, "minutes": args.minutes, "steps": args.steps}
+    write_reports(args.out, payload)
+    print((args.out / "bench_prune_distill.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
