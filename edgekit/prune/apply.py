@@ -114,7 +114,7 @@ def prune_model(model: Any, kept: KeptUnits) -> Any:
                 lin = getattr(attn, name)
                 state[prefix + f"self_attn.{name}.weight"] = cut_in(_rows(lin.weight, index))
                 if lin.bias is not None:
-                    state[prefix + f"self_attn.{name}.bias"] = _rows(lin.bias.unsqueeze(1), index)[:, 0]
+                    state[prefix + f"self_attn.{name}.bias"] = _rows(lin.bias, index)
             state[prefix + "self_attn.o_proj.weight"] = cut_out(_cols(attn.o_proj.weight, q_index))
             if attn.o_proj.bias is not None:
                 state[prefix + "self_attn.o_proj.bias"] = cut_out(attn.o_proj.bias)

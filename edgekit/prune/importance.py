@@ -29,7 +29,6 @@ class Importance:
     hidden: Any  # [hidden_size]
     layers: Any  # [num_layers]: larger = more important
     method: str
-    depth_metric: str | None = None
 
 
 def decoder_parts(model: Any) -> tuple[Any, list[Any]]:
@@ -57,8 +56,9 @@ def head_dim_of(model: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def activation_importance(model: Any, samples: list[Any], *, depth_metric: str = "block_importance",
-                          advance: Callable[[], None] = lambda: None) -> Importance:
+def activation_importance(model: Any, samples: list[Any], *, advance: Callable[[], None] = lambda: None) -> Importance:
+    """Heads, MLP channels and hidden channels by contribution; layers by block importance
+    (``perplexity_drop`` is its own, costlier function)."""
     import torch
 
     inner, layers = decoder_parts(model)
@@ -120,17 +120,13 @@ def activation_importance(model: Any, samples: list[Any], *, depth_metric: str =
     finally:
         for handle in handles:
             handle.remove()
-    if depth_metric == "perplexity_drop":
-        layer_scores = perplexity_drop(model, samples)
-    else:
-        layer_scores = 1.0 - cos_sum / len(samples)
+    layer_scores = 1.0 - cos_sum / len(samples)
     return Importance(
         heads=[s.sqrt() for s in sq_heads],
         channels=[s.sqrt() for s in sq_channels],
         hidden=sq_hidden[0].sqrt(),
         layers=layer_scores.float(),
         method="activation",
-        depth_metric=depth_metric,
     )
 
 
@@ -162,7 +158,7 @@ def perplexity_drop(model: Any, samples: list[Any]) -> Any:
     return torch.tensor(drops, dtype=torch.float64)
 
 
-def magnitude_importance(model: Any, *, depth_metric: str | None = None) -> Importance:
+def magnitude_importance(model: Any) -> Importance:
     """Data-free baseline: L2 norm of the weights each unit reads from and writes to."""
     import torch
 
@@ -185,4 +181,4 @@ def magnitude_importance(model: Any, *, depth_metric: str | None = None) -> Impo
             # A layer's size: what it can write into the residual stream.
             layer_scores.append(float(attn.o_proj.weight.float().norm() + mlp.down_proj.weight.float().norm()))
     return Importance(heads=heads, channels=channels, hidden=hidden_sq.sqrt(), layers=torch.tensor(layer_scores),
-                      method="magnitude", depth_metric=depth_metric)
+                      method="magnitude")

@@ -53,7 +53,7 @@ def run_prune(ctx) -> dict:
     from edgekit.models.checkpoint import load_checkpoint
     from edgekit.models.text import resolve_text_source, tokenize_splits
     from edgekit.prune.apply import prune_model, select_units
-    from edgekit.prune.importance import activation_importance, decoder_parts, magnitude_importance
+    from edgekit.prune.importance import activation_importance, decoder_parts, magnitude_importance, perplexity_drop
     from edgekit.prune.shapes import ShapeError, describe, plan_shape, shape_dict, total_parameters
     from edgekit.sizing import shape_from_config
 
@@ -76,23 +76,24 @@ def run_prune(ctx) -> dict:
     except ValueError as exc:
         raise StageError(str(exc), where=f"stage {ctx.name}", how="prune a Llama/Qwen/Mistral-style checkpoint, or drop the prune stage") from None
     started = time.perf_counter()
+    # Skipping each layer in turn costs a pass over the calibration windows per layer: only
+    # worth it when layers are actually removed.
+    measure_drop = config.depth_metric == "perplexity_drop" and shape.num_layers < teacher_shape.num_layers
     samples = []
-    if config.importance == "activation" or config.depth_metric == "perplexity_drop":
+    if config.importance == "activation" or measure_drop:
         from edgekit.models.calibration import calibration_samples
 
         data = ctx.recipe.data
         text = resolve_text_source(data.source, base_dir=ctx.recipe_dir).read(data.text_field)
         splits = tokenize_splits(text, tokenizer, eval_tokens=data.eval_tokens, window=data.window)
         samples = calibration_samples(splits.calibration, samples=config.calibration_samples, sequence_length=config.sequence_length)
-    torch.manual_seed(0)
     if config.importance == "activation":
         with ctx.progress(len(samples), f"activation importance on {len(samples)}×{config.sequence_length} tokens") as bar:
-            importance = activation_importance(model, samples, depth_metric=config.depth_metric, advance=bar.advance)
+            importance = activation_importance(model, samples, advance=bar.advance)
     else:
         importance = magnitude_importance(model)
-        if config.depth_metric == "perplexity_drop" and shape.num_layers < teacher_shape.num_layers:
-            from edgekit.prune.importance import perplexity_drop
-
+    if measure_drop:
+        with ctx.progress(None, f"calibration loss with each of {teacher_shape.num_layers} layers skipped"):
             importance.layers = perplexity_drop(model, samples).float()
     kept = select_units(model, importance, shape)
     student = prune_model(model, kept)
