@@ -2,12 +2,73 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from edgekit.errors import RecipeError
 
 FP8_MIN_CC = (8, 9)
 _BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
+
+
+@dataclass(frozen=True)
+class RecipeWeights:
+    """How a recipe leaves the weights: the load dtype and the last quantize stage's choices.
+
+    Shared by recipe validation (memory fit) and ``edgekit plan``, so both read a recipe the
+    same way."""
+
+    #: bits of the float weights as loaded (32, 16)
+    float_bits: int
+    #: the last quantize stage's method (gptq, rtn, awq, fp8), None without one
+    method: str | None = None
+    #: integer bits (4, 8); 8 for fp8
+    bits: int | None = None
+    #: input channels per scale, resolved (a ``null`` group size is one group per row: the hidden size)
+    group_size: int | None = None
+    quantize_lm_head: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.method is not None
+
+    @property
+    def linear_bits(self) -> float:
+        """Stored bits per linear weight: codes + an fp16 scale and packed zero per group."""
+        if self.method is None:
+            return float(self.float_bits)
+        if self.method == "fp8":
+            return 8.0
+        return self.bits + (16 + self.bits) / self.group_size
+
+    @property
+    def label(self) -> str:
+        if self.method is None:
+            return f"{self.float_bits}-bit float"
+        return "fp8" if self.method == "fp8" else f"{self.bits}-bit {self.method}"
+
+    @property
+    def precision(self) -> str:
+        """The ``edgekit plan`` precision the deployed engine has: a float graph is built in
+        FP16 by TensorRT (weak typing), integer formats are weight-only."""
+        if self.method is None:
+            return "fp16"
+        return "fp8" if self.method == "fp8" else f"int{self.bits}"
+
+
+def recipe_weights(recipe: Any, shape: Any) -> RecipeWeights:
+    """The weight format a recipe deploys (``shape``: the model's shape after pruning, for a
+    per-channel group size)."""
+    loads = [recipe.stage_config(i) for i, s in enumerate(recipe.stages) if s.type == "load"]
+    float_bits = _BITS[loads[0].dtype] if loads else 32
+    quantize = [recipe.stage_config(i) for i, s in enumerate(recipe.stages) if s.type == "quantize"]
+    if not quantize:
+        return RecipeWeights(float_bits)
+    config = quantize[-1]
+    if config.method == "fp8":
+        return RecipeWeights(float_bits, "fp8", 8)
+    return RecipeWeights(float_bits, config.method, config.bits, config.group_size or shape.hidden_size,
+                         config.quantize_lm_head)
 
 
 def check_target_rules(loaded: Any, target: Any, source: Any) -> None:
@@ -23,8 +84,8 @@ def check_target_rules(loaded: Any, target: Any, source: Any) -> None:
     _check_tensorrt_weights(loaded, quantize)
     shape = _source_shape(source)
     if shape is not None:
-        shape = _check_prune_shapes(loaded, shape)
-    _check_memory_fit(loaded, target, shape, quantize)
+        shape = pruned_shape(loaded, shape)
+    _check_memory_fit(loaded, target, shape)
 
 
 def _source_shape(source: Any) -> Any:
@@ -36,7 +97,7 @@ def _source_shape(source: Any) -> Any:
         return None  # the load stage reports unreadable models; these checks need a readable shape
 
 
-def _check_prune_shapes(loaded: Any, shape: Any) -> Any:
+def pruned_shape(loaded: Any, shape: Any) -> Any:
     """Refuse an impossible pruned shape now (with the nearest valid ones); return the shape
     the model will have after the last prune stage."""
     from edgekit.prune.shapes import ShapeError, plan_shape
@@ -72,7 +133,7 @@ def _check_tensorrt_weights(loaded: Any, quantize: list) -> None:
                 )
 
 
-def _check_memory_fit(loaded: Any, target: Any, shape: Any, quantize: list) -> None:
+def _check_memory_fit(loaded: Any, target: Any, shape: Any) -> None:
     """``shape``: the model's shape after pruning (None: a hub model without a cached config,
     checked once it is loaded)."""
     from edgekit.sizing import estimate_memory_gb
@@ -80,19 +141,11 @@ def _check_memory_fit(loaded: Any, target: Any, shape: Any, quantize: list) -> N
     recipe = loaded.recipe
     if shape is None:
         return
-    loads = [recipe.stage_config(i) for i, s in enumerate(recipe.stages) if s.type == "load"]
-    float_bits = _BITS[loads[0].dtype] if loads else 32
-    linear_bits, precision = float_bits, f"{float_bits}-bit float"
-    if quantize:
-        config = quantize[-1][1]
-        if config.method == "fp8":
-            linear_bits, precision = 8.0, "fp8"
-        else:
-            group = config.group_size or shape.hidden_size
-            linear_bits = config.bits + (16 + config.bits) / group
-            precision = f"{config.bits}-bit {config.method}"
+    weights = recipe_weights(recipe, shape)
+    precision = weights.label
     estimate = estimate_memory_gb(
-        shape, linear_bits=linear_bits, other_bits=min(float_bits, 16) if quantize else float_bits,
+        shape, linear_bits=weights.linear_bits,
+        other_bits=min(weights.float_bits, 16) if weights.quantized else weights.float_bits,
         context_length=recipe.context_length,
     )
     usable = target.memory.usable_gb

@@ -1,6 +1,6 @@
 """Memory arithmetic from a model's config alone (no weights): used by recipe validation to
-refuse a model that cannot fit the target, and by `edgekit plan` later. Every number here
-is a *prediction*.
+refuse a model that cannot fit the target, and by `edgekit plan` (:mod:`edgekit.planning`,
+which adds activations, decode and prefill time). Every number here is a *prediction*.
 """
 
 from __future__ import annotations
@@ -51,28 +51,104 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
     )
 
 
-def shape_from_gguf(path: Path) -> ModelShape:
-    import gguf
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
-    reader = gguf.GGUFReader(str(path))
+
+def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The metadata and tensor names of a GGUF (v2/v3) file, read from its header alone.
+
+    Arrays are returned as their length (the tokenizer's token list is a 49k-string array:
+    its length is the vocabulary size, its strings are skipped unread). The gguf package's
+    reader builds every array element as a numpy view, which takes seconds for a tokenizer;
+    this reads the same header in milliseconds. Raises ValueError for anything else."""
+    import struct
+
+    try:
+        return _parse_gguf_header(path)
+    except struct.error as exc:  # a header cut short
+        raise ValueError(f"{path}: truncated GGUF header ({exc})") from None
+
+
+def _parse_gguf_header(path: Path) -> tuple[dict[str, Any], list[str]]:
+    import mmap
+    import struct
+
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version, tensor_count, kv_count = struct.unpack_from("<IQQ", data, 4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 or 3 expected)")
+        offset = 24
+
+        def string() -> str:
+            nonlocal offset
+            (length,) = struct.unpack_from("<Q", data, offset)
+            text = data[offset + 8: offset + 8 + length].decode("utf-8", errors="replace")
+            offset += 8 + length
+            return text
+
+        def scalar(kind: int) -> Any:
+            nonlocal offset
+            fmt = _GGUF_SCALARS[kind]
+            (value,) = struct.unpack_from(fmt, data, offset)
+            offset += struct.calcsize(fmt)
+            return value
+
+        def skip(kind: int, count: int) -> None:
+            nonlocal offset
+            if kind == _GGUF_STRING:
+                for _ in range(count):
+                    (length,) = struct.unpack_from("<Q", data, offset)
+                    offset += 8 + length
+            elif kind in _GGUF_SCALARS:
+                offset += struct.calcsize(_GGUF_SCALARS[kind]) * count
+            else:
+                raise ValueError(f"unsupported GGUF array element type {kind}")
+
+        metadata: dict[str, Any] = {}
+        for _ in range(kv_count):
+            key = string()
+            (kind,) = struct.unpack_from("<I", data, offset)
+            offset += 4
+            if kind == _GGUF_STRING:
+                metadata[key] = string()
+            elif kind == _GGUF_ARRAY:
+                element, count = struct.unpack_from("<IQ", data, offset)
+                offset += 12
+                skip(element, count)
+                metadata[key] = count
+            elif kind in _GGUF_SCALARS:
+                metadata[key] = scalar(kind)
+            else:
+                raise ValueError(f"unsupported GGUF value type {kind} for {key}")
+        names = []
+        for _ in range(tensor_count):
+            names.append(string())
+            (dims,) = struct.unpack_from("<I", data, offset)
+            offset += 4 + 8 * dims + 4 + 8  # dims, ggml type, data offset
+    return metadata, names
+
+
+def shape_from_gguf(path: Path) -> ModelShape:
+    metadata, names = read_gguf_header(path)
+    arch = metadata["general.architecture"]
 
     def value(key: str) -> Any:
-        field = reader.fields[key]
-        return field.parts[field.data[0]].tolist()[0]
+        return metadata[f"{arch}.{key}"]
 
-    arch = bytes(reader.fields["general.architecture"].parts[reader.fields["general.architecture"].data[0]]).decode()
-    heads = value(f"{arch}.attention.head_count")
-    hidden = value(f"{arch}.embedding_length")
-    names = {t.name for t in reader.tensors}
+    heads = value("attention.head_count")
+    hidden = value("embedding_length")
     return ModelShape(
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+        vocab_size=metadata["tokenizer.ggml.tokens"],
         hidden_size=hidden,
-        intermediate_size=value(f"{arch}.feed_forward_length"),
-        num_layers=value(f"{arch}.block_count"),
+        intermediate_size=value("feed_forward_length"),
+        num_layers=value("block_count"),
         num_heads=heads,
-        num_kv_heads=value(f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv" in reader.fields else heads,
+        num_kv_heads=metadata.get(f"{arch}.attention.head_count_kv", heads),
         head_dim=hidden // heads,
-        tie_word_embeddings="output.weight" not in names,
+        tie_word_embeddings="output.weight" not in set(names),
     )
 
 
