@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from edgekit.errors import StageError
+from edgekit.onnx_index import GraphIndex
 
 DATA_FILE = "model.onnx_data"
 MS_DOMAIN = "com.microsoft"
@@ -69,20 +70,8 @@ class LinearMatch(NamedTuple):
 # --------------------------------------------------------------------------- matching
 
 
-class _Graph:
-    """Name indexes over a loaded ModelProto's main graph."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.graph = model.graph
-        self.inits = {t.name: t for t in self.graph.initializer}
-        self.producer: dict[str, Any] = {}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in self.graph.node:
-            for name in node.output:
-                self.producer[name] = node
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+class _Graph(GraphIndex):
+    """The graph's name indexes plus the weight MatMuls to rewrite."""
 
     def candidates(self) -> dict[tuple[str, bool], list[Any]]:
         """(initializer, transposed) -> MatMul nodes reading it as their B input."""
