@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -155,14 +156,212 @@ def targets_show(name: str) -> None:
     click.echo(dump_yaml(api.show_target(name).model_dump(mode="json")), nl=False)
 
 
+@main.command("plan")
+@click.argument("source", metavar="RECIPE_OR_MODEL")
+@click.option("--target", "-t", metavar="NAME", help="A target profile name or YAML path (default: the recipe's target; for a model: all).")
+@click.option("--all-targets", is_flag=True, help="Plan for every built-in target.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--context", "context_length", type=int, metavar="N", help="Context length (default: the recipe's, else 2048).")
+@click.option("--batch", type=int, metavar="N", help="Concurrent sequences (default: the recipe's build_engine max_batch, else 1).")
+@click.option("--precision", metavar="P", help="Weight precision: fp16, bf16, fp8, int8, int4 (default: the recipe's quantize stage, else fp16).")
+@click.option("--group-size", type=int, metavar="N", help="Input channels per scale for int8/int4 (default: the recipe's, else 128).")
+@click.option("--power-mode", metavar="NAME", help="Power mode of the (single) target (default: its reference mode).")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True, metavar="N", help="Prompt length the time to first token is predicted for.")
+@click.option("--budget-ms", type=float, metavar="X", help="Latency budget per generated token (default: the recipe's latency_p99_ms).")
+@click.option("--kv-fill", type=float, default=0.5, show_default=True, metavar="F", help="Fraction of the context in the KV cache at the decode step predicted.")
+@click.option("--prefill-chunk", type=int, metavar="N", help="Longest prompt one prefill call takes (default: the recipe's build_engine max_prefill, else 512).")
+def plan_cmd(source: str, target: str | None, all_targets: bool, as_json: bool, context_length: int | None, batch: int | None,
+             precision: str | None, group_size: int | None, power_mode: str | None, prompt_tokens: int, budget_ms: float | None,
+             kv_fill: float, prefill_chunk: int | None) -> None:
+    """Predict memory fit, decode speed and time to first token on each target, from the
+    model's config alone (no weights), before any compression. Every number is a prediction."""
+    import json
+
+    from edgekit import api
+
+    plan = api.plan(
+        source, target=target, all_targets=all_targets, context_length=context_length, batch=batch,
+        precision=precision, group_size=group_size, power_mode=power_mode, prompt_tokens=prompt_tokens,
+        budget_ms=budget_ms, kv_fill=kv_fill, prefill_chunk=prefill_chunk,
+    )
+    if as_json:
+        click.echo(json.dumps(plan, indent=2))
+    else:
+        _print_plan(plan)
+
+
+def _print_plan(plan: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    model, inputs = plan["model"], plan["inputs"]
+    shape, fmt = model["shape"], inputs["weight_format"]
+    bits = f"{fmt['linear_bits_per_weight']:g} bits/weight" + (f", group {fmt['group_size']}" if fmt["group_size"] else "")
+    budget = inputs["budgets"]["latency_p99_ms"]
+    title = (
+        f"{model['spec']}: {shape['num_layers']} layers, hidden {shape['hidden_size']}, MLP {shape['intermediate_size']}, "
+        f"{model['parameters'] / 1e6:.1f}M parameters, {inputs['precision']} ({bits}), "
+        f"context {inputs['context_length']}, batch {inputs['batch']}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("target", no_wrap=True)
+    table.add_column("power mode", no_wrap=True)
+    table.add_column("predicted memory\nGB / usable")
+    table.add_column("predicted decode\nms/token (tok/s)")
+    table.add_column(f"predicted TTFT ms\n{inputs['prompt_tokens']}-token prompt")
+    if budget:
+        table.add_column(f"predicted at\n{budget:g} ms/token budget")
+        table.add_column("predicted deepest model\nwithin the budget", no_wrap=True)
+    extrapolated = False
+    for entry in plan["targets"]:
+        if not entry["supported"]:
+            table.add_row(entry["target"], "", f"{inputs['precision']} not supported", *([""] * (4 if budget else 2)))
+            continue
+        hw, memory, decode = entry["hardware"], entry["predicted_memory_gb"], entry["predicted_decode"]
+        decode_flag = "*" if decode["extrapolated"] else ""
+        prefill_flag = "*" if entry["predicted_prefill"]["extrapolated"] else ""
+        extrapolated |= bool(decode_flag or prefill_flag)
+        row = [
+            entry["target"],
+            f"{hw['power_mode']} {hw['memory_bandwidth_gbps']:g} GB/s",
+            f"{memory['total']:.2f} / {hw['usable_memory_gb']:g} " + ("fits" if entry["predicted_fits"] else "DOES NOT FIT"),
+            f"{decode['ms_per_token']:.3g} ({decode['tokens_per_s']:.3g}){decode_flag}",
+            f"{entry['predicted_prefill']['ttft_ms']:.3g}{prefill_flag}",
+        ]
+        if budget:
+            row.append("meets" if entry["predicted_within_budgets"]["latency_p99_ms"]["meets"] else "misses")
+            largest = entry["predicted_largest_shape"]
+            if largest["num_layers"] is None:
+                row.append("none: 1 layer misses")
+            else:
+                params = largest["parameters"]
+                size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"
+                row.append(f"{largest['num_layers']} layers, {size} ({'+'.join(largest['limited_by'])}-bound)")
+        table.add_row(*row)
+    # a pipe or file gets a fixed width wide enough for one row per target
+    console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=160)
+    console.print(table)
+    console.print(
+        "All 'predicted' numbers are predictions from a roofline model with an efficiency fitted to published "
+        "TensorRT-class figures (docs/planning.md), not measurements."
+        + (" * outside the range of model sizes the efficiency was fitted on." if extrapolated else "")
+    )
+
+
+
+def _engine_options(func):
+    """The build knobs shared by build-engine and check (the build_engine stage's parameters)."""
+    options = [
+        click.option("--target", "-t", metavar="NAME", help="Target profile name or YAML path (default: the bundle's target)."),
+        click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch the engine accepts."),
+        click.option("--max-prefill", type=int, default=512, show_default=True, help="Longest prompt one prefill call takes."),
+        click.option("--opt-prefill", type=int, help="Prompt length TensorRT tunes prefill for (default: min(128, max-prefill))."),
+        click.option("--workspace-gb", type=float, default=4.0, show_default=True, help="TensorRT workspace memory pool limit."),
+        click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True,
+                     help="Builder optimization level (higher: longer build, maybe a faster engine)."),
+        click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
+                     default="none", show_default=True, help="Engines that run on other GPUs (workstations only)."),
+        click.option("--version-compatible", is_flag=True, help="Engine runs on later TensorRT releases of the same major version."),
+        click.option("--typing", type=click.Choice(["auto", "strong", "weak"]), default="auto", show_default=True,
+                     help="auto: strongly typed for Q/DQ graphs and on TensorRT 11, FP16 weak typing for float graphs on 10.x."),
+        click.option("--no-timing-cache", is_flag=True, help="Do not keep or reuse a timing cache beside the bundle."),
+        click.option("--context-length", type=int, metavar="N", help="Decode profile's longest context (default: the bundle's)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _build_options(kw: dict):
+    from edgekit.engine.settings import BuildOptions
+    from edgekit.errors import EngineError
+
+    for name in ("max_batch", "max_prefill", "opt_prefill"):
+        if kw[name] is not None and kw[name] < 1:
+            raise EngineError(f"{name.replace('_', '-')} must be at least 1 (got {kw[name]})", where=f"--{name.replace('_', '-')}",
+                              how="pass a positive number")
+    if kw["workspace_gb"] <= 0:
+        raise EngineError(f"workspace-gb must be positive (got {kw['workspace_gb']})", where="--workspace-gb", how="pass e.g. 1 or 4")
+    return BuildOptions(
+        max_batch=kw["max_batch"], max_prefill=kw["max_prefill"], opt_prefill=kw["opt_prefill"], workspace_gb=kw["workspace_gb"],
+        optimization_level=kw["optimization_level"], timing_cache=not kw["no_timing_cache"],
+        hardware_compatibility=kw["hardware_compatibility"], version_compatible=kw["version_compatible"], typing=kw["typing"],
+    )
+
+
+@main.command("build-engine")
+@click.argument("path", metavar="BUNDLE_OR_ONNX", type=click.Path())
+@_engine_options
+@click.option("--build", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="auto: build when TensorRT and the target's GPU are here, else write the device build script; always: fail instead.")
+@click.option("--no-check", is_flag=True, help="Skip the readiness checks (edgekit check) that otherwise run first.")
+@click.option("--backend", type=click.Choice(["tensorrt", "ort-tensorrt"]), default="tensorrt", show_default=True,
+              help="tensorrt: the TensorRT Python API / trtexec; ort-tensorrt: ONNX Runtime's TensorRT EP builds and caches the engines.")
+def build_engine_cmd(path: str, build: str, no_check: bool, backend: str, **kw) -> None:
+    """Build a TensorRT engine for a target into a bundle (in place), or write everything needed
+    to build it on the device (engine/<target>.trtexec.sh, build_engine.sh) when this machine
+    cannot: an engine is tied to the GPU and TensorRT version it is built with."""
+    from edgekit import api
+
+    summary = api.build_engine(
+        path, target=kw["target"], options=_build_options(kw), build=build, check=not no_check,
+        context_length=kw["context_length"], backend=backend, echo=lambda message: click.echo(message, err=True),
+    )
+    bundle = summary["bundle"]
+    if summary.get("backend") == "ort-tensorrt":
+        click.echo(f"{summary['target']}: ONNX Runtime TensorRT engines cached in {bundle}/{summary['cache']}/ "
+                   f"({len(summary['files'])} files, {summary['build_seconds']} s)")
+        return
+    if "check_errors" in summary:
+        click.echo(f"{summary['target']}: readiness check passed ({summary['check_warnings']} warning(s); "
+                   f"{bundle}/engine/{summary['target']}.check.json)")
+    if summary["status"] == "built":
+        click.echo(f"{summary['target']}: built {bundle}/{summary['engine']} ({summary['engine_bytes'] / 2**20:.1f} MiB) with "
+                   f"TensorRT {summary['tensorrt_version']} on {summary['device']} in {summary['build_seconds']} s")
+    else:
+        click.echo(f"{summary['target']}: not built here: {summary['reason']}")
+    click.echo(f"  settings: {bundle}/{summary['settings']}")
+    click.echo(f"  trtexec:  {bundle}/{summary['script']}")
+    if summary["status"] != "built":
+        click.echo(f"  on the device: cd {Path(bundle).name} && {summary['build_on_device']}")
+    for note in summary.get("notes", []):
+        click.echo(f"  note: {note}")
+
+
+@main.command("check")
+@click.argument("path", metavar="BUNDLE_OR_ONNX", type=click.Path())
+@_engine_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check_cmd(path: str, as_json: bool, **kw) -> None:
+    """Static TensorRT readiness checks of a bundle's graph for a target (opset, parser support,
+    profiles, Q/DQ patterns, precisions, external data, engine memory). Runs anywhere, no GPU.
+    Exit 1 when there is an error finding."""
+    import json
+
+    from edgekit import api
+
+    report = api.check_tensorrt(path, target=kw["target"], options=_build_options(kw), context_length=kw["context_length"])
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"{report['target']} (TensorRT {report['tensorrt']}): {report['onnx']} in {report['bundle']}")
+        for finding in report["findings"]:
+            click.echo(f"  {finding['severity']:<7} {finding['code']}: {finding['message']}")
+            if finding["severity"] != "info" and finding["fix"]:
+                click.echo(f"          fix: {finding['fix']}")
+        verdict = "ready" if report["passed"] else "NOT ready"
+        click.echo(f"{verdict}: {report['errors']} error(s), {report['warnings']} warning(s)")
+    if not report["passed"]:
+        sys.exit(1)
+
+
 @main.command("stages")
 def stages_cmd() -> None:
     """List the stage types a recipe can use, with their parameters."""
     from edgekit import api
 
     for stage in api.list_stages():
-        status = "" if stage.available else f"  [designed, lands with {stage.planned_in}]"
-        click.echo(f"{stage.type}: {stage.summary}{status}")
+        click.echo(f"{stage.type}: {stage.summary}")
         for name, field in stage.config.model_fields.items():
             default = field.get_default(call_default_factory=True)
             click.echo(f"    {name} = {default!r}  {field.description or ''}".rstrip())

@@ -59,3 +59,7 @@ class ParityError(StageError):
 
 class OutputError(EdgekitError):
     """The output location cannot be written."""
+
+
+class EngineError(EdgekitError):
+    """A TensorRT engine cannot be planned, built or loaded as asked."""

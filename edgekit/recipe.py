@@ -195,8 +195,6 @@ def _check_stages(recipe: Recipe, path: Path, lines: LineMap) -> list[str]:
         earlier.append(EarlierStage(spec.name, spec.type, stage.produces))
         if stage.produces:
             produced.add(stage.produces)
-        if not stage.available:
-            warnings.append(f"stage '{spec.name}' ({spec.type}) is designed but not built yet ({stage.planned_in})")
     return warnings
 
 

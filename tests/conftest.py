@@ -15,6 +15,28 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("EDGEKIT_CACHE_DIR", str(REPO / ".cache" / "edgekit-test"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` / `tensorrt` tests run where those exist (scripts/gpu_check.sh) and are skipped,
+    with the reason, everywhere else (our dev and CI machines have neither)."""
+    import importlib.util
+
+    wanted = {m for item in items for m in ("gpu", "tensorrt") if item.get_closest_marker(m)}
+    if not wanted:
+        return
+    reasons = {}
+    if "tensorrt" in wanted and importlib.util.find_spec("tensorrt") is None:
+        reasons["tensorrt"] = "needs the TensorRT Python package (pip install 'edgekit[gpu]'; run scripts/gpu_check.sh)"
+    if "gpu" in wanted:
+        import torch
+
+        if not torch.cuda.is_available():
+            reasons["gpu"] = "needs a CUDA GPU (run scripts/gpu_check.sh on one)"
+    for item in items:
+        for marker, reason in reasons.items():
+            if item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def python_docs_text() -> str:
     from pydoc_data import topics
 

@@ -2,7 +2,7 @@
 
 This is the README's main command: load -> evaluate -> prune (2/3 of the parameters) ->
 evaluate -> distill -> evaluate -> GPTQ INT4 -> evaluate -> ONNX for ONNX Runtime and
-TensorRT -> evaluate both graphs -> bundle. Held-out perplexity of the float model on the
+TensorRT -> evaluate both graphs -> bundle -> TensorRT readiness + device build script. Held-out perplexity of the float model on the
 fixed split is 9.86 (the figure the README's peers are measured against).
 """
 
@@ -28,7 +28,7 @@ def default_run(tmp_path_factory):
 def test_default_recipe_end_to_end(default_run):
     out, manifest = default_run
     stages = {s["name"]: s for s in manifest["stages"]}
-    assert [s["status"] for s in manifest["stages"]] == ["done"] * 11
+    assert [s["status"] for s in manifest["stages"]] == ["done"] * 12
     load = stages["load"]["metrics"]
     assert load["source"] == "builtin" and load["layers"] == 30 and load["hidden_size"] == 576
     assert 130e6 < load["parameters"] < 140e6
@@ -76,6 +76,18 @@ def test_default_recipe_end_to_end(default_run):
     assert bundle_manifest["target"] == "jetson-orin-nano-8gb"
     assert set(bundle_manifest["onnx"]["variants"]) == {"onnxruntime", "tensorrt"}
     assert "tensorrt/model.onnx_data" in bundle_manifest["files"]
+    # build_engine: the TensorRT graph passes every readiness check for the Orin Nano (TensorRT
+    # 10.3); no TensorRT here, so the bundle carries the device build instead of an engine.
+    engine = stages["build_engine"]["metrics"]
+    assert engine["engine"] == "planned" and engine["check_errors"] == 0
+    final = out / stages["build_engine"]["dir"] / "smollm2-to-orin-nano"
+    check = json.loads((final / "engine" / "jetson-orin-nano-8gb.check.json").read_text())
+    assert check["passed"] and check["onnx"] == "tensorrt/model.onnx"
+    settings = json.loads((final / "engine" / "jetson-orin-nano-8gb.settings.json").read_text())
+    assert settings["strongly_typed"] and settings["graph"]["quantization"] == "int4_weight_only"
+    assert [p["name"] for p in settings["profiles"]] == ["prefill", "decode"]
+    assert settings["profiles"][1]["shapes"]["past_key_values.29.key"]["max"] == [1, 3, 2047, 64]
+    assert (final / "build_engine.sh").stat().st_mode & 0o111
 
 
 def test_rerun_is_fully_cached(default_run):
@@ -83,7 +95,7 @@ def test_rerun_is_fully_cached(default_run):
     result = run_cli("compress", str(REPO / "recipes" / "smollm2_to_orin_nano.yaml"), "--output", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     again = json.loads((out / "manifest.json").read_text())
-    assert [s["status"] for s in again["stages"]] == ["cached"] * 11
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 12
     assert [s["files"] for s in again["stages"]] == [s["files"] for s in manifest["stages"]]
 
 

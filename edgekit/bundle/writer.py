@@ -66,7 +66,8 @@ def _reset(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.mtime = 0
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    info.mode = 0o755 if info.isdir() else 0o644
+    # Scripts (build_engine.sh) keep their executable bit; everything else is 0644.
+    info.mode = 0o755 if info.isdir() or info.mode & 0o100 else 0o644
     return info
 
 

@@ -32,8 +32,7 @@ BUILTIN_STAGE_MODULES = (
     "edgekit.distill.stage",
     "edgekit.quantize.stage",
     "edgekit.bundle.stage",
-    # Designed in later issues; registered so recipes that use them validate today.
-    "edgekit.pipeline.planned",
+    "edgekit.engine.stage",
 )
 
 
@@ -66,22 +65,22 @@ class StageDef:
     type: str
     config: type[StageConfig]
     summary: str
-    run: str | None = None  # "package.module:function"; None while only designed
+    run: str  # "package.module:function", imported only when the stage runs
     requires: tuple[frozenset[str], ...] = ()
     produces: str | None = None
     # Recipe sections (besides the stage's own parameters) whose content changes the
     # stage's output and so belong in its cache key: "model", "data", "target", "recipe".
     uses: tuple[str, ...] = ()
-    planned_in: str | None = None  # e.g. "issue #4" for a designed-but-unbuilt stage
     # Earlier stages whose artifacts this stage reads besides its ``requires`` (distill's
     # teacher). Pure and light: ``(config, earlier) -> {role: index into earlier}``; raises
     # ReferenceProblem. The runner hashes those artifacts into the cache key and passes
     # their directories as ``ctx.references``; recipe validation calls it too.
     references: Callable[[StageConfig, Sequence["EarlierStage"]], dict[str, int]] | None = None
-
-    @property
-    def available(self) -> bool:
-        return self.run is not None
+    # "package.module:function" returning what this machine contributes to the stage's
+    # output (build_engine: the local TensorRT version and GPU decide whether an engine is
+    # built), folded into the cache key so a result made on one host is not reused on another
+    # that would produce a different one. Called lazily, once per run.
+    host: str | None = None
 
     def load_function(self):
         module_name, func_name = self.run.split(":")
@@ -97,17 +96,17 @@ def register_stage(
     *,
     config: type[StageConfig],
     summary: str,
-    run: str | None = None,
+    run: str,
     requires: tuple[tuple[str, ...] | str, ...] = (),
     produces: str | None = None,
     uses: tuple[str, ...] = (),
-    planned_in: str | None = None,
     references: Callable[[StageConfig, Sequence[EarlierStage]], dict[str, int]] | None = None,
+    host: str | None = None,
 ) -> StageDef:
     if type in _REGISTRY:
         raise ValueError(f"stage type {type!r} registered twice")
     normalized = tuple(frozenset((r,) if isinstance(r, str) else r) for r in requires)
-    stage = StageDef(type, config, summary, run, normalized, produces, uses, planned_in, references)
+    stage = StageDef(type, config, summary, run, normalized, produces, uses, references, host)
     _REGISTRY[type] = stage
     return stage
 

@@ -18,6 +18,7 @@ SIGKILL) in stage k therefore redoes stage k and what follows, nothing before.
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
 import os
 import shutil
@@ -61,6 +62,13 @@ class _Fingerprints:
 
     def __init__(self, loaded: Any, target: Any):
         self._loaded, self._target, self._cache = loaded, target, {}
+
+    def host(self, function: str) -> Any:
+        key = f"host:{function}"
+        if key not in self._cache:
+            module_name, func_name = function.split(":")
+            self._cache[key] = getattr(importlib.import_module(module_name), func_name)()
+        return self._cache[key]
 
     def get(self, section: str) -> Any:
         if section not in self._cache:
@@ -169,14 +177,6 @@ def run_pipeline(
 
     reporter = reporter or Reporter()
     recipe = loaded.recipe
-    unbuilt = [spec for spec in recipe.stages if not get_stage(spec.type).available]
-    if unbuilt:
-        stage = get_stage(unbuilt[0].type)
-        raise StageError(
-            f"stage '{unbuilt[0].name}' ({stage.type}) is designed but not built in edgekit {__version__}",
-            where=loaded.where("stages", recipe.stages.index(unbuilt[0])),
-            how=f"remove it from 'stages' for now; it lands with {stage.planned_in}",
-        )
     for warning in loaded.warnings:
         reporter.log(f"[yellow]warning:[/] {warning}")
     first = _stage_index(loaded, from_stage, "--from")
@@ -227,6 +227,8 @@ def _run_locked(loaded, target, out, force, first, last, reporter, cache_dir) ->
         }
         if references:
             key_parts["references"] = {role: r.artifact_hash for role, r in references.items()}
+        if stage.host:
+            key_parts["host"] = fingerprints.host(stage.host)
         key = sha256_json(key_parts)
         final = stages_dir / stage_dir_name(index, spec.name)
         rerun = force or (first is not None and index >= first)
