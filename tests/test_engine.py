@@ -116,10 +116,13 @@ def test_settings_and_trtexec_line_for_every_target(tmp_path, target):
     assert f"--timingCacheFile=../b.{target}.timing.cache" in args
     assert "--profilingVerbosity=detailed" in args and f"--exportLayerInfo=engine/{target}.layers.json" in args
     assert not any(a.startswith(("--hardwareCompatibilityLevel", "--versionCompatible")) for a in args)
-    # one --minShapes/--optShapes/--maxShapes triple per profile, prefill first
+    # "--profile=N" then that profile's --minShapes/--optShapes/--maxShapes, prefill first
     mins = [a for a in args if a.startswith("--minShapes=")]
     maxs = [a for a in args if a.startswith("--maxShapes=")]
     assert len(mins) == len(maxs) == 2
+    for number in (0, 1):
+        at = args.index(f"--profile={number}")
+        assert [a.split("=")[0] for a in args[at + 1:at + 4]] == ["--minShapes", "--optShapes", "--maxShapes"]
     assert "input_ids:1x512" in maxs[0] and "past_key_values.0.key:1x2x0x8" in maxs[0]
     assert "input_ids:1x1" in maxs[1] and "past_key_values.0.key:1x2x1023x8" in maxs[1] and "attention_mask:1x1024" in maxs[1]
     assert "--fp16" in trtexec_args(float_graph, engine_path=float_graph.engine)

@@ -9,9 +9,11 @@ flags as the Python builder, output written to a temporary name and renamed when
 complete, build log and layer information next to the engine, and a small JSON record of
 the TensorRT version and GPU it was built with (what ``edgekit`` checks before loading).
 
-Flags (trtexec of TensorRT 10.x; 11.x dropped the precision flags and ``--stronglyTyped``
-because every network is strongly typed there): ``--minShapes/--optShapes/--maxShapes``
-given once per optimization profile (in profile order), ``--memPoolSize=workspace:<MiB>M``,
+Flags (trtexec of TensorRT 10.x; 11.x dropped the precision flags and made ``--stronglyTyped``
+a no-op because every network is strongly typed there): ``--profile=N`` followed directly by
+that profile's ``--minShapes/--optShapes/--maxShapes`` (the multi-profile syntax trtexec has
+had since 10.0; see ``getOptimizationProfiles`` in TensorRT's samples/common/sampleOptions.cpp),
+``--memPoolSize=workspace:<MiB>M``,
 ``--builderOptimizationLevel``, ``--timingCacheFile``, ``--hardwareCompatibilityLevel``,
 ``--versionCompatible``, ``--profilingVerbosity=detailed``, ``--exportLayerInfo``,
 ``--skipInference``.
@@ -32,7 +34,11 @@ def trtexec_args(settings: BuildSettings, *, engine_path: str, major: int | None
     check_input_names(settings)
     major = major or settings.tensorrt_major
     args = [f"--onnx={settings.onnx}", f"--saveEngine={engine_path}"]
-    for profile in settings.profiles:
+    for number, profile in enumerate(settings.profiles):
+        if len(settings.profiles) > 1:
+            # trtexec >= 10.0: each profile is "--profile=N" followed directly by its three
+            # shape flags; repeated shape flags without --profile are refused.
+            args.append(f"--profile={number}")
         for flag, index in (("--minShapes", 0), ("--optShapes", 1), ("--maxShapes", 2)):
             args.append(f"{flag}=" + ",".join(f"{name}:{shape_string(shapes[index])}" for name, shapes in profile.shapes.items()))
     if major < 11:
