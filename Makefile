@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.edgekit-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py edgekit/runtime/_fastpath.c Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel here; edgekit's own range then installs nothing more.
@@ -24,10 +24,11 @@ demo: install
 	$(BIN)/edgekit compress recipes/smollm2_to_orin_nano.yaml
 
 test: install
-	$(BIN)/python -m pytest -q -ra tests
+	# the C fast path must have been built: its tests fail instead of skipping without it
+	EDGEKIT_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -q -ra tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+	EDGEKIT_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 bench: install
 	$(BIN)/python scripts/bench_quantize.py
