@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 #: The shipped recipe distills for 60 steps (~5 min with bf16, ~10 min in fp32 on CPUs without
-#: native bf16). CI runs the same recipe with 20 steps so the whole suite fits its time limit;
+#: native bf16). CI runs the same recipe with 10 steps so the whole suite fits its time limit;
 #: `make demo` and scripts/bench_prune_distill.py run the full one.
-DISTILL_STEPS = 20
+DISTILL_STEPS = 10
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +58,14 @@ def test_default_recipe_end_to_end(default_run):
     assert 0.64 <= prune["parameter_fraction"] <= 0.67 and prune["parameters_before"] == load["parameters"]
     pruned_ppl = stages["evaluate_pruned"]["metrics"]["perplexity"]
     assert 2 * ppl < pruned_ppl < 10 * ppl, pruned_ppl
-    # ... and distillation from the unpruned model recovers much of it (20 steps here; the
+    # ... and distillation from the unpruned model recovers much of it (10 steps here; the
     # shipped 60 reach ~1.5x the float model's perplexity, README)
     distill = stages["distill"]["metrics"]
     assert distill["steps"] == DISTILL_STEPS and distill["stopped"] == "steps"
     distilled_ppl = stages["evaluate_distilled"]["metrics"]["perplexity"]
     assert distilled_ppl == pytest.approx(distill["perplexity_end"], rel=1e-6)
     assert distill["perplexity_start"] == pytest.approx(pruned_ppl, rel=0.02)  # step 0 runs under bf16 autocast
-    assert distilled_ppl < 0.5 * pruned_ppl and distilled_ppl < 2.5 * ppl, (ppl, pruned_ppl, distilled_ppl)
+    assert distilled_ppl < 0.75 * pruned_ppl and distilled_ppl < 3.5 * ppl, (ppl, pruned_ppl, distilled_ppl)
     assert distill["agreement_end"] > distill["agreement_start"] and distill["kl_end"] < distill["kl_start"]
     assert (out / stages["distill"]["dir"] / "distill_curve.png").is_file()
     # GPTQ W4 g64 (sym, act-order, 16x512 calibration tokens): within 15% of the distilled model
