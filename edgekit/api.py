@@ -219,4 +219,75 @@ def check_tensorrt(
     return report
 
 
-__all__ = ["EdgekitError", "validate_recipe", "show_recipe", "compress", "list_targets", "show_target", "list_stages", "plan", "build_engine", "check_tensorrt"]
+
+# --------------------------------------------------------------------------- runtime
+
+
+def run_prompt(
+    bundle: str | Path,
+    prompt: str,
+    *,
+    policy: str | None = None,
+    large: str | None = None,
+    backend: str | None = None,
+    max_new_tokens: int | None = None,
+    sampling: dict[str, Any] | None = None,
+    threads: int | None = None,
+    on_event: Any = None,
+) -> dict[str, Any]:
+    """Answer ``prompt`` with the bundle's runtime (its runtime.json; arguments override it for
+    this call). ``on_event(StreamEvent)`` receives "text" pieces, "reset" and "done" as they
+    happen. Returns the RouteResult as a dict (text, branch, fell_back, reason, ttft_s, ...)."""
+    from edgekit.runtime.bundle import open_router, resolve_config
+
+    config = resolve_config(Path(bundle), policy=policy, large=large, backend=backend, max_new_tokens=max_new_tokens,
+                            sampling=sampling)
+    router = open_router(Path(bundle), config, threads=threads)
+    result = None
+    for event in router.stream(prompt):
+        if on_event is not None:
+            on_event(event)
+        if event.kind == "done":
+            result = event.result
+    return result.to_dict()
+
+
+def calibrate_router(
+    bundle: str | Path,
+    *,
+    large_rate: float = 0.3,
+    policy: str | None = None,
+    large: str | None = None,
+    prompts: int = 64,
+    max_new_tokens: int | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Fit the router threshold so that ``large_rate`` of held-out prompts (the calibration half
+    of the built-in text's held-out split) reach the large branch; write it into the bundle's
+    runtime.json. ``policy`` defaults to the bundle's when it is input_complexity or cascade,
+    else cascade. Returns the calibration record (with the rate achieved on the evaluation half)."""
+    from edgekit.runtime.bundle import open_router, resolve_config, write_calibration
+    from edgekit.runtime.calibration import CALIBRATABLE, apply_calibration, calibrate, held_out_prompts
+
+    bundle = Path(bundle)
+    base = resolve_config(bundle, large=large)
+    chosen = policy or (base.policy if base.policy in CALIBRATABLE else "cascade")
+    config = resolve_config(bundle, policy=chosen, large=large, max_new_tokens=max_new_tokens)
+    router = open_router(bundle, config, threads=threads)
+    tokenizer = router.small.tokenizer
+    record = calibrate(router, held_out_prompts(tokenizer, prompts, split="calibration"), policy=chosen, large_rate=large_rate)
+    # The share that goes large on prompts the threshold was not fitted on (the evaluation
+    # half), from the small branch's scores alone: the large branch is never called here.
+    apply_calibration(router, record)
+    held_out = held_out_prompts(tokenizer, prompts, split="evaluation")
+    if chosen == "input_complexity":
+        large_calls = sum(router.prompt_score(p) > router.thresholds.complexity for p in held_out)
+    else:
+        large_calls = sum(router.confidence_score(p) < router.thresholds.confidence for p in held_out)
+    record["large_rate_held_out"] = large_calls / len(held_out)
+    record["n_prompts_held_out"] = len(held_out)
+    record["written"] = str(write_calibration(bundle, config, record))
+    return record
+
+
+__all__ = ["EdgekitError", "validate_recipe", "show_recipe", "compress", "list_targets", "show_target", "list_stages", "plan", "build_engine", "check_tensorrt", "run_prompt", "calibrate_router"]

@@ -355,6 +355,94 @@ def check_cmd(path: str, as_json: bool, **kw) -> None:
         sys.exit(1)
 
 
+
+@main.command("run")
+@click.argument("bundle", type=click.Path())
+@click.option("--prompt", "-p", required=True, help="The prompt (plain text; no chat template is applied).")
+@click.option("--policy", type=click.Choice(["small_only", "large_only", "input_complexity", "cascade", "speculative"]),
+              help="Routing policy (default: the bundle's runtime.json).")
+@click.option("--large", metavar="BUNDLE_OR_URL", help="The large branch: a bundle directory or an OpenAI-compatible endpoint.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), help="Local backend (default: the bundle's, auto).")
+@click.option("--max-new-tokens", type=int, help="Generation limit (default: the bundle's).")
+@click.option("--temperature", type=float, help="0 = greedy (default: the bundle's).")
+@click.option("--top-k", type=int)
+@click.option("--top-p", type=float)
+@click.option("--min-p", type=float)
+@click.option("--repetition-penalty", type=float)
+@click.option("--seed", type=int)
+@click.option("--stream", is_flag=True, help="Print the text as it is generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+def run_cmd(bundle: str, prompt: str, policy, large, backend, max_new_tokens, temperature, top_k, top_p, min_p,
+            repetition_penalty, seed, stream: bool, as_json: bool) -> None:
+    """Answer a prompt with the bundle: prints the text, which branch answered (and why),
+    tokens/s and time to first token."""
+    import json
+
+    from edgekit import api
+
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                "repetition_penalty": repetition_penalty, "seed": seed}
+
+    def on_event(event) -> None:
+        if not stream or as_json:
+            return
+        if event.kind == "text":
+            click.echo(event.text, nl=False)
+        elif event.kind == "reset":
+            click.echo(f"\n[{event.reason}; the answer restarts]", err=True)
+
+    result = api.run_prompt(bundle, prompt, policy=policy, large=large, backend=backend, max_new_tokens=max_new_tokens,
+                            sampling=sampling, on_event=on_event)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    if stream:
+        click.echo()
+    else:
+        click.echo(result["text"])
+    click.echo(_route_line(result), err=True)
+
+
+def _route_line(result: dict) -> str:
+    parts = [f"answered by {result['branch']} ({result['answered_by']})"]
+    n = len(result["tokens"])
+    if result.get("tokens_per_s"):
+        parts.append(f"{n} tokens, {result['tokens_per_s']:.1f} tok/s")
+    if result.get("ttft_s") is not None:
+        parts.append(f"TTFT {result['ttft_s'] * 1000:.0f} ms")
+    if result.get("acceptance_rate") is not None:
+        parts.append(f"draft acceptance {result['acceptance_rate']:.2f}")
+    policy = f"policy {result['policy']}"
+    parts.append(policy + (f": {result['reason']}" if result["reason"] and result["reason"] != policy else ""))
+    if result.get("fell_back"):
+        parts.append("FELL BACK")
+    return "[" + "; ".join(parts) + "]"
+
+
+@main.command("calibrate-router")
+@click.argument("bundle", type=click.Path())
+@click.option("--large-rate", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Share of requests that should reach the large branch.")
+@click.option("--policy", type=click.Choice(["input_complexity", "cascade"]), help="Default: the bundle's, else cascade.")
+@click.option("--large", metavar="BUNDLE_OR_URL", help="The large branch to record (default: the bundle's).")
+@click.option("--prompts", type=click.IntRange(4, 4096), default=64, show_default=True,
+              help="Held-out prompts to fit on (as many again check the rate).")
+@click.option("--max-new-tokens", type=int, help="cascade: tokens generated per prompt while scoring (default: the bundle's).")
+def calibrate_router_cmd(bundle: str, large_rate: float, policy, large, prompts: int, max_new_tokens) -> None:
+    """Pick the router threshold so that --large-rate of held-out prompts go to the large branch
+    (quantile calibration on the small branch's scores) and write it into the bundle's runtime.json."""
+    from edgekit import api
+
+    click.echo(f"scoring {2 * prompts} held-out prompts with the small branch (cascade generates each answer; minutes)", err=True)
+    record = api.calibrate_router(bundle, large_rate=large_rate, policy=policy, large=large, prompts=prompts,
+                                  max_new_tokens=max_new_tokens)
+    click.echo(
+        f"{record['policy']}: threshold {record['threshold']:.4g} sends {record['large_rate_achieved']:.1%} of "
+        f"{record['n_prompts']} calibration prompts and {record['large_rate_held_out']:.1%} of {record['n_prompts_held_out']} "
+        f"held-out prompts to the large branch (target {record['large_rate_target']:.0%}); written to {record['written']}"
+    )
+
+
 @main.command("stages")
 def stages_cmd() -> None:
     """List the stage types a recipe can use, with their parameters."""

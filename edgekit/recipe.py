@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -51,6 +51,63 @@ class Budgets(_Strict):
     memory_gb: float | None = Field(None, gt=0, description="peak memory of the runtime (GiB)")
 
 
+class SamplingConfig(_Strict):
+    """How the runtime picks each token (edgekit.runtime.fastpath; order: penalties ->
+    temperature -> top-k -> softmax -> top-p -> min-p)."""
+
+    temperature: float = Field(0.0, ge=0, le=1e6, description="0 = greedy")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = all)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus: the smallest set with this much probability")
+    min_p: float = Field(0.0, ge=0, le=1, description="drop tokens below min_p x the top probability")
+    repetition_penalty: float = Field(1.0, gt=0, le=1e6, description="CTRL-style, over the last penalty_last_n tokens")
+    frequency_penalty: float = Field(0.0, ge=-1e6, le=1e6, description="OpenAI-style, per occurrence")
+    presence_penalty: float = Field(0.0, ge=-1e6, le=1e6, description="OpenAI-style, once per seen token")
+    penalty_last_n: int = Field(64, ge=0, description="how many recent tokens the penalties look at")
+    seed: int = Field(0, ge=0, description="RNG seed (same seed, same tokens)")
+
+
+ROUTING_POLICIES = ("small_only", "large_only", "input_complexity", "cascade", "speculative")
+
+
+class RuntimeConfig(_Strict):
+    """How the bundle answers prompts (``edgekit run``): which branch, and when the large one."""
+
+    policy: Literal["small_only", "large_only", "input_complexity", "cascade", "speculative"] = Field(
+        "small_only", description="small_only | large_only | input_complexity | cascade | speculative")
+    large: str | None = Field(
+        None, description="the large branch: an OpenAI-compatible endpoint (http(s)://...) or a bundle directory "
+        "(relative to the bundle it is written into)")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="auto: the TensorRT engine when it is in the bundle and loads here, else ONNX Runtime")
+    max_new_tokens: int = Field(128, ge=1, description="default generation limit")
+    draft_tokens: int = Field(4, ge=1, le=32, description="speculative: tokens the small branch drafts per round")
+    timeout_s: float = Field(30.0, gt=0, description="a branch slower than this (per request) counts as failed")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    thresholds: dict[str, float | int | str] = Field(
+        default_factory=dict, description="router thresholds (complexity, length_weight, confidence, quantile, "
+        "min_tokens, check); edgekit calibrate-router fits them")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_ok(cls, value: dict) -> dict:
+        from edgekit.runtime.router import Thresholds
+
+        try:
+            Thresholds.of(dict(value))
+        except EdgekitError as exc:
+            raise ValueError(exc.what) from None
+        return value
+
+    @model_validator(mode="after")
+    def _large_when_needed(self):
+        if self.policy != "small_only" and not self.large:
+            raise ValueError(f"policy {self.policy} needs a large branch: set runtime.large to a bundle directory or an "
+                             "http(s):// endpoint")
+        if self.policy == "speculative" and self.large and self.large.startswith(("http://", "https://")):
+            raise ValueError("speculative decoding needs the large branch's logits: runtime.large must be a local bundle")
+        return self
+
+
 class StageSpec(_Strict):
     """One entry of ``stages``: ``type`` + an optional unique ``name`` + its parameters."""
 
@@ -76,6 +133,7 @@ class Recipe(_Strict):
     context_length: int = Field(2048, ge=16, description="longest prompt + generation the deployment serves")
     data: DataConfig = Field(default_factory=DataConfig)
     budgets: Budgets = Field(default_factory=Budgets)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: str | None = Field(None, description="run directory; default runs/<name> (relative to the current directory)")
     stages: list[StageSpec] = Field(min_length=1)
 

@@ -16,7 +16,7 @@ class BundleConfig(StageConfig):
 
 def run_bundle(ctx) -> dict:
     from edgekit import __version__
-    from edgekit.bundle.writer import BUNDLE_FORMAT, MANIFEST_NAME, bundle_files, collect_model_files, package_versions, write_tar
+    from edgekit.bundle.writer import BUNDLE_FORMAT, MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME, bundle_files, collect_model_files, package_versions, write_tar
     from edgekit.yamlio import dump_yaml
 
     recipe = ctx.recipe
@@ -26,6 +26,9 @@ def run_bundle(ctx) -> dict:
     collect_model_files(ctx.inputs[ONNX], bundle_dir)
     (bundle_dir / "recipe.yaml").write_text(dump_yaml(recipe.portable_dict()))
     (bundle_dir / "target.yaml").write_text(dump_yaml(ctx.target.model_dump(mode="json")))
+    # How the bundle answers prompts (edgekit run / calibrate-router read and update it).
+    runtime = {"format": RUNTIME_FORMAT, **recipe.runtime.model_dump(mode="json")}
+    (bundle_dir / RUNTIME_NAME).write_text(json.dumps(runtime, indent=2) + "\n")
     export = next((r for r in reversed(ctx.history) if r.produces == ONNX), None)
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -35,6 +38,7 @@ def run_bundle(ctx) -> dict:
         "target": ctx.target.name,
         "context_length": recipe.context_length,
         "budgets": recipe.budgets.model_dump(),
+        "runtime": RUNTIME_NAME,
         "onnx": {
             "file": "model.onnx",
             "external_data": "model.onnx_data",

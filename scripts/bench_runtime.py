@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""Runtime benchmark (issue #6) on the default models, CPU, side by side.
+
+Branches: small = the default bundle (SmolLM2-135M pruned to 2/3, distilled, GPTQ INT4,
+ONNX Runtime MatMulNBits: `recipes/smollm2_to_orin_nano.yaml`); large = SmolLM2-135M itself,
+float, ONNX Runtime (`recipes/smollm2_large_branch.yaml`). Both are built (or reused from the
+run cache) with `edgekit compress` first.
+
+(a) Fast path: one sampling step (top-k 50 + top-p 0.9 + repetition penalty, T 0.8) and the
+    confidence statistics, C extension vs NumPy reference, at vocabularies 32000 / 49152 /
+    151936, and the C step as a share of one decode step of the small bundle.
+    Goals: >= 3x faster than the reference; < 1 % of a decode step.
+(b) Decode tokens/s, greedy, 96 new tokens after held-out prompts: small-only, large-only and
+    speculative (small drafts, large verifies) for draft lengths 1..6, with the acceptance
+    rate and a token-for-token comparison with large-only. Goal: speculative >= 1.5x
+    large-only with identical output.
+(c) Routing curve on held-out prompts with their true continuations (teacher-forced): each
+    prompt is answered by the branch a router picks, and quality is the perplexity of the
+    answering branch on the continuation (and its top-1 agreement with the large branch),
+    against the share of prompts sent to the large branch, for `input_complexity` (the small
+    branch's prompt NLL), `cascade` (the low quantile of the small branch's own generation
+    confidence) and a random router (its expectation). Goal: at 30 % large calls, >= 90 % of
+    the large-only quality gain.
+
+Protocol: prompts come only from the evaluation half of the fixed held-out split (the last
+8192 tokens of the stdlib docs; see edgekit.runtime.calibration). Speeds are medians over
+prompts on this machine (2 CPU cores), measured one mode at a time.
+
+    python scripts/bench_runtime.py [--prompts 120] [--speed-prompts 4] [--skip-a] [--skip-b] [--skip-c]
+
+Writes results/bench_runtime.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "results"
+SMALL_RECIPE = REPO / "recipes" / "smollm2_to_orin_nano.yaml"
+LARGE_RECIPE = REPO / "recipes" / "smollm2_large_branch.yaml"
+
+
+def _bundle(recipe: Path) -> Path:
+    """Build (or reuse from the run cache) the recipe's run under runs/; its final bundle."""
+    from edgekit import api
+
+    manifest = api.compress(recipe)
+    run_dir = REPO / "runs" / api.validate_recipe(recipe).recipe.name
+    last = next(s for s in reversed(manifest["stages"]) if s["type"] in ("build_engine", "bundle"))
+    found = sorted((run_dir / last["dir"]).glob("*/manifest.json"))
+    if not found:
+        raise SystemExit(f"no bundle in {run_dir / last['dir']}")
+    return found[0].parent
+
+
+def _eval_windows(tokenizer, n: int, *, seed: int = 0, continuation: int = 64):
+    """(prompt ids, continuation ids) pairs from the evaluation half of the held-out split."""
+    import numpy as np
+
+    from edgekit.models.text import resolve_text_source, tokenize_splits
+
+    text = resolve_text_source("builtin:python-docs").read()
+    held = tokenize_splits(text, tokenizer, eval_tokens=8192, window=1).evaluation
+    region = held[len(held) // 2:]
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(32, 65, size=n)
+    span = len(region) - 64 - continuation
+    pairs = []
+    for i, length in enumerate(lengths):
+        start = round(i * span / max(1, n - 1))
+        pairs.append((list(region[start:start + int(length)]), list(region[start + int(length):start + int(length) + continuation])))
+    return pairs
+
+
+# --------------------------------------------------------------------------- (a)
+
+
+def bench_fastpath(small) -> dict:
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_fastpath
+
+    rows = []
+    for vocab in (32000, 49152, 151936):
+        rows += bench_fastpath.bench_vocab(vocab, repeats=200)
+    # one decode step of the small bundle (median over 48 steps)
+    session = small.session()
+    session.feed(small.tokenizer.encode("The for statement is used to iterate over the elements of a sequence"))
+    token, steps = 0, []
+    for _ in range(48):
+        start = time.perf_counter()
+        logits = session.feed([token])
+        steps.append(time.perf_counter() - start)
+        token = int(logits[-1].argmax())
+    session.close()
+    step_us = statistics.median(steps) * 1e6
+    sample_row = next(r for r in rows if r["vocab"] == small.vocab_size and r["what"].startswith("sample: top-k"))
+    return {"rows": rows, "decode_step_us": round(step_us, 1), "vocab": small.vocab_size,
+            "c_sampling_share_of_step": sample_row["c_us"] / step_us}
+
+
+# --------------------------------------------------------------------------- (b)
+
+
+def bench_speed(small, large, prompts: list[list[int]], new_tokens: int) -> dict:
+    from edgekit.runtime.router import Router
+
+    def run(policy: str, draft: int = 4) -> dict:
+        router = Router(small, large, policy, max_new_tokens=new_tokens, draft_tokens=draft)
+        router.generate(prompts[0][:8], max_new_tokens=4)  # warm-up: first calls allocate
+        results = [router.generate(p) for p in prompts]
+        out = {
+            "policy": policy,
+            "decode_tokens_per_s": statistics.median(r.tokens_per_s for r in results),
+            "ttft_ms": statistics.median(r.ttft_s * 1000 for r in results),
+            "tokens": [r.tokens for r in results],
+        }
+        if policy == "speculative":
+            out["draft_tokens"] = draft
+            out["acceptance_rate"] = statistics.mean(r.acceptance_rate for r in results)
+            out["tokens_per_large_call"] = statistics.mean(
+                len(r.tokens) / max(1, r.speculative["large_calls"] - 1) for r in results)
+        return out
+
+    rows = [run("small_only"), run("large_only")]
+    reference = rows[1]["tokens"]
+    for draft in range(1, 7):
+        row = run("speculative", draft)
+        row["identical_to_large_only"] = row["tokens"] == reference
+        rows.append(row)
+    large_rate = rows[1]["decode_tokens_per_s"]
+    for row in rows:
+        row["speedup_vs_large_only"] = row["decode_tokens_per_s"] / large_rate
+        row["new_tokens"] = statistics.mean(len(t) for t in row.pop("tokens"))
+    return {"rows": rows, "prompts": len(prompts), "max_new_tokens": new_tokens}
+
+
+# --------------------------------------------------------------------------- (c)
+
+
+def _teacher_forced(branch, prompt: list[int], cont: list[int]):
+    """(NLL per continuation token, argmax per continuation position, prompt mean NLL)."""
+    import numpy as np
+
+    session = branch.session()
+    logits = session.feed(prompt + cont).astype(np.float64)
+    session.close()
+    logp = logits - logits.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    n = len(prompt)
+    rows = logp[n - 1:n - 1 + len(cont)]
+    nll = -rows[np.arange(len(cont)), cont]
+    prompt_nll = float(-logp[np.arange(n - 1), prompt[1:]].mean()) if n > 1 else 0.0
+    return nll, rows.argmax(axis=1), prompt_nll
+
+
+def bench_routing(small, large, pairs, *, cascade_tokens: int) -> dict:
+    import numpy as np
+
+    from edgekit.runtime.router import Router
+
+    per = []
+    scorer = Router(small, None, "small_only", max_new_tokens=cascade_tokens)
+    for i, (prompt, cont) in enumerate(pairs):
+        s_nll, s_arg, s_prompt = _teacher_forced(small, prompt, cont)
+        l_nll, l_arg, _ = _teacher_forced(large, prompt, cont)
+        per.append({
+            "small_nll": float(s_nll.sum()), "large_nll": float(l_nll.sum()), "tokens": len(cont),
+            "small_agree": float((s_arg == l_arg).mean()),
+            "complexity": s_prompt,
+            "cascade": scorer.confidence_score(prompt),
+        })
+        if (i + 1) % 20 == 0:
+            print(f"  routing: {i + 1}/{len(pairs)} prompts scored", flush=True)
+    n_tok = sum(p["tokens"] for p in per)
+    small_ppl = math.exp(sum(p["small_nll"] for p in per) / n_tok)
+    large_ppl = math.exp(sum(p["large_nll"] for p in per) / n_tok)
+
+    def curve(order: list[int]) -> list[dict]:
+        points = []
+        for k in range(len(per) + 1):
+            chosen = set(order[:k])  # the k prompts the router sends large
+            nll = sum(p["large_nll"] if i in chosen else p["small_nll"] for i, p in enumerate(per))
+            agree = sum(p["tokens"] * (1.0 if i in chosen else p["small_agree"]) for i, p in enumerate(per)) / n_tok
+            points.append({"large_share": k / len(per), "perplexity": math.exp(nll / n_tok), "agreement": agree})
+        return points
+
+    by_complexity = sorted(range(len(per)), key=lambda i: -per[i]["complexity"])  # hardest first
+    by_cascade = sorted(range(len(per)), key=lambda i: per[i]["cascade"])  # least confident first
+    oracle = sorted(range(len(per)), key=lambda i: -(per[i]["small_nll"] - per[i]["large_nll"]))
+    random_curve = []
+    for k in range(len(per) + 1):
+        r = k / len(per)  # a random router's expectation: each prompt large with probability r
+        nll = sum((1 - r) * p["small_nll"] + r * p["large_nll"] for p in per)
+        agree = sum(p["tokens"] * ((1 - r) * p["small_agree"] + r) for p in per) / n_tok
+        random_curve.append({"large_share": r, "perplexity": math.exp(nll / n_tok), "agreement": agree})
+    curves = {"input_complexity": curve(by_complexity), "cascade": curve(by_cascade), "random": random_curve,
+              "oracle (not a router: knows the answer)": curve(oracle)}
+
+    def at(points, share=0.3):
+        point = min(points, key=lambda p: abs(p["large_share"] - share))
+        gain = (small_ppl - point["perplexity"]) / (small_ppl - large_ppl) if small_ppl != large_ppl else float("nan")
+        return {**point, "gain_fraction": gain}
+
+    return {"prompts": len(per), "continuation_tokens": per[0]["tokens"], "cascade_tokens": cascade_tokens,
+            "small_only_perplexity": small_ppl, "large_only_perplexity": large_ppl,
+            "at_30_percent": {name: at(points) for name, points in curves.items()}, "curves": curves,
+            "score_correlation_with_gain": {
+                name: float(np.corrcoef([p[key] for p in per], [p["small_nll"] - p["large_nll"] for p in per])[0, 1])
+                for name, key in (("input_complexity", "complexity"), ("cascade", "cascade"))}}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(data: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench_runtime.json").write_text(json.dumps(data, indent=2) + "\n")
+    lines = ["# Runtime benchmark (issue #6)", "",
+             f"{data['machine']}. Small: `{data['small']}`; large: `{data['large']}`. Generated by `scripts/bench_runtime.py`.", ""]
+    if "fastpath" in data:
+        fp = data["fastpath"]
+        lines += ["## (a) Fast path per decode step", "", "| vocab | step | C µs | NumPy reference µs | speedup |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {r['vocab']} | {r['what']} | {r['c_us']:.1f} | {r['reference_us']:.1f} | {r['speedup']:.1f}x |" for r in fp["rows"]]
+        lines += ["", f"One decode step of the small bundle: {fp['decode_step_us'] / 1000:.2f} ms; the C sampling step "
+                  f"(vocab {fp['vocab']}) is {fp['c_sampling_share_of_step']:.2%} of it (goal < 1 %).", ""]
+    if "speed" in data:
+        sp = data["speed"]
+        lines += ["## (b) Decode speed, greedy", "",
+                  f"{sp['prompts']} held-out prompts, up to {sp['max_new_tokens']} new tokens; medians.", "",
+                  "| mode | decode tok/s | TTFT ms | vs large-only | acceptance | tokens per large call | same tokens as large-only |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for r in sp["rows"]:
+            mode = r["policy"] + (f" (draft {r['draft_tokens']})" if "draft_tokens" in r else "")
+            lines.append(f"| {mode} | {r['decode_tokens_per_s']:.1f} | {r['ttft_ms']:.0f} | {r['speedup_vs_large_only']:.2f}x | "
+                         f"{r.get('acceptance_rate', float('nan')):.2f} | {r.get('tokens_per_large_call', float('nan')):.2f} | "
+                         f"{'yes' if r.get('identical_to_large_only', True) else 'NO'} |")
+        best = max((r for r in sp["rows"] if r["policy"] == "speculative"), key=lambda r: r["speedup_vs_large_only"])
+        lines += ["", f"Best speculative: draft {best['draft_tokens']}, {best['speedup_vs_large_only']:.2f}x large-only "
+                  f"(goal >= 1.5x).", ""]
+    if "routing" in data:
+        ro = data["routing"]
+        lines += ["## (c) Routing: quality vs share of large calls", "",
+                  f"{ro['prompts']} held-out prompts, {ro['continuation_tokens']}-token true continuations; small-only perplexity "
+                  f"{ro['small_only_perplexity']:.2f}, large-only {ro['large_only_perplexity']:.2f}.", "",
+                  "| router | perplexity at 30 % large | share of the large-only gain | top-1 agreement with large |", "|---|---:|---:|---:|"]
+        for name, point in ro["at_30_percent"].items():
+            lines.append(f"| {name} | {point['perplexity']:.2f} | {point['gain_fraction']:.0%} | {point['agreement']:.3f} |")
+        lines += ["", "Correlation of each score with the per-prompt gain (small NLL − large NLL): "
+                  + ", ".join(f"{k} {v:+.2f}" for k, v in ro["score_correlation_with_gain"].items()) + ". Goal: >= 90 % of the gain at 30 %.", ""]
+    (RESULTS / "bench_runtime.md").write_text("\n".join(lines))
+    _plot(data)
+
+
+def _plot(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [k for k in ("speed", "routing") if k in data]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        if key == "speed":
+            rows = data["speed"]["rows"]
+            labels = [r["policy"].replace("_only", "") + (f"\nk={r['draft_tokens']}" if "draft_tokens" in r else "") for r in rows]
+            ax.bar(labels, [r["decode_tokens_per_s"] for r in rows], color=["#4c72b0", "#dd8452"] + ["#55a868"] * (len(rows) - 2))
+            ax.set_ylabel("decode tokens/s (CPU, greedy)")
+            ax.set_title("speculative decoding vs each branch alone")
+        else:
+            ro = data["routing"]
+            for name, points in ro["curves"].items():
+                style = ":" if name.startswith("oracle") else ("--" if name == "random" else "-")
+                ax.plot([p["large_share"] for p in points], [p["perplexity"] for p in points], style, label=name)
+            ax.axvline(0.3, color="grey", lw=0.8)
+            ax.set_xlabel("share of prompts answered by the large branch")
+            ax.set_ylabel("held-out perplexity of the answer branch")
+            ax.set_title("routing curve")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bench_runtime.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=120, help="routing prompts")
+    parser.add_argument("--speed-prompts", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--cascade-tokens", type=int, default=32)
+    parser.add_argument("--skip-a", action="store_true")
+    parser.add_argument("--skip-b", action="store_true")
+    parser.add_argument("--skip-c", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
+    os.chdir(REPO)  # runs/ lands in the repository, where `edgekit compress` would put it
+
+    from edgekit.runtime.backends import OnnxRuntimeBranch
+
+    small_dir, large_dir = _bundle(SMALL_RECIPE), _bundle(LARGE_RECIPE)
+    small = OnnxRuntimeBranch(small_dir, name="small")
+    large = OnnxRuntimeBranch(large_dir, name="large")
+    path = RESULTS / "bench_runtime.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(machine=f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+                small=str(small_dir.relative_to(REPO)), large=str(large_dir.relative_to(REPO)))
+    pairs = _eval_windows(small.tokenizer, max(args.prompts, args.speed_prompts))
+    if not args.skip_a:
+        print("(a) fast path", flush=True)
+        data["fastpath"] = bench_fastpath(small)
+    if not args.skip_b:
+        print("(b) decode speed", flush=True)
+        step = max(1, len(pairs) // args.speed_prompts)
+        data["speed"] = bench_speed(small, large, [pairs[i * step][0] for i in range(args.speed_prompts)], args.new_tokens)
+    if not args.skip_c:
+        print("(c) routing curve", flush=True)
+        data["routing"] = bench_routing(small, large, pairs[:args.prompts], cascade_tokens=args.cascade_tokens)
+    write_report(data)
+    print((RESULTS / "bench_runtime.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
