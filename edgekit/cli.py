@@ -413,7 +413,10 @@ def _route_line(result: dict) -> str:
     if result.get("acceptance_rate") is not None:
         parts.append(f"draft acceptance {result['acceptance_rate']:.2f}")
     policy = f"policy {result['policy']}"
-    parts.append(policy + (f": {result['reason']}" if result["reason"] and result["reason"] != policy else ""))
+    reason = result["reason"] or ""
+    if reason.startswith(policy):  # the router's reason may open with the policy itself
+        reason = reason[len(policy):].lstrip(";: ")
+    parts.append(policy + (f": {reason}" if reason else ""))
     if result.get("fell_back"):
         parts.append("FELL BACK")
     return "[" + "; ".join(parts) + "]"
@@ -433,7 +436,8 @@ def calibrate_router_cmd(bundle: str, large_rate: float, policy, large, prompts:
     (quantile calibration on the small branch's scores) and write it into the bundle's runtime.json."""
     from edgekit import api
 
-    click.echo(f"scoring {2 * prompts} held-out prompts with the small branch (cascade generates each answer; minutes)", err=True)
+    how = "one prefill each" if policy == "input_complexity" else "it generates each answer when the policy is cascade; minutes"
+    click.echo(f"scoring {2 * prompts} held-out prompts with the small branch ({how})", err=True)
     record = api.calibrate_router(bundle, large_rate=large_rate, policy=policy, large=large, prompts=prompts,
                                   max_new_tokens=max_new_tokens)
     click.echo(

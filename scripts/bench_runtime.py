@@ -273,7 +273,7 @@ def _plot(data: dict) -> None:
     for ax, key in zip(axes[0], panels):
         if key == "speed":
             rows = data["speed"]["rows"]
-            labels = [r["policy"].replace("_only", "") + (f"\nk={r['draft_tokens']}" if "draft_tokens" in r else "") for r in rows]
+            labels = [f"spec.\nk={r['draft_tokens']}" if "draft_tokens" in r else r["policy"].replace("_only", "") for r in rows]
             ax.bar(labels, [r["decode_tokens_per_s"] for r in rows], color=["#4c72b0", "#dd8452"] + ["#55a868"] * (len(rows) - 2))
             ax.set_ylabel("decode tokens/s (CPU, greedy)")
             ax.set_title("speculative decoding vs each branch alone")
