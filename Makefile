@@ -33,6 +33,8 @@ test-fast: install
 bench: install
 	$(BIN)/python scripts/bench_quantize.py
 	$(BIN)/python scripts/bench_prune_distill.py   # ~45 min: two 15-minute distillations
+	$(BIN)/python scripts/bench_fastpath.py
+	$(BIN)/python scripts/bench_runtime.py        # ~10 min after the default and large-branch runs
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache
