@@ -33,6 +33,10 @@ def test_shipped_recipes_validate():
     types = [s.type for s in flagship.recipe.stages]
     assert types.index("prune") < types.index("distill") < types.index("quantize") < types.index("export_onnx")
     assert types[-1] == "build_engine" and not flagship.warnings
+    # every shipped recipe validates (the runtime's large branch and the draft experiment too)
+    for path in sorted((REPO / "recipes").glob("*.yaml")):
+        loaded = load_recipe(path)
+        assert not loaded.warnings, (path.name, loaded.warnings)
 
 
 def test_cli_validate_and_show():
