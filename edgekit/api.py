@@ -175,12 +175,11 @@ def build_engine(
             raise EngineError("the ONNX Runtime TensorRT backend runs on a bundle", where=str(path),
                               how="pass the bundle directory (it holds manifest.json)")
         from edgekit.engine.ort_providers import warm_engine_cache
+        from edgekit.engine.prepare import record_engine
 
         settings = settings_for(bundle_dir, target_obj, options, manifest=manifest, context_length=context_length)
         summary = warm_engine_cache(bundle_dir, settings, echo=echo)
-        from edgekit.engine.prepare import _update_manifest
-
-        _update_manifest(bundle_dir, manifest, f"ort-{target_obj.name}", summary)
+        record_engine(bundle_dir, manifest, f"ort-{target_obj.name}", summary)
     else:
         raise EngineError(f"unknown backend {backend!r}", where="--backend", how="use tensorrt or ort-tensorrt")
     summary["bundle"] = str(bundle_dir)

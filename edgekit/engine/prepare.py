@@ -154,7 +154,7 @@ def prepare_engine(
         summary.update(status="planned", reason=reason, build_on_device=f"./{BUILD_SCRIPT} {target.name}")
     summary["notes"] = list(settings.notes)
     if manifest is not None:
-        _update_manifest(bundle_dir, manifest, target.name, summary)
+        record_engine(bundle_dir, manifest, target.name, summary)
     return summary
 
 
@@ -163,7 +163,7 @@ def _write_script(path: Path, text: str) -> None:
     os.chmod(path, 0o755)
 
 
-def _update_manifest(bundle_dir: Path, manifest: dict[str, Any], target: str, summary: dict[str, Any]) -> None:
+def record_engine(bundle_dir: Path, manifest: dict[str, Any], target: str, summary: dict[str, Any]) -> None:
     """The manifest always describes the bundle as it is: its engines and every file's sha256."""
     from edgekit.bundle.writer import bundle_files
 
