@@ -24,8 +24,8 @@ demo: install
 	$(BIN)/edgekit compress recipes/smollm2_to_orin_nano.yaml
 
 test: install
-	# the C fast path must have been built: its tests fail instead of skipping without it
-	EDGEKIT_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -q -ra tests
+	# the C fast path must have been built and sshd installed (.ci/run): their tests fail instead of skipping
+	EDGEKIT_REQUIRE_FASTPATH=1 EDGEKIT_REQUIRE_SSHD=1 $(BIN)/python -m pytest -q -ra tests
 
 test-fast: install
 	EDGEKIT_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -q -ra -m "not slow" tests
