@@ -210,6 +210,30 @@ def test_confidence_values(name):
 
 
 @needs_c
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 33, 1000])
+def test_confidence_top_two_anywhere(n):
+    """The C kernel scans 16 logits at a time and the tail one by one: the top two, a tie for
+    the top, and a bad value must be found at every position, in the body or the tail."""
+    rng = np.random.default_rng(n)
+    for top in sorted({0, n // 2, n - 1, max(n - 16, 0)}):
+        for second in sorted({0, n - 1, (top + 1) % n, (top + 17) % n} - ({top} if n > 1 else set())):
+            logits = rng.uniform(-4, 0, n).astype(np.float32)
+            logits[top] = 5.0
+            if n > 1:
+                logits[second] = 4.0
+            got, want = C.confidence(logits), R.confidence(logits)
+            assert np.allclose(tuple(got), tuple(want), rtol=0, atol=1e-12), (top, second)
+            if n > 1:
+                logits[second] = 5.0  # a tie for the top: margin 0
+                assert C.confidence(logits).margin == 0.0
+        for bad in (np.nan, np.inf):
+            logits = np.zeros(n, np.float32)
+            logits[top] = bad
+            with pytest.raises(ValueError, match=rf"logits\[{top}\] is "):
+                C.confidence(logits)
+
+
+@needs_c
 @pytest.mark.parametrize("vocab", [5, 50, 1000])
 def test_speculative_parity(vocab):
     rng = np.random.default_rng(vocab + 1)
@@ -533,3 +557,37 @@ def test_fallback_warns_once(monkeypatch):
 def test_runtime_import_is_light():
     code = "import sys, edgekit.runtime; heavy = [m for m in ('numpy', 'torch') if m in sys.modules]; assert not heavy, heavy"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- portable kernels
+
+
+@needs_c
+def test_portable_build_matches_the_reference(tmp_path):
+    """Jetson (aarch64) runs the portable kernels, not the AVX2 ones picked here: build the
+    module again with dispatch off and check it against the reference too."""
+    import importlib.util
+    import shutil
+    import sysconfig
+
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    source = os.path.join(os.path.dirname(edgekit.runtime.__file__), "_fastpath.c")
+    built = tmp_path / ("_fastpath" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(["gcc", "-O3", "-std=c11", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared", "-DEK_NO_DISPATCH",
+                    f"-I{sysconfig.get_paths()['include']}", source, "-o", str(built)], check=True)
+    spec = importlib.util.spec_from_file_location("_fastpath", built)
+    portable = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(portable)
+    assert portable.KERNEL == "baseline"
+    rng = np.random.default_rng(5)
+    for vocab in (17, 1000, 49152):
+        history = [int(t) for t in rng.integers(0, vocab, 32)]
+        for params in (dict(temperature=0.0), dict(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1),
+                       dict(temperature=1.0, min_p=0.05)):
+            c, r = portable.Sampler(vocab, seed=4, **params), R.Sampler(vocab, seed=4, **params)
+            for _ in range(5):
+                logits = (rng.standard_normal(vocab) * 2.5).astype(np.float32)
+                assert c.sample(logits, history) == r.sample(logits, history), (vocab, params)
+        logits = (rng.standard_normal(vocab) * 2.5).astype(np.float32)
+        assert np.allclose(tuple(portable.confidence(logits)), tuple(R.confidence(logits)), rtol=0, atol=1e-12)
