@@ -125,7 +125,7 @@ def _engine_inputs(path: str | Path) -> tuple[Path, str | None, dict[str, Any] |
         return path.parent, path.name, None
     if path.is_file() and path.name.endswith((".tar", ".tar.gz")):
         raise EngineError("a bundle archive, not a bundle directory", where=str(path),
-                          how=f"extract it first (tar -xf {path.name}) and pass the directory")
+                          how=f"unpack it first (edgekit unpack {path.name}: it refuses unsafe members and checks every sha256) and pass the directory")
     raise EngineError("no bundle directory or .onnx file here", where=str(path),
                       how="pass a bundle directory written by `edgekit compress` (runs/<name>/stages/NN-build_engine/<name>) "
                       "or an exported .onnx file")
@@ -165,6 +165,7 @@ def build_engine(
     from edgekit.errors import EngineError
 
     bundle_dir, onnx_rel, manifest = _engine_inputs(path)
+    _require_trusted_bundle(bundle_dir, manifest)  # a device with trusted keys builds only from signed, unmodified bundles
     target_obj = _engine_target(target, manifest, Path(path))
     options = options or BuildOptions()
     if backend == "tensorrt":
@@ -200,6 +201,7 @@ def check_tensorrt(
     from edgekit.engine.settings import BuildOptions
 
     bundle_dir, onnx_rel, manifest = _engine_inputs(path)
+    _require_trusted_bundle(bundle_dir, manifest)  # a device with trusted keys checks only signed, unmodified bundles
     target_obj = _engine_target(target, manifest, Path(path))
     options = options or BuildOptions()
     variants = ((manifest or {}).get("onnx") or {}).get("variants") or {}
@@ -269,6 +271,7 @@ def calibrate_router(
     from edgekit.runtime.calibration import CALIBRATABLE, apply_calibration, calibrate, held_out_prompts
 
     bundle = Path(bundle)
+    _refuse_if_signed(bundle, "calibrate-router rewrites its runtime.json")  # calibrate before signing, not after
     base = resolve_config(bundle, large=large)
     chosen = policy or (base.policy if base.policy in CALIBRATABLE else "cascade")
     config = resolve_config(bundle, policy=chosen, large=large, max_new_tokens=max_new_tokens)
@@ -290,3 +293,213 @@ def calibrate_router(
 
 
 __all__ = ["EdgekitError", "validate_recipe", "show_recipe", "compress", "list_targets", "show_target", "list_stages", "plan", "build_engine", "check_tensorrt", "run_prompt", "calibrate_router"]
+
+
+# --------------------------------------------------------------------------- signed bundles
+
+
+def keygen(out: str | Path, *, public: str | Path | None = None, force: bool = False) -> dict[str, str]:
+    """A new Ed25519 signing key: ``out`` (private, PKCS#8 PEM, mode 0600) and ``out.pub``
+    (or ``public``; one OpenSSH line). Returns ``{"key_id", "private", "public"}``."""
+    from edgekit.bundle.signing import generate_keypair
+
+    return generate_keypair(out, public, force=force)
+
+
+def sign_bundle(bundle: str | Path, key: str | Path) -> dict[str, Any]:
+    """Sign a bundle directory with the private key file ``key`` (writes ``signature.json``;
+    rewrites ``<bundle>.tar`` beside it when there is one). See :mod:`edgekit.bundle.signing`."""
+    from edgekit.bundle.signing import sign_bundle as _sign
+
+    return _sign(bundle, key)
+
+
+def verify_bundle(bundle: str | Path, *, keys: list[str | Path] | None = None) -> dict[str, Any]:
+    """Verify a bundle's signature and files under ``keys`` (public key files or directories),
+    else under this machine's trusted keys. Raises SignatureError naming what failed, or
+    EdgekitError when there is nothing to verify against. Returns the VerifyReport as a dict."""
+    from edgekit.bundle.signing import trusted_keys, verify_bundle as _verify
+
+    return _verify(bundle, list(keys) if keys else trusted_keys()).to_dict()
+
+
+def unpack_bundle(archive: str | Path, dest: str | Path | None = None) -> dict[str, Any]:
+    """Extract a bundle .tar safely into ``dest`` (default: the current directory), check every
+    file against the manifest's sha256 table and, where trusted keys are configured, the
+    signature, before the bundle appears at ``dest/<name>``. Returns what was checked."""
+    from edgekit.bundle.archive import safe_extract, verify_manifest_files
+    from edgekit.bundle.signing import require_trusted
+
+    checked: dict[str, Any] = {}
+
+    def check(bundle_dir: Path) -> None:
+        checked["files"], checked["bytes"] = verify_manifest_files(bundle_dir)
+        report = require_trusted(bundle_dir)
+        checked["signature"] = report.to_dict() if report else None
+
+    final = safe_extract(archive, Path(dest) if dest is not None else Path.cwd(), check=check)
+    if checked.get("signature"):
+        checked["signature"]["bundle"] = str(final)
+    return {"bundle": str(final), **checked}
+
+
+def _require_trusted_bundle(bundle_dir: Path, manifest: dict[str, Any] | None) -> None:
+    """The engine commands' signature hook: a bundle (not a bare .onnx) must verify under this
+    machine's trusted keys, when it has any, before it is checked or built."""
+    if manifest is not None:
+        from edgekit.bundle.signing import require_trusted
+
+        require_trusted(bundle_dir)
+
+
+def _refuse_if_signed(bundle_dir: Path, change: str) -> None:
+    """The hook of commands that rewrite a bundle's signed files: refuse a signed bundle rather
+    than silently invalidate its signature."""
+    from edgekit.bundle.signing import refuse_if_signed
+
+    refuse_if_signed(bundle_dir, change)
+
+
+__all__ += ["keygen", "sign_bundle", "verify_bundle", "unpack_bundle"]
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def serve(
+    bundle: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    policy: str | None = None,
+    large: str | None = None,
+    backend: str | None = None,
+    api_key: str | None = None,
+    auth_metrics: bool = False,
+    max_concurrency: int = 1,
+    max_queue: int = 16,
+    max_tokens_limit: int = 512,
+    max_prompt_tokens: int | None = None,
+    max_body_bytes: int = 1 << 20,
+    request_timeout_s: float = 300.0,
+    grace_period_s: float = 30.0,
+    branch_timeout_s: float | None = None,
+    threads: int | None = None,
+    access_log: bool = True,
+    on_ready: Any = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Serve the bundle over HTTP (OpenAI-compatible /v1/completions and /v1/chat/completions,
+    /v1/models, /healthz, Prometheus /metrics) until SIGINT/SIGTERM, then drain for up to
+    ``grace_period_s``. ``on_ready(server)`` is called once the branches are loaded
+    (``server.url``). The routing options (and ``branch_timeout_s``, the runtime's
+    ``timeout_s``) override the bundle's runtime.json as in :func:`run_prompt`. Returns ``{"url", "drained", "in_flight_at_signal", "unfinished"}``.
+    See docs/serve.md."""
+    from edgekit.runtime.bundle import resolve_config
+    from edgekit.serve.server import ServeOptions, serve as _serve
+
+    options = ServeOptions(
+        host=host, port=port, api_key=api_key, auth_metrics=auth_metrics, max_concurrency=max_concurrency, max_queue=max_queue,
+        max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+        request_timeout_s=request_timeout_s, grace_period_s=grace_period_s, access_log=access_log,
+    )
+    options.validate()
+    config = resolve_config(Path(bundle), policy=policy, large=large, backend=backend, timeout_s=branch_timeout_s)
+    return _serve(bundle, options, config=config, threads=threads, on_ready=on_ready, log=log)
+
+
+__all__ += ["serve"]
+
+
+# --------------------------------------------------------------------------- on-device validation
+
+
+def validate_bundle(
+    bundle: str | Path,
+    *,
+    backend: str = "auto",
+    prompts: str | Path | None = None,
+    concurrency: int = 1,
+    requests: int | None = None,
+    warmup: int = 2,
+    max_new_tokens: int = 64,
+    threads: int | None = None,
+    output_dir: str | Path | None = None,
+    budgets: dict[str, float | None] | None = None,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Measure the bundle on this machine (TTFT, per-token latency p50/p90/p99, tokens/s, peak
+    memory; power and temperature from tegrastats on a Jetson) at ``concurrency`` streams,
+    check it against the manifest's budgets (``budgets`` replaces or adds
+    ``latency_p99_ms`` / ``ttft_p99_ms`` / ``memory_gb``), put ``edgekit plan``'s predictions
+    next to the measurements, and write ``validate.json`` + ``validate.html`` into
+    ``output_dir`` (default ``./validate-<bundle name>``). Returns the report
+    (``edgekit.validate/1``); ``report["passed"]`` is False when a budget is breached. See
+    docs/validate.md."""
+    from edgekit.evaluate.validate import validate_bundle as _validate
+
+    return _validate(bundle, backend=backend, prompts=prompts, concurrency=concurrency, requests=requests, warmup=warmup,
+                     max_new_tokens=max_new_tokens, threads=threads, output_dir=output_dir, budgets=budgets, quiet=quiet)
+
+
+__all__ += ["validate_bundle"]
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def deploy(
+    bundle: str | Path,
+    *,
+    hosts: list[str] | tuple[str, ...] = (),
+    hosts_file: str | Path | None = None,
+    port: int | None = None,
+    identity: str | None = None,
+    known_hosts: str | None = None,
+    remote_root: str = "~/edgekit",
+    python: str = "python3",
+    build_engine: bool = False,
+    validate: bool = False,
+    validate_args: list[str] | tuple[str, ...] = (),
+    runtime: str | Path | None = None,
+    reinstall_runtime: bool = False,
+    keep: int = 3,
+    jobs: int = 4,
+    reports_dir: str | Path = "deploy-reports",
+    connect_timeout: int = 10,
+    bwlimit: int | None = None,
+    rsync_path: str | None = None,
+    rollback: bool = False,
+    console: Any = None,
+    cache_dir: str | Path | None = None,
+) -> list[dict[str, Any]]:
+    """Deploy a bundle over SSH to every host (``hosts``: ``[user@]host[:port]``; ``hosts_file``:
+    a fleet), in parallel, ``jobs`` at a time; or, with ``rollback``, point each device's
+    ``current`` back at its previous version (``bundle`` may then be just the bundle's name).
+    Bad input raises DeployError; a device's failure is its record's ``error`` (the others go
+    on). Returns one record per host (see edgekit.deploy.deploy.HostResult). ``console``: a
+    rich Console for progress (None: silent). See docs/deploy.md."""
+    from edgekit.deploy.deploy import DeployOptions
+    from edgekit.deploy.fleet import resolve_hosts, run_fleet
+    from edgekit.deploy.ssh import require_tools
+    from edgekit.errors import DeployError
+    from edgekit.pipeline.runner import default_cache_dir
+
+    if keep < 2:
+        raise DeployError(f"--keep {keep} would delete the previous version", where="--keep", how="keep at least 2 versions")
+    for name, value in (("--identity", identity), ("--known-hosts", known_hosts)):
+        if value and not Path(value).expanduser().is_file():
+            raise DeployError(f"{name} file not found", where=str(value), how="check the path")
+    options = DeployOptions(remote_root=remote_root, python=python, port=port, identity=identity, known_hosts=known_hosts,
+                            connect_timeout=connect_timeout, build_engine=build_engine, validate=validate,
+                            validate_args=tuple(validate_args), reinstall_runtime=reinstall_runtime, keep=keep,
+                            reports_dir=Path(reports_dir), bwlimit=bwlimit, rsync_path=rsync_path)
+    specs = resolve_hosts(list(hosts), str(hosts_file) if hosts_file else None, options)
+    require_tools()
+    results = run_fleet(bundle, specs, options, runtime=str(runtime) if runtime else None,
+                        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), jobs=jobs, rollback=rollback,
+                        console=console)
+    return [r.to_dict() for r in results]
+
+
+__all__ += ["deploy"]

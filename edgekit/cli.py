@@ -447,6 +447,294 @@ def calibrate_router_cmd(bundle: str, large_rate: float, policy, large, prompts:
     )
 
 
+@main.command("keygen")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Private key file (PKCS#8 PEM, mode 0600); the public key is written to FILE.pub.")
+@click.option("--public", type=click.Path(dir_okay=False), metavar="FILE", help="Public key file (default: FILE.pub).")
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+def keygen_cmd(out: str, public: str | None, force: bool) -> None:
+    """Create an Ed25519 key pair for signing bundles (edgekit sign); devices trust the public key."""
+    from edgekit import api
+
+    record = api.keygen(out, public=public, force=force)
+    click.echo(f"key id {record['key_id']}")
+    click.echo(f"  private key: {record['private']} (mode 0600: keep it secret, e.g. as a CI secret)")
+    click.echo(f"  public key:  {record['public']} (copy it to each device's ~/.config/edgekit/trusted_keys/ "
+               "or /etc/edgekit/trusted_keys/)")
+
+
+@main.command("sign")
+@click.argument("bundle", type=click.Path())
+@click.option("--key", "-k", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Private key (edgekit keygen, or an unencrypted OpenSSH ed25519 key).")
+def sign_cmd(bundle: str, key: str) -> None:
+    """Sign a bundle: writes BUNDLE/signature.json over every file's sha256 and the manifest
+    (and rewrites BUNDLE.tar beside it, when there is one, to include the signature)."""
+    from edgekit import api
+
+    record = api.sign_bundle(bundle, key)
+    click.echo(f"signed {record['files']} files ({record['bytes'] / 1e6:.1f} MB) of {record['bundle']} with key "
+               f"{record['key_id']}: {record['signature']}")
+    if record["unsigned"]:
+        click.echo(f"  not covered: {len(record['unsigned'])} device-built file(s) under engine/ or build_engine.sh "
+                   "(rebuilt on each device; see docs/signing.md)")
+    if record["tar"]:
+        click.echo(f"  rewrote {record['tar']} (it now carries signature.json)")
+
+
+@main.command("verify")
+@click.argument("bundle", type=click.Path())
+@click.option("--key", "-k", "keys", multiple=True, type=click.Path(), metavar="PUBFILE",
+              help="Public key file or directory of *.pub (repeatable; default: this machine's trusted keys).")
+def verify_cmd(bundle: str, keys: tuple[str, ...]) -> None:
+    """Check a bundle's signature and every signed file (streamed sha256). Exit 0 when it
+    verifies, 1 when it is unsigned, modified or signed by another key, 2 on bad input."""
+    from edgekit import api
+    from edgekit.errors import SignatureError
+
+    try:
+        report = api.verify_bundle(bundle, keys=list(keys) or None)
+    except SignatureError as exc:
+        click.echo(f"error: {exc.one_line()}", err=True)
+        sys.exit(1)
+    click.echo(f"verified: {report['files']} files ({report['bytes'] / 1e6:.1f} MB), signed by {report['key_id']} "
+               f"({report['key_source']}) at {report['signed_at']}")
+    if report["device_files"]:
+        click.echo(f"  not covered: {len(report['device_files'])} device-built file(s) under engine/ or build_engine.sh")
+
+
+@main.command("unpack")
+@click.argument("archive", metavar="BUNDLE.tar", type=click.Path(dir_okay=False))
+@click.argument("dest", required=False, type=click.Path(file_okay=False))
+def unpack_cmd(archive: str, dest: str | None) -> None:
+    """Extract a bundle archive safely into DEST (default: here): refuses absolute paths, '..',
+    links and special files, checks every file's sha256 against the manifest (and the
+    signature when trusted keys are configured) before the bundle appears."""
+    from edgekit import api
+
+    record = api.unpack_bundle(archive, dest)
+    signature = record["signature"]
+    checked = f"signed by {signature['key_id']}" if signature else "signature not checked: no trusted keys configured here"
+    click.echo(f"unpacked {record['bundle']}: {record['files']} files ({record['bytes'] / 1e6:.1f} MB) match manifest.json; "
+               f"{checked}")
+
+
+@main.command("serve")
+@click.argument("bundle", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port; 0 picks a free one (printed).")
+@click.option("--policy", type=click.Choice(["small_only", "large_only", "input_complexity", "cascade", "speculative"]),
+              help="Routing policy (default: the bundle's runtime.json).")
+@click.option("--large", metavar="BUNDLE_OR_URL", help="The large branch: a bundle directory or an OpenAI-compatible endpoint.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), help="Local backend (default: the bundle's, auto).")
+@click.option("--api-key", envvar="EDGEKIT_API_KEY", show_envvar=True, metavar="TOKEN",
+              help="Require 'Authorization: Bearer TOKEN' on /v1/*.")
+@click.option("--auth-metrics", is_flag=True, help="Require the key on /healthz and /metrics too.")
+@click.option("--max-concurrency", type=int, default=1, show_default=True, help="Generations at once.")
+@click.option("--max-queue", type=int, default=16, show_default=True, help="Requests waiting for a slot; beyond: 429.")
+@click.option("--max-tokens-limit", type=int, default=512, show_default=True, help="Largest max_tokens a request may ask for.")
+@click.option("--max-prompt-tokens", type=int, help="Longest prompt in tokens (default: the context length - 1).")
+@click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body; beyond: 413.")
+@click.option("--request-timeout", type=float, default=300.0, show_default=True, help="Seconds per request, queue wait included.")
+@click.option("--grace-period", type=float, default=30.0, show_default=True,
+              help="On SIGINT/SIGTERM: seconds admitted requests may still take.")
+@click.option("--branch-timeout", type=float, metavar="S",
+              help="A branch slower than this per request counts as failed (default: the bundle's timeout_s).")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads per branch (default: one per core).")
+@click.option("--quiet", "-q", is_flag=True, help="No access log on stderr.")
+def serve_cmd(bundle: str, host: str, port: int, policy, large, backend, api_key, auth_metrics: bool, max_concurrency: int,
+              max_queue: int, max_tokens_limit: int, max_prompt_tokens, max_body_bytes: int, request_timeout: float,
+              grace_period: float, branch_timeout, threads, quiet: bool) -> None:
+    """Serve the bundle over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions
+    (streaming), /v1/models, /healthz and Prometheus /metrics, through the bundle's router.
+    Prints one line with the URL once the model is loaded. See docs/serve.md."""
+    from edgekit import api
+    from edgekit.serve.server import ServeOptions
+
+    if ServeOptions(host=host, api_key=api_key).exposed_without_key:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model. "
+                   "Set --api-key (or EDGEKIT_API_KEY), or listen on 127.0.0.1 behind a reverse proxy.", err=True)
+
+    def ready(server) -> None:
+        large_branch = server.branches.get("large")
+        branches = f"small: {server.branches['small']['backend']}" + (
+            f", large: {large_branch.get('url') or large_branch['backend']}" if large_branch else "")
+        click.echo(f"edgekit serve: listening on {server.url} (model {server.model_name}, policy {server.policy}, {branches}; "
+                   f"{max_concurrency} concurrent, queue {max_queue})")
+
+    summary = api.serve(
+        bundle, host=host, port=port, policy=policy, large=large, backend=backend, api_key=api_key, auth_metrics=auth_metrics,
+        max_concurrency=max_concurrency, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
+        max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
+        grace_period_s=grace_period, branch_timeout_s=branch_timeout, threads=threads, access_log=not quiet, on_ready=ready,
+    )
+    if summary["drained"]:
+        click.echo(f"edgekit serve: stopped ({summary['in_flight_at_signal']} request(s) were in flight or queued; all finished)",
+                   err=True)
+    else:
+        click.echo(f"edgekit serve: stopped with {summary['unfinished']} request(s) unfinished after the grace period", err=True)
+        sys.exit(1)
+
+
+@main.command("validate")
+@click.argument("bundle", type=click.Path())
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: the TensorRT engine when it is built here and loads, else ONNX Runtime.")
+@click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
+              help='One prompt per line, or JSON Lines {"prompt": ...} (default: 16 x 128 held-out tokens).')
+@click.option("--concurrency", type=int, default=1, show_default=True, metavar="N", help="Streams generating at once.")
+@click.option("--requests", type=int, metavar="N", help="Measured requests (default: 16, or one per prompt of --prompts).")
+@click.option("--warmup", type=int, default=2, show_default=True, metavar="N", help="Unmeasured requests first.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, metavar="N",
+              help="Tokens generated per request (end-of-sequence is ignored).")
+@click.option("--threads", type=int, metavar="N", help="ONNX Runtime intra-op threads (default: ONNX Runtime's).")
+@click.option("--output", "-o", type=click.Path(file_okay=False), metavar="DIR",
+              help="Report directory (default: ./validate-<bundle name>; never inside the bundle).")
+@click.option("--budget-latency-ms", type=float, metavar="X",
+              help="Per-token p99 budget in ms (replaces the manifest's latency_p99_ms).")
+@click.option("--budget-ttft-ms", type=float, metavar="X", help="Time-to-first-token p99 budget (replaces ttft_p99_ms).")
+@click.option("--budget-memory-gb", type=float, metavar="X", help="Peak memory budget in GiB (replaces memory_gb).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def validate_cmd(bundle: str, backend: str, prompts: str | None, concurrency: int, requests: int | None, warmup: int,
+                 max_new_tokens: int, threads: int | None, output: str | None, budget_latency_ms: float | None,
+                 budget_ttft_ms: float | None, budget_memory_gb: float | None, as_json: bool, quiet: bool) -> None:
+    """Measure the bundle on this machine (TTFT, per-token latency p50/p90/p99, tokens/s, peak
+    memory; power on a Jetson) against its budgets; write validate.json + validate.html.
+    Exit 0 when every budget is met, 1 when one is breached, 2 on bad input."""
+    import json
+
+    from edgekit import api
+
+    report = api.validate_bundle(
+        bundle, backend=backend, prompts=prompts, concurrency=concurrency, requests=requests, warmup=warmup,
+        max_new_tokens=max_new_tokens, threads=threads, output_dir=output, quiet=quiet or as_json,
+        budgets={"latency_p99_ms": budget_latency_ms, "ttft_p99_ms": budget_ttft_ms, "memory_gb": budget_memory_gb},
+    )
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_validation(report)
+    if not report["passed"]:
+        sys.exit(1)
+
+
+def _print_validation(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    bundle, settings, latency, budgets = report["bundle"], report["settings"], report["latency"], report["budgets"]
+    table = Table(title=f"{bundle['name']} (target {bundle['target']}), {settings['backend']}, {settings['requests']} "
+                        f"requests × {settings['max_new_tokens']} tokens, concurrency {settings['concurrency']}")
+    for column in ("measure", "p50", "p90", "p99", "budget", "verdict"):
+        table.add_column(column)
+
+    def verdict_of(check: dict | None) -> str:
+        return "" if check is None else ("[green]meets[/green]" if check["meets"] else "[bold red]BREACHED[/bold red]")
+
+    for label, stats, key in (("TTFT ms", latency["ttft_ms"], "ttft_p99_ms"),
+                              ("per-token latency (TPOT) ms", latency["tpot_ms"], "latency_p99_ms"),
+                              ("decode tokens/s per stream", latency["decode_tokens_per_s_per_stream"], None)):
+        stats, check = stats or {}, budgets.get(key) if key else None
+        cells = [f"{stats[k]:.4g}" if stats.get(k) is not None else "—" for k in ("p50", "p90", "p99")]
+        table.add_row(label, *cells, f"{check['budget']:g}" if check else "—", verdict_of(check))
+    memory, check = report["memory"], budgets.get("memory_gb")
+    table.add_row("peak memory GiB", "", "", f"{memory['measured_gb']:.3g} (peak)", f"{check['budget']:g}" if check else "—",
+                  verdict_of(check))
+    console.print(table)
+    console.print(f"aggregate {latency['aggregate_tokens_per_s']:.4g} tokens/s over {settings['concurrency']} stream(s); "
+                  f"memory = {memory['measured_is']}")
+    predicted = report["predicted"]
+    for entry in predicted.get("targets", []) if predicted.get("available") else []:
+        if entry.get("supported"):
+            decode, ttft = entry["comparison"][0], entry["comparison"][1]
+            console.print(f"predicted for {entry['target']}: {decode['predicted']:.3g} ms/token, TTFT {ttft['predicted']:.3g} ms "
+                          f"(measured here: {decode['measured']:.3g} ms/token, TTFT {ttft['measured']:.3g} ms)")
+    power = report["power"]
+    if power.get("available") and power.get("input_power_w"):
+        watts = power["input_power_w"]
+        console.print(f"power ({power['input_rail']}): mean {watts['mean']:.3g} W, max {watts['max']:.3g} W")
+    for note in (None if report["host"]["is_target"] else report["host"]["note"], settings.get("backend_note")):
+        if note:
+            console.print(f"[bold yellow]note:[/bold yellow] {note}", highlight=False)
+    if not budgets:
+        console.print("no budgets set (none in the manifest, none given)")
+    elif report["passed"]:
+        console.print("[green]all budgets met[/green]")
+    else:
+        console.print("[bold red]BUDGET BREACHED: " + ", ".join(report["breached"]) + "[/bold red]")
+    click.echo(f"report: {report['report']['json']} {report['report']['html']}")  # unwrapped: scripts read the paths
+
+
+@main.command("deploy")
+@click.argument("bundle", metavar="BUNDLE", type=click.Path())
+@click.option("--host", "hosts", multiple=True, metavar="[USER@]HOST[:PORT]", help="A device (repeatable).")
+@click.option("--hosts", "hosts_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="A fleet: one [USER@]HOST[:PORT] per line, optional identity=/python=/root= fields, # comments.")
+@click.option("--port", type=click.IntRange(1, 65535), help="SSH port for hosts that do not name one (default: ssh's, 22).")
+@click.option("--identity", "-i", metavar="FILE", help="SSH private key (default: ssh's own choice).")
+@click.option("--known-hosts", metavar="FILE", help="known_hosts file to check host keys against (default: ~/.ssh/known_hosts).")
+@click.option("--remote-root", default="~/edgekit", show_default=True, help="Where edgekit keeps bundles and its runtime on the device.")
+@click.option("--python", "remote_python", default="python3", show_default=True, help="Python interpreter on the device (3.10+).")
+@click.option("--build-engine", is_flag=True, help="Run build-engine on the device before the version goes live.")
+@click.option("--validate", is_flag=True, help="Run edgekit validate on the device after the deploy and fetch its report.")
+@click.option("--concurrency", type=click.IntRange(1), help="validate: concurrent streams.")
+@click.option("--requests", type=click.IntRange(1), help="validate: measured requests.")
+@click.option("--max-new-tokens", type=click.IntRange(1), help="validate: tokens generated per request.")
+@click.option("--runtime", metavar="FILE", help="A prebuilt edgekit sdist to install (default: built from this checkout).")
+@click.option("--reinstall-runtime", is_flag=True, help="Install the runtime even if the device has this version.")
+@click.option("--keep", type=click.IntRange(2), default=3, show_default=True, help="Versions kept on the device (current and previous always).")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=4, show_default=True, help="Devices deployed to in parallel.")
+@click.option("--reports", "reports_dir", default="deploy-reports", show_default=True, metavar="DIR",
+              help="Where validate reports are fetched to (DIR/<host>/<bundle>/<version>/).")
+@click.option("--connect-timeout", type=click.IntRange(1), default=10, show_default=True, metavar="S")
+@click.option("--rsync-path", metavar="PROGRAM", help="The rsync program on the device, when it is not on its PATH.")
+@click.option("--rollback", is_flag=True, help="Point current back at the previous version (BUNDLE may be just the bundle's name).")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-host records as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--bwlimit", type=click.IntRange(1), envvar="EDGEKIT_DEPLOY_BWLIMIT", hidden=True,
+              help="rsync --bwlimit in KiB/s (tests; a slow link).")
+def deploy_cmd(bundle: str, hosts: tuple[str, ...], hosts_file: str | None, port: int | None, identity: str | None,
+               known_hosts: str | None, remote_root: str, remote_python: str, build_engine: bool, validate: bool,
+               concurrency: int | None, requests: int | None, max_new_tokens: int | None, runtime: str | None,
+               reinstall_runtime: bool, keep: int, jobs: int, reports_dir: str, connect_timeout: int, rsync_path: str | None,
+               rollback: bool, as_json: bool, quiet: bool, bwlimit: int | None) -> None:
+    """Deploy a bundle to devices over SSH: resumable upload (rsync), sha256 of every file checked
+    on the device, the edgekit runtime installed there (C fast path compiled there), optional
+    build-engine and validate on the device, a versioned directory and an atomic `current` link.
+    Host keys are always checked. Exit 1 when a host failed (or, with --validate, breached a
+    budget); the other hosts go on. See docs/deploy.md."""
+    import json
+
+    from rich.console import Console
+
+    from edgekit import api
+
+    validate_args: list[str] = []
+    for flag, value in (("--concurrency", concurrency), ("--requests", requests), ("--max-new-tokens", max_new_tokens)):
+        if value is not None:
+            if not validate:
+                raise EdgekitError(f"{flag} is an option of --validate", where=flag, how="add --validate or drop it")
+            validate_args += [flag, str(value)]
+    records = api.deploy(
+        bundle, hosts=hosts, hosts_file=hosts_file, port=port, identity=identity, known_hosts=known_hosts, remote_root=remote_root,
+        python=remote_python, build_engine=build_engine, validate=validate, validate_args=validate_args, runtime=runtime,
+        reinstall_runtime=reinstall_runtime, keep=keep, jobs=jobs, reports_dir=reports_dir, connect_timeout=connect_timeout,
+        bwlimit=bwlimit, rsync_path=rsync_path, rollback=rollback, console=None if quiet else Console(stderr=True),
+    )
+    from edgekit.deploy.deploy import HostResult
+    from edgekit.deploy.fleet import exit_code, result_table
+
+    results = [HostResult(**record) for record in records]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+    else:
+        console = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=160)
+        console.print(result_table(results))
+    sys.exit(exit_code(results))
+
+
 @main.command("stages")
 def stages_cmd() -> None:
     """List the stage types a recipe can use, with their parameters."""

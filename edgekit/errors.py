@@ -63,3 +63,11 @@ class OutputError(EdgekitError):
 
 class EngineError(EdgekitError):
     """A TensorRT engine cannot be planned, built or loaded as asked."""
+
+
+class SignatureError(EdgekitError):
+    """A bundle is unsigned, modified since signing, or signed by a key this device does not trust."""
+
+
+class DeployError(EdgekitError):
+    """A deploy cannot start (bad host list, bundle, option) or a device refused or failed a step."""

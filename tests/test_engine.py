@@ -394,7 +394,7 @@ def test_cli_build_engine_and_check(engine_run, tmp_path):
     assert report["passed"] and report["errors"] == 0 and report["target"] == "jetson-orin-nano-8gb"
     for args, says in (
         ((str(tmp_path / "nothing"), "--target", "workstation-rtx4090"), "no bundle directory or .onnx file here"),
-        ((str(stage_dir / "tiny.tar"),), "extract it first"),
+        ((str(stage_dir / "tiny.tar"),), "unpack it first (edgekit unpack tiny.tar"),
         ((str(bundle), "--target", "jetson-orin-nano-8gb", "--hardware-compatibility", "ampere_plus"), "not available on Jetson"),
         ((str(bundle), "--target", "nonesuch"), "nonesuch"),
         # without onnxruntime-gpu: a clear refusal, never a silent CPU run

@@ -112,6 +112,15 @@ def test_default_recipe_end_to_end(default_run):
     assert (final / "build_engine.sh").stat().st_mode & 0o111
 
 
+def test_validate_on_the_default_bundle(default_run, tmp_path):
+    """`edgekit validate` on the default bundle, the way a device runs it (tests/test_validate.py)."""
+    from test_validate import check_default_bundle_validates
+
+    out, manifest = default_run
+    stages = {s["name"]: s for s in manifest["stages"]}
+    check_default_bundle_validates(out / stages["bundle"]["dir"] / "smollm2-to-orin-nano", tmp_path / "report")
+
+
 def test_rerun_is_fully_cached(default_run, default_recipe):
     out, manifest = default_run
     result = run_cli("compress", str(default_recipe), "--output", str(out))

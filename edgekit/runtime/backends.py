@@ -33,6 +33,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgekit.bundle.signing import require_trusted
 from edgekit.errors import EdgekitError, EngineError
 
 if TYPE_CHECKING:
@@ -198,6 +199,7 @@ class _BundleBranch:
     def __init__(self, bundle_dir: str | Path, *, name: str, context_length: int | None):
         self.bundle_dir = Path(bundle_dir)
         self.name = name
+        require_trusted(self.bundle_dir)  # a machine with trusted keys loads only signed, unmodified bundles
         self.manifest = _read_manifest(self.bundle_dir)
         bundle_context = int(self.manifest.get("context_length") or 2048)
         # A cap below the bundle's context (memory on a small device, or tests); never above:
