@@ -551,14 +551,26 @@ def ort_supports_matmulnbits(bits: int) -> bool:
         return False
 
 
-def _matmulnbits_inputs(
-    g: _Graph, init: str, qw: Any, taken: set[str], new_inits: list[Any]
-) -> tuple[list[str], dict[str, int], str]:
-    """B / scales / zero_points initializers and attributes for one weight."""
-    import numpy as np
-    from onnx import TensorProto
+class MatMulNBitsWeight(NamedTuple):
+    """One weight in ``com.microsoft.MatMulNBits`` form (raw bytes, ready for initializers)."""
 
-    data_type, fdt = _float_type(g, init)
+    b: tuple[list[int], bytes]  # packed codes, uint8 [N, k_blocks, blob_size]
+    scales: tuple[list[int], bytes]  # float [N * k_blocks], in the graph's float type
+    zero_points: tuple[list[int], bytes] | None  # packed uint8, or None for the default zero point
+    attrs: dict[str, int]  # K, N, bits, block_size
+    form: str  # e.g. '4-bit, block 64, default zero point 8'
+
+
+def matmulnbits_weight(qw: Any, float_dtype: Any = None) -> MatMulNBitsWeight:
+    """Pack a :class:`~edgekit.quantize.grid.QuantizedWeight` (contiguous groups) for MatMulNBits.
+
+    Codes of up to 4 bits use the 4-bit container and 5..8 bits the 8-bit one; a group size
+    that is not a power of two becomes several power-of-two blocks with repeated scale and
+    zero point (exact). The zero points are omitted when every one equals the container's
+    default (``2**(bits-1)``). ``float_dtype`` (numpy) is the type of the scales (float32)."""
+    import numpy as np
+
+    fdt = np.dtype(float_dtype or np.float32)
     container = 4 if qw.bits <= 4 else 8
     if qw.bits > 8:
         raise StageError(f"MatMulNBits has no {qw.bits}-bit form", how="quantize to 4 or 8 bits")
@@ -574,18 +586,13 @@ def _matmulnbits_inputs(
     q = _to_numpy(qw.qweight).astype(np.uint8)  # [N, K]
     n, k = q.shape
     n_blocks = k // block
-    base = f"{init}_Q{qw.bits}"
-    b_name = _unique(g, base, taken)
     blob = block * container // 8
     raw = _pack_nibbles(q) if container == 4 else q.tobytes()  # K % block == 0: rows pack independently
     del q
-    new_inits.append(_tensor(b_name, TensorProto.UINT8, [n, n_blocks, blob], raw))
     scales = np.repeat(_to_numpy(qw.scales).astype(np.float32), repeat, axis=1).astype(fdt)  # [N, n_blocks]
-    s_name = _unique(g, f"{base}_scales", taken)
-    new_inits.append(_tensor(s_name, data_type, [n * n_blocks], np.ascontiguousarray(scales).tobytes()))
-    inputs = ["", b_name, s_name]
     default_zero = 1 << (container - 1)
     form = f"{container}-bit, block {block}"
+    zero_points = None
     if not _zeros_equal(qw, default_zero):
         z = np.repeat(_to_numpy(qw.zeros).astype(np.uint8), repeat, axis=1)  # [N, n_blocks]
         if container == 4:  # per row, two blocks per byte (low nibble first), rows padded to a byte
@@ -595,14 +602,34 @@ def _matmulnbits_inputs(
             zlen = n * ((n_blocks + 1) // 2)
         else:
             zraw, zlen = z.tobytes(), n * n_blocks
-        z_name = _unique(g, f"{base}_zero_points", taken)
-        new_inits.append(_tensor(z_name, TensorProto.UINT8, [zlen], zraw))
-        inputs.append(z_name)
+        zero_points = ([zlen], zraw)
         form += ", zero points"
     else:
         form += f", default zero point {default_zero}"
     attrs = {"K": k, "N": n, "bits": container, "block_size": block}
-    return inputs, attrs, form
+    return MatMulNBitsWeight(([n, n_blocks, blob], raw), ([n * n_blocks], np.ascontiguousarray(scales).tobytes()),
+                             zero_points, attrs, form)
+
+
+def _matmulnbits_inputs(
+    g: _Graph, init: str, qw: Any, taken: set[str], new_inits: list[Any]
+) -> tuple[list[str], dict[str, int], str]:
+    """B / scales / zero_points initializers and attributes for one weight."""
+    from onnx import TensorProto
+
+    data_type, fdt = _float_type(g, init)
+    packed = matmulnbits_weight(qw, fdt)
+    base = f"{init}_Q{qw.bits}"
+    b_name = _unique(g, base, taken)
+    new_inits.append(_tensor(b_name, TensorProto.UINT8, *packed.b))
+    s_name = _unique(g, f"{base}_scales", taken)
+    new_inits.append(_tensor(s_name, data_type, *packed.scales))
+    inputs = ["", b_name, s_name]
+    if packed.zero_points is not None:
+        z_name = _unique(g, f"{base}_zero_points", taken)
+        new_inits.append(_tensor(z_name, TensorProto.UINT8, *packed.zero_points))
+        inputs.append(z_name)
+    return inputs, dict(packed.attrs), packed.form
 
 
 def to_matmulnbits(

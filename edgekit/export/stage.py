@@ -12,13 +12,20 @@ The primary variant (onnxruntime when asked for, else tensorrt) is ``model.onnx`
 other lives in ``<format>/model.onnx``; ``export.json`` lists them. Every variant is run in
 ONNX Runtime (CPU) against the PyTorch model with the same quantized weights, and its max
 abs diff per output is recorded; over tolerance fails the stage.
+
+``onnxruntime_graph: fused`` (opt-in, Llama family) replaces the ONNX Runtime graph by one
+written directly with ONNX Runtime's fused operators (:mod:`edgekit.export.ort_fused`:
+GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization), same inputs and outputs,
+same parity check. A float model then gets an ``onnxruntime`` variant
+(``onnxruntime/model.onnx``) next to the traced ``float`` graph, which stays primary (TensorRT
+reads it). See docs/export_fused.md.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgekit.pipeline.registry import CHECKPOINT, ONNX, StageConfig, register_stage
 
@@ -41,6 +48,24 @@ class ExportOnnxConfig(StageConfig):
         0, description="MatMulNBits compute type on CPU: 0 = float32 (exact); 4 = int8 activations (faster, "
         "less exact: the parity check and the following evaluate measure the cost)"
     )
+    onnxruntime_graph: Literal["optimum", "fused"] = Field(
+        "optimum", description="the ONNX Runtime graph: optimum's traced export, or 'fused': written with ONNX Runtime's "
+        "fused operators (GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization; Llama family; "
+        "docs/export_fused.md)"
+    )
+    fused_lm_head_bits: Literal[4, 8] | None = Field(
+        None, description="fused graph only: lm_head as MatMulNBits of this many bits (round-to-nearest, symmetric) instead "
+        "of float32; parity is checked against the model with that lm_head, and the next evaluate measures the cost"
+    )
+    fused_lm_head_group_size: Literal[16, 32, 64, 128] = Field(32, description="group size of fused_lm_head_bits")
+
+    @model_validator(mode="after")
+    def _fused_options(self):
+        if self.fused_lm_head_bits is not None and self.onnxruntime_graph != "fused":
+            raise ValueError("fused_lm_head_bits needs onnxruntime_graph: fused")
+        if self.onnxruntime_graph == "fused" and self.format == "tensorrt":
+            raise ValueError("onnxruntime_graph: fused writes the ONNX Runtime graph; use format onnxruntime or both")
+        return self
 
 
 def run_export_onnx(ctx) -> dict:
@@ -58,47 +83,73 @@ def run_export_onnx(ctx) -> dict:
     method = _quant_method(checkpoint)
     model, tokenizer = load_checkpoint(checkpoint, dtype="float32", trust_remote_code=trust)
     record: dict = {"quantization": method, "variants": {}, "parity": {}}
+    fused = config.onnxruntime_graph == "fused"
+    references: dict = {}  # variant -> the parity reference when it is not `model` itself
+    if fused:
+        record["onnxruntime_graph"] = "fused"
+        if method not in (None, "gptq"):
+            from edgekit.errors import StageError
+
+            raise StageError(
+                f"onnxruntime_graph: fused reads float or GPTQ/RTN-quantized checkpoints, not {method}",
+                where=f"stage {ctx.name}", how="use onnxruntime_graph: optimum for this checkpoint",
+            )
     if method is None:
         with ctx.progress(None, "optimum-onnx export (text-generation-with-past)"):
             export_decoder(checkpoint, ctx.output_dir, opset=config.opset, trust_remote_code=trust)
         record["variants"]["float"] = MODEL_FILE
         record["primary"] = "float"
         tolerances = {"float": config.parity_tolerance}
+        if fused:  # the traced float graph stays primary (TensorRT reads it); ONNX Runtime gets its own
+            target_dir = ctx.output_dir / "onnxruntime"
+            target_dir.mkdir(exist_ok=True)
+            record.setdefault("rewrites", {})["onnxruntime"] = _build_fused(ctx, config, model, target_dir, references)
+            record["variants"]["onnxruntime"] = f"onnxruntime/{MODEL_FILE}"
+            tolerances["onnxruntime"] = config.parity_tolerance
     else:
         formats = ["onnxruntime", "tensorrt"] if config.format == "both" else [config.format]
-        weights = _quantized_weights(model, method)
-        if method == "fp8" and any(w["input_scale"] is None for w in weights.values()):
-            from edgekit.errors import StageError
+        traced = [fmt for fmt in formats if not (fused and fmt == "onnxruntime")]
+        staging = float_dir = None
+        if traced:
+            weights = _quantized_weights(model, method)
+            if method == "fp8" and any(w["input_scale"] is None for w in weights.values()):
+                from edgekit.errors import StageError
 
-            raise StageError(
-                "fp8 with dynamic (per-token) activation scales has no standard ONNX Q/DQ form",
-                where=f"stage {ctx.name}",
-                how="quantize with fp8_activations: static for an ONNX/TensorRT export (dynamic stays a PyTorch evaluation)",
-            )
-        float_dir, staging = ctx.output_dir / ".float-checkpoint", ctx.output_dir / ".float-onnx"
-        _write_float_twin(model, tokenizer, float_dir)  # turns `model` into the float twin...
-        # ...so reload the quantized model as the parity reference: for FP8 with static
-        # activation scales it quantizes activations, as the exported graph does.
-        model, tokenizer = load_checkpoint(checkpoint, dtype="float32", trust_remote_code=trust)
-        with ctx.progress(None, "optimum-onnx export of the dequantized twin"):
-            export_decoder(float_dir, staging, opset=config.opset, trust_remote_code=trust)
+                raise StageError(
+                    "fp8 with dynamic (per-token) activation scales has no standard ONNX Q/DQ form",
+                    where=f"stage {ctx.name}",
+                    how="quantize with fp8_activations: static for an ONNX/TensorRT export (dynamic stays a PyTorch evaluation)",
+                )
+            float_dir, staging = ctx.output_dir / ".float-checkpoint", ctx.output_dir / ".float-onnx"
+            _write_float_twin(model, tokenizer, float_dir)  # turns `model` into the float twin...
+            # ...so reload the quantized model as the parity reference: for FP8 with static
+            # activation scales it quantizes activations, as the exported graph does.
+            model, tokenizer = load_checkpoint(checkpoint, dtype="float32", trust_remote_code=trust)
+            with ctx.progress(None, "optimum-onnx export of the dequantized twin"):
+                export_decoder(float_dir, staging, opset=config.opset, trust_remote_code=trust)
         for index, fmt in enumerate(formats):
             target_dir = ctx.output_dir if index == 0 else ctx.output_dir / fmt
             target_dir.mkdir(exist_ok=True)
-            with ctx.progress(None, f"{fmt} graph ({method})"):
-                report = _rewrite(fmt, method, staging / MODEL_FILE, target_dir / MODEL_FILE, weights, config.accuracy_level)
+            if fmt in traced:
+                with ctx.progress(None, f"{fmt} graph ({method})"):
+                    report = _rewrite(fmt, method, staging / MODEL_FILE, target_dir / MODEL_FILE, weights, config.accuracy_level)
+            else:
+                report = _build_fused(ctx, config, model, target_dir, references)
             record["variants"][fmt] = (target_dir / MODEL_FILE).relative_to(ctx.output_dir).as_posix()
             record.setdefault("rewrites", {})[fmt] = report
         record["primary"] = formats[0]
-        for path in sorted(staging.iterdir()):  # tokenizer + configs next to the primary graph
-            if path.is_file() and not path.name.startswith("model.onnx"):
-                shutil.move(str(path), ctx.output_dir / path.name)
-        shutil.rmtree(staging)
-        shutil.rmtree(float_dir)
+        if staging is not None:
+            for path in sorted(staging.iterdir()):  # tokenizer + configs next to the primary graph
+                if path.is_file() and not path.name.startswith("model.onnx"):
+                    shutil.move(str(path), ctx.output_dir / path.name)
+            shutil.rmtree(staging)
+            shutil.rmtree(float_dir)
+        else:  # no traced graph: the configs and tokenizer optimum would have written
+            _write_side_files(model, tokenizer, ctx.output_dir)
         tolerances = {fmt: config.quantized_parity_tolerance for fmt in formats}
         # transformers would refuse the quantization_config without its GPTQ backends; the
         # ONNX graphs carry the quantization, so configs next to them describe the float twin.
-    metrics = _check_variants(ctx, model, tokenizer, record, tolerances, prompts)
+    metrics = _check_variants(ctx, model, tokenizer, record, tolerances, prompts, references)
     (ctx.output_dir / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     info = describe(ctx.output_dir / MODEL_FILE)
     metrics.update({
@@ -161,6 +212,34 @@ def _write_float_twin(model, tokenizer, out_dir) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def _build_fused(ctx, config, model, target_dir, references: dict) -> dict:
+    """The fused ONNX Runtime graph of ``model`` into ``target_dir``; with a quantized lm_head
+    its parity reference (``model`` with that lm_head) goes into ``references``."""
+    from edgekit.export.ort_fused import build_fused_decoder, lm_head_reference
+
+    with ctx.progress(None, "fused ONNX Runtime graph (GroupQueryAttention, MatMulNBits)"):
+        report = build_fused_decoder(
+            model, target_dir, lm_head_bits=config.fused_lm_head_bits, lm_head_group_size=config.fused_lm_head_group_size,
+            accuracy_level=config.accuracy_level,
+        )
+    if config.fused_lm_head_bits is not None:
+        references["onnxruntime"] = lm_head_reference(model, config.fused_lm_head_bits, config.fused_lm_head_group_size)
+    return report
+
+
+def _write_side_files(model, tokenizer, out_dir) -> None:
+    """config.json (without quantization_config, as for the float twin), generation_config.json
+    and the tokenizer files, as optimum writes them next to a graph."""
+    import json
+
+    config = json.loads(model.config.to_json_string(use_diff=True))
+    config.pop("quantization_config", None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
 def _rewrite(fmt: str, method: str, src, dst, weights, accuracy_level: int) -> dict:
     from edgekit.export import quantized
 
@@ -171,7 +250,10 @@ def _rewrite(fmt: str, method: str, src, dst, weights, accuracy_level: int) -> d
     return quantized.to_blockwise_dq(src, dst, weights, opset=21)
 
 
-def _check_variants(ctx, model, tokenizer, record, tolerances, prompts) -> dict:
+def _check_variants(ctx, model, tokenizer, record, tolerances, prompts, references: dict | None = None) -> dict:
+    """``references``: variant -> a context manager that makes ``model`` that variant's
+    reference for the duration of its check (the fused graph's quantized lm_head)."""
+    import contextlib
     import json
 
     from edgekit.errors import ParityError
@@ -180,7 +262,8 @@ def _check_variants(ctx, model, tokenizer, record, tolerances, prompts) -> dict:
     metrics: dict = {}
     for fmt, rel in record["variants"].items():
         with ctx.progress(None, f"parity of the {fmt} graph vs PyTorch on {len(prompts)} prompts"):
-            parity = check_parity(model, tokenizer, ctx.output_dir / rel, prompts=prompts)
+            with (references or {}).get(fmt) or contextlib.nullcontext():
+                parity = check_parity(model, tokenizer, ctx.output_dir / rel, prompts=prompts)
         parity["tolerance"] = tolerances[fmt]
         record["parity"][fmt] = {k: parity[k] for k in ("logits_max_abs_diff", "present_max_abs_diff", "greedy_agreement", "tolerance")}
         name = "parity.json" if fmt == record["primary"] else f"parity-{fmt}.json"
