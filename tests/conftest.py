@@ -115,6 +115,19 @@ def tiny_recipe(tmp_path, tiny_model_dir) -> Path:
     return write_recipe(tmp_path / "tiny.yaml", tiny_model_dir, output=tmp_path / "run")
 
 
+
+BUNDLE_STAGES = "stages:\n  - type: load\n  - type: export_onnx\n  - type: bundle\n"
+
+
+def compress_tiny_bundle(tmp: Path, model: str | Path, *, extra: str = "") -> Path:
+    """The smallest real bundle (load -> export_onnx -> bundle of ``model``, no evaluation), built
+    under ``tmp``; returns the bundle directory. ``extra`` goes into the recipe (e.g. runtime:)."""
+    from edgekit import api
+
+    recipe = write_recipe(tmp / "tiny.yaml", model, stages=BUNDLE_STAGES, output=tmp / "run", extra=extra)
+    manifest = api.compress(recipe, quiet=True)
+    return tmp / "run" / manifest["stages"][-1]["dir"] / "tiny"
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess (exit codes and stderr as a user sees them)."""
     full_env = dict(os.environ, **(env or {}))

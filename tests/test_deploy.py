@@ -24,13 +24,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_recipe
+from conftest import compress_tiny_bundle, run_cli
 
 from edgekit.errors import DeployError
 
 SSHD = "/usr/sbin/sshd"
 REQUIRE = os.environ.get("EDGEKIT_REQUIRE_SSHD") == "1"
-STAGES = "stages:\n  - type: load\n  - type: export_onnx\n  - type: bundle\n"
 PAD_BYTES = 64 * 2**20
 
 
@@ -120,12 +119,7 @@ def device(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_model_dir) -> Path:
-    from edgekit import api
-
-    tmp = tmp_path_factory.mktemp("deploy-bundle")
-    recipe = write_recipe(tmp / "tiny.yaml", tiny_model_dir, stages=STAGES, output=tmp / "run")
-    manifest = api.compress(recipe, quiet=True)
-    return tmp / "run" / manifest["stages"][-1]["dir"] / "tiny"
+    return compress_tiny_bundle(tmp_path_factory.mktemp("deploy-bundle"), tiny_model_dir)
 
 
 def variant(base: Path, dest: Path, name: str, extra: dict[str, bytes] | None = None) -> Path:

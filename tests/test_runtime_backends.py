@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_recipe
+from conftest import compress_tiny_bundle
 
 from edgekit.errors import EdgekitError, EngineError
 from edgekit.runtime.backends import (
@@ -35,24 +35,13 @@ from edgekit.runtime.backends import (
     load_branch,
 )
 
-STAGES = """\
-stages:
-  - type: load
-  - type: export_onnx
-  - type: bundle
-"""
 TEXT = "The interpreter reads a module, compiles each function to bytecode and runs it in a loop."
 ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_model_dir) -> Path:
-    from edgekit import api
-
-    tmp = tmp_path_factory.mktemp("backends")
-    recipe = write_recipe(tmp / "tiny.yaml", tiny_model_dir, stages=STAGES, output=tmp / "run")
-    manifest = api.compress(recipe, quiet=True)
-    return tmp / "run" / manifest["stages"][-1]["dir"] / "tiny"
+    return compress_tiny_bundle(tmp_path_factory.mktemp("backends"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

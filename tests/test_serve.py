@@ -28,14 +28,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import write_recipe
+from conftest import compress_tiny_bundle
 
-STAGES = """\
-stages:
-  - type: load
-  - type: export_onnx
-  - type: bundle
-"""
 PROMPT = "The for statement is used to iterate over"
 TEMPLATE = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}[assistant]{% endif %}")
@@ -43,13 +37,7 @@ TEMPLATE = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_model_dir) -> Path:
-    from edgekit import api
-
-    tmp = tmp_path_factory.mktemp("serve")
-    recipe = write_recipe(tmp / "tiny.yaml", tiny_model_dir, stages=STAGES, output=tmp / "run",
-                          extra="runtime:\n  max_new_tokens: 24\n")
-    manifest = api.compress(recipe, quiet=True)
-    return tmp / "run" / manifest["stages"][-1]["dir"] / "tiny"
+    return compress_tiny_bundle(tmp_path_factory.mktemp("serve"), tiny_model_dir, extra="runtime:\n  max_new_tokens: 24\n")
 
 
 @pytest.fixture(scope="module")

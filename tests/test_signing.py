@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import run_cli, write_recipe
+from conftest import compress_tiny_bundle, run_cli
 
 from edgekit import api
 from edgekit.bundle import signing
@@ -37,20 +37,10 @@ from edgekit.cli import main
 from edgekit.errors import EdgekitError, OutputError, SignatureError
 from edgekit.hashing import file_table
 
-STAGES = """\
-stages:
-  - type: load
-  - type: export_onnx
-  - type: bundle
-"""
-
 
 @pytest.fixture(scope="module")
 def source_bundle(tmp_path_factory, tiny_model_dir) -> Path:
-    tmp = tmp_path_factory.mktemp("signing")
-    recipe = write_recipe(tmp / "tiny.yaml", tiny_model_dir, stages=STAGES, output=tmp / "run")
-    manifest = api.compress(recipe, quiet=True)
-    return tmp / "run" / manifest["stages"][-1]["dir"] / "tiny"
+    return compress_tiny_bundle(tmp_path_factory.mktemp("signing"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, run_cli, write_recipe
+from conftest import compress_tiny_bundle, REPO, run_cli
 
 from edgekit.cli import main
 from edgekit.evaluate import tegrastats as tg
 from edgekit.evaluate import validate as v
 
-STAGES = """\
-stages:
-  - type: load
-  - type: export_onnx
-  - type: bundle
-"""
 GENEROUS = {"latency_p99_ms": 1e6, "ttft_p99_ms": 1e6, "memory_gb": 1e6}
 
 # --- real tegrastats lines --------------------------------------------------------------------
@@ -225,12 +219,7 @@ def test_prompts_file_parsing(tmp_path):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, tiny_model_dir) -> Path:
-    from edgekit import api
-
-    tmp = tmp_path_factory.mktemp("validate")
-    recipe = write_recipe(tmp / "tiny.yaml", tiny_model_dir, stages=STAGES, output=tmp / "run")
-    manifest = api.compress(recipe, quiet=True)
-    return tmp / "run" / manifest["stages"][-1]["dir"] / "tiny"
+    return compress_tiny_bundle(tmp_path_factory.mktemp("validate"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
