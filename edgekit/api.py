@@ -235,6 +235,8 @@ def run_prompt(
     sampling: dict[str, Any] | None = None,
     threads: int | None = None,
     on_event: Any = None,
+    draft_tokens: int | None = None,
+    draft_min_confidence: float | None = None,
 ) -> dict[str, Any]:
     """Answer ``prompt`` with the bundle's runtime (its runtime.json; arguments override it for
     this call). ``on_event(StreamEvent)`` receives "text" pieces, "reset" and "done" as they
@@ -242,7 +244,7 @@ def run_prompt(
     from edgekit.runtime.bundle import open_router, resolve_config
 
     config = resolve_config(Path(bundle), policy=policy, large=large, backend=backend, max_new_tokens=max_new_tokens,
-                            sampling=sampling)
+                            sampling=sampling, draft_tokens=draft_tokens, draft_min_confidence=draft_min_confidence)
     router = open_router(Path(bundle), config, threads=threads)
     result = None
     for event in router.stream(prompt):

@@ -370,10 +370,13 @@ def check_cmd(path: str, as_json: bool, **kw) -> None:
 @click.option("--min-p", type=float)
 @click.option("--repetition-penalty", type=float)
 @click.option("--seed", type=int)
+@click.option("--draft-tokens", type=int, help="speculative: tokens drafted per round (default: the bundle's).")
+@click.option("--draft-min-confidence", type=float,
+              help="speculative: end a round early below this draft probability (default: the bundle's; 0 = never).")
 @click.option("--stream", is_flag=True, help="Print the text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 def run_cmd(bundle: str, prompt: str, policy, large, backend, max_new_tokens, temperature, top_k, top_p, min_p,
-            repetition_penalty, seed, stream: bool, as_json: bool) -> None:
+            repetition_penalty, seed, draft_tokens, draft_min_confidence, stream: bool, as_json: bool) -> None:
     """Answer a prompt with the bundle: prints the text, which branch answered (and why),
     tokens/s and time to first token."""
     import json
@@ -392,7 +395,8 @@ def run_cmd(bundle: str, prompt: str, policy, large, backend, max_new_tokens, te
             click.echo(f"\n[{event.reason}; the answer restarts]", err=True)
 
     result = api.run_prompt(bundle, prompt, policy=policy, large=large, backend=backend, max_new_tokens=max_new_tokens,
-                            sampling=sampling, on_event=on_event)
+                            sampling=sampling, on_event=on_event, draft_tokens=draft_tokens,
+                            draft_min_confidence=draft_min_confidence)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -80,8 +80,17 @@ class RuntimeConfig(_Strict):
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="auto: the TensorRT engine when it is in the bundle and loads here, else ONNX Runtime")
     max_new_tokens: int = Field(128, ge=1, description="default generation limit")
-    draft_tokens: int = Field(4, ge=1, le=32, description="speculative: tokens the small branch drafts per round")
+    draft_tokens: int = Field(8, ge=1, le=32, description="speculative: most tokens the small branch drafts per round")
+    draft_min_confidence: float = Field(
+        0.5, ge=0, lt=1, description="speculative: end a draft round early when the small branch's probability for its "
+        "drafted token is below this (0: always draft draft_tokens); the output does not change, only the speed")
+    draft_graph: Literal["auto", "off"] = Field(
+        "auto", description="speculative, ONNX Runtime: draft with the bundle's onnxruntime_draft graph (export_onnx "
+        "draft_graph: int8 activations, faster, less exact) when it has one (auto), or with its main graph (off)")
     timeout_s: float = Field(30.0, gt=0, description="a branch slower than this (per request) counts as failed")
+    spin_wait: bool = Field(
+        True, description="ONNX Runtime: worker threads busy-wait between the kernels of a decode step (faster on a "
+        "dedicated device); false: they sleep (better on a host whose cores other processes keep busy)")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     thresholds: dict[str, float | int | str] = Field(
         default_factory=dict, description="router thresholds (complexity, length_weight, confidence, quantile, "

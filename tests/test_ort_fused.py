@@ -52,6 +52,9 @@ stages:
 
 # The same checkpoint (RTN is deterministic), ONNX Runtime only: no traced graph is written.
 ORT_ONLY_STAGES = QUANT_STAGES.replace("format: both", "format: onnxruntime").replace("  - type: evaluate\n", "")
+# The default recipe's shape: a float lm_head, the fused graph, and the speculative draft graph.
+DRAFT_STAGES = QUANT_STAGES.replace("    quantize_lm_head: true\n", "").replace(
+    "onnxruntime_graph: fused\n", "onnxruntime_graph: fused\n    draft_graph: true\n")
 # A float lm_head quantized by the export itself (8-bit): the parity reference must follow.
 LM8_STAGES = ORT_ONLY_STAGES.replace("    quantize_lm_head: true\n", "").replace(
     "onnxruntime_graph: fused\n", "onnxruntime_graph: fused\n    fused_lm_head_bits: 8\n")
@@ -171,13 +174,22 @@ def test_float_bundle_has_the_fused_graph_with_optimum_io(float_run):
     assert manifest["onnx"]["variants"]["onnxruntime"] == "onnxruntime/model.onnx"
 
 
-def test_float_prefill_decode_verify_rollback_match_pytorch_and_optimum(float_run):
+def test_float_prefill_decode_verify_rollback_match_pytorch_and_optimum(float_run, monkeypatch):
+    from edgekit.runtime.backends import SharedBufferSession
+
+    # a tiny first buffer: the 12-token prefill and the later feeds each grow the cache
+    monkeypatch.setattr(SharedBufferSession, "_FIRST_CAPACITY", 4)
     fused = OnnxRuntimeBranch(float_run.bundle, threads=1)
     traced = OnnxRuntimeBranch(float_run.bundle, variant="float", threads=1)
+    copying = OnnxRuntimeBranch(float_run.bundle, threads=1)
+    copying.kv_cache = "copied"  # the same fused graph, its cache moved through every run
     assert fused.graph.parent.name == "onnxruntime" and traced.graph.parent == float_run.bundle
+    assert (fused.kv_cache, traced.kv_cache) == ("shared_buffer", "copied")
+    assert isinstance(fused.session(), SharedBufferSession)
     prompt = fused.tokenizer(TEXT)["input_ids"][:12]
-    worst = _scenario({"fused": fused, "optimum": traced}, _reference(float_run), prompt)
+    worst = _scenario({"fused": fused, "optimum": traced, "copying": copying}, _reference(float_run), prompt)
     assert worst["fused"] < ATOL and worst["optimum"] < ATOL and worst["fused-optimum"] < ATOL, worst
+    assert worst["fused-copying"] == 0.0, worst  # in place or copied: the same kernel, the same numbers
 
 
 def test_float_greedy_is_token_identical(float_run):
@@ -374,3 +386,33 @@ def test_recipe_options_are_validated(tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path / "bad.yaml", tiny_model_dir, stages=bad, output=tmp_path / "run")
     with pytest.raises(RecipeError, match="fused_lm_head_bits needs onnxruntime_graph: fused"):
         api.validate_recipe(recipe)
+
+
+def test_draft_graph_is_a_checked_variant_that_speculative_drafts_with(float_run, tmp_path_factory, tiny_model_dir):
+    """export_onnx draft_graph: an int8-activation + 8-bit-lm_head copy of the fused graph,
+    parity-checked against its own reference and scored by evaluate; the runtime drafts with it
+    under the speculative policy only, and the output stays the large branch's."""
+    from edgekit.runtime.bundle import open_router, resolve_config
+
+    run = _run(tmp_path_factory, tiny_model_dir, "draft", DRAFT_STAGES)
+    assert run.record["variants"] == {"onnxruntime": "model.onnx", "tensorrt": "tensorrt/model.onnx",
+                                      "onnxruntime_draft": "onnxruntime-draft/model.onnx"}
+    draft = run.record["rewrites"]["onnxruntime_draft"]
+    assert draft["accuracy_level"] == 4 and draft["lm_head"] == "MatMulNBits 8-bit group 32 symmetric (round-to-nearest)"
+    parity = run.record["parity"]["onnxruntime_draft"]
+    assert parity["tolerance"] == 3.0 and 0 < parity["logits_max_abs_diff"] < 3.0
+    assert run.record["parity"]["onnxruntime"]["logits_max_abs_diff"] < ATOL  # the main graph stays exact
+    metrics = run.stages["evaluate"]["metrics"]
+    assert metrics["perplexity_onnxruntime_draft"] == pytest.approx(metrics["perplexity"], rel=0.05)
+    assert (run.bundle / "onnxruntime-draft" / "model.onnx").is_file()
+
+    large = str(float_run.bundle)
+    spec = open_router(run.bundle, resolve_config(run.bundle, policy="speculative", large=large, max_new_tokens=24))
+    assert spec.small.graph == run.bundle / "onnxruntime-draft" / "model.onnx"
+    off = open_router(run.bundle, resolve_config(run.bundle, policy="speculative", large=large, draft_graph="off"))
+    assert off.small.graph == run.bundle / "model.onnx"
+    assert open_router(run.bundle, resolve_config(run.bundle, policy="cascade", large=large)).small.graph == run.bundle / "model.onnx"
+    alone = open_router(run.bundle, resolve_config(run.bundle, policy="large_only", large=large, max_new_tokens=24))
+    for prompt in (TEXT, "A loop over the frames"):
+        result = spec.generate(prompt)
+        assert result.branch == "speculative" and result.tokens == alone.generate(prompt).tokens

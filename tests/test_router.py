@@ -197,6 +197,48 @@ def test_speculative_greedy_equals_large_greedy(k):
     assert any(0 < r < 1 for r in rates), rates
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.6, 0.95])
+def test_speculative_draft_min_confidence_ends_rounds_early_same_output(threshold):
+    # The stop rule only looks at the small model's own probabilities, so greedy output stays
+    # the large model's; rounds end early exactly where the draft was unsure.
+    short_rounds = 0
+    for i, prompt in enumerate(PROMPTS):
+        eos = EOS if i % 2 else None
+        s, big = small(), large()
+        res = S.speculative_generate(s, big, prompt, max_new_tokens=40, draft_tokens=6, eos_token_id=eos,
+                                     draft_min_confidence=threshold)
+        assert res.tokens == greedy(big.model, prompt, 40, eos), (threshold, prompt)
+        assert res.large_calls == big.feed_calls and res.small_calls == s.feed_calls
+        check_invariant(res, prompt)
+        budget_rounds = [r for r in res.rounds if r.generated + 6 < 40]  # not capped by max_new_tokens
+        short_rounds += sum(r.drafted < 6 for r in budget_rounds)
+        plain = S.speculative_generate(small(), large(), prompt, max_new_tokens=40, draft_tokens=6, eos_token_id=eos)
+        assert res.drafted <= plain.drafted
+    assert short_rounds > 0
+
+
+def test_speculative_draft_min_confidence_keeps_sampled_distribution():
+    rng = np.random.default_rng(7)
+    big_row = rng.normal(size=V) * 1.5
+    small_row = big_row + rng.normal(size=V) * 1.5
+    params = {"temperature": 0.9, "top_k": 7, "top_p": 0.95}
+    big = Local("large", lambda tokens: big_row.copy())
+    s = Local("small", lambda tokens: small_row.copy())
+    p = S.sampling_probs(big_row.astype(np.float32), params)
+    q = S.sampling_probs(small_row.astype(np.float32), params)
+    threshold = float(np.median(q[q > 0]))  # about half of the drafts end their round
+    runs = [
+        S.speculative_generate(s, big, [1, 2], max_new_tokens=4, draft_tokens=2, sampler_params=params, seed=seed,
+                               draft_min_confidence=threshold)
+        for seed in range(2500)
+    ]
+    first_round = [r.rounds[0].drafted for r in runs]
+    assert 1 in first_round and 2 in first_round  # some rounds ended early, some did not
+    for position in (1, 2, 3):
+        stat, crit = chi2_ok(np.array([r.tokens[position] for r in runs]), p)
+        assert stat < crit, (position, stat, crit)
+
+
 def test_speculative_stops_at_eos():
     finishes = set()
     for k in (1, 3, 5):
@@ -450,6 +492,8 @@ def test_bad_configuration():
         R.Router(small(), large(), "cascade", sampler_params={"top_p": 2.0})
     with pytest.raises(EdgekitError, match="empty"):
         R.Router(small(), large(), "small_only").generate("")
+    with pytest.raises(EdgekitError, match="draft_min_confidence"):
+        R.Router(small(), large(), "speculative", draft_min_confidence=1.0)
 
 
 # --------------------------------------------------------------------------- calibration

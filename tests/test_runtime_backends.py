@@ -473,6 +473,31 @@ def test_load_branch_picks_the_backend(bundle, tmp_path):
     assert "To resolve" in str(caught.value)
 
 
+def test_spin_wait_reaches_the_onnxruntime_session(bundle, prompt, tmp_path):
+    """runtime.json spin_wait (default true) sets how ONNX Runtime's workers wait; every run
+    stops spinning at its end either way, and the numbers do not depend on it."""
+    from edgekit.runtime.bundle import open_router, resolve_config
+
+    def entries(branch):
+        options = branch.ort_session.get_session_options()
+        return (options.get_session_config_entry("session.intra_op.allow_spinning"),
+                options.get_session_config_entry("session.force_spinning_stop"))
+
+    spinning = load_branch(bundle, name="small")
+    sleeping = load_branch(bundle, name="small", spin_wait=False)
+    assert entries(spinning) == ("1", "1") and entries(sleeping) == ("0", "1")
+    assert np.array_equal(spinning.session().feed(prompt), sleeping.session().feed(prompt))
+    router = open_router(bundle, resolve_config(bundle, spin_wait=False))
+    assert entries(router.small) == ("0", "1")
+    copy = tmp_path / "tiny"
+    shutil.copytree(bundle, copy)
+    runtime = copy / "runtime.json"
+    data = json.loads(runtime.read_text()) if runtime.is_file() else {}
+    runtime.write_text(json.dumps({**data, "spin_wait": "sometimes"}))
+    with pytest.raises(EdgekitError, match="spin_wait"):
+        resolve_config(copy)
+
+
 # --- on a machine with TensorRT and a GPU (scripts/gpu_check.sh) ---------------------------
 
 

@@ -231,14 +231,21 @@ class OnnxRuntimeBranch(_BundleBranch):
     Graph: ``variant`` (a key of the manifest's ``onnx.variants``), else the ``onnxruntime``
     variant, else ``float``, else ``model.onnx``. ``threads`` sets intra-op threads (ONNX
     Runtime's default: one per physical core). ``context_length`` may cap the bundle's.
+    ``spin_wait``: worker threads busy-wait between the kernels of one run and stop at its end
+    (faster on a dedicated device; False sleeps instead, better on a host whose cores are busy).
     One ``InferenceSession`` is shared by all sessions of the branch (its ``run`` is thread
-    safe); each session holds its own KV cache as numpy arrays.
+    safe); each session holds its own KV cache. When every ``present.*`` output comes straight
+    from a ``GroupQueryAttention`` node (the fused graph, docs/export_fused.md) the cache is one
+    buffer per tensor that the kernel appends to in place (``kv_cache == "shared_buffer"``:
+    bound with IO binding, grown by doubling, rolled back by lowering the length); otherwise
+    ``present.*`` of one run become ``past_key_values.*`` of the next (``"copied"``).
     """
 
     backend = "onnxruntime"
 
     def __init__(self, bundle_dir: str | Path, *, name: str = "small", variant: str | None = None,
-                 threads: int | None = None, providers: list[Any] | None = None, context_length: int | None = None):
+                 threads: int | None = None, providers: list[Any] | None = None, context_length: int | None = None,
+                 spin_wait: bool = True):
         import onnxruntime as ort
 
         super().__init__(bundle_dir, name=name, context_length=context_length)
@@ -250,11 +257,16 @@ class OnnxRuntimeBranch(_BundleBranch):
         # Keep DequantizeLinear -> MatMul activations in float (see edgekit.evaluate.onnx_session:
         # ONNX Runtime's default int8-activation kernel moves logits away from TensorRT's).
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        # No busy-waiting intra-op threads: a decode step of a small model is ~1500 tiny
-        # kernels, and spinning workers fight whatever else needs the cores (the other
-        # branch's session in speculative decoding, the sampler, a busy host). Measured on the
-        # SmolLM2-135M INT4 bundle, 2 loaded cores: 15 tok/s spinning, 29.5 tok/s without.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # A decode step is hundreds of tiny kernels: workers that sleep between them pay a
+        # wake-up per kernel, workers that spin after a run steal the cores from whatever runs
+        # next (the other branch in speculative decoding, the sampler). So spin within a run
+        # and stop at its end (force_spinning_stop). Measured on 2 quiet cores (fused graphs,
+        # SmolLM2-135M): float large 29.4 -> 35.0 tok/s, INT4 small 79 -> 98, speculative
+        # 44.5 -> 55.5; with another busy process on the cores spinning loses (43 -> 28 tok/s),
+        # hence spin_wait=False (runtime.json "spin_wait": false).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        self.spin_wait = bool(spin_wait)
         if threads:
             options.intra_op_num_threads = int(threads)
         self.ort_session = ort.InferenceSession(str(self.graph), options, providers=providers or ["CPUExecutionProvider"])
@@ -276,6 +288,7 @@ class OnnxRuntimeBranch(_BundleBranch):
         for _, past in self._cache_pairs:
             shape = inputs[past].shape  # [batch, kv_heads, past_len, head_dim]
             self._empty_cache[past] = ((int(shape[1]), int(shape[3])), _ORT_FLOAT.get(inputs[past].type, "float32"))
+        self.kv_cache = "shared_buffer" if _appends_in_place(self.graph, [o for o, _ in self._cache_pairs]) else "copied"
         logits_dim = self.ort_session.get_outputs()[outputs.index("logits")].shape[-1]
         self.vocab_size = int(logits_dim) if isinstance(logits_dim, int) else (self._config_vocab() or len(self.tokenizer))
 
@@ -288,8 +301,22 @@ class OnnxRuntimeBranch(_BundleBranch):
             return variants[variant]
         return variants.get("onnxruntime") or variants.get("float") or "model.onnx"
 
-    def session(self) -> OnnxRuntimeSession:
-        return OnnxRuntimeSession(self)
+    def session(self) -> OnnxRuntimeSession | SharedBufferSession:
+        return SharedBufferSession(self) if self.kv_cache == "shared_buffer" else OnnxRuntimeSession(self)
+
+
+def _appends_in_place(graph: Path, presents: list[str]) -> bool:
+    """True when every ``present.*`` output is a GroupQueryAttention output: that kernel
+    appends the new keys/values to its ``past`` input in place when ``past`` and ``present``
+    are the same buffer (ONNX Runtime checks the pointers), so one buffer holds the cache."""
+    import onnx
+
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable graph fails in InferenceSession already
+        return False
+    made_by_gqa = {out for node in model.graph.node if node.op_type == "GroupQueryAttention" for out in node.output}
+    return bool(presents) and all(name in made_by_gqa for name in presents)
 
 
 class OnnxRuntimeSession(_SessionBase):
@@ -328,6 +355,72 @@ class OnnxRuntimeSession(_SessionBase):
 
     def _release(self) -> None:
         self._cache = {}
+
+
+class SharedBufferSession(_SessionBase):
+    """A :class:`LogitsSession` for graphs whose attention appends to the cache in place
+    (``OnnxRuntimeBranch.kv_cache == "shared_buffer"``): one preallocated buffer per cache
+    tensor is bound as both ``past_key_values.*`` and ``present.*``, so a step copies nothing
+    but its logits (the copying session moves the whole cache in and out of every run:
+    ~1 ms a step on SmolLM2-135M at 150 tokens). The valid length is the attention mask's;
+    entries past it are stale and ignored, so a rollback only lowers the length."""
+
+    _FIRST_CAPACITY = 256
+
+    def __init__(self, branch: OnnxRuntimeBranch):
+        super().__init__(branch)
+        self._io = branch.ort_session.io_binding()
+        self._capacity = 0
+        self._arrays: dict[str, Any] = {}
+
+    def _reserve(self, needed: int) -> None:
+        """Grow every buffer (doubling, capped at the context length) to hold ``needed`` tokens,
+        keeping the valid entries, and bind the new buffers."""
+        import numpy as np
+        import onnxruntime as ort
+
+        branch = self._branch
+        capacity = max(self._capacity, self._FIRST_CAPACITY)
+        while capacity < needed:
+            capacity *= 2
+        capacity = min(capacity, max(needed, self.context_length))
+        for (present, past), ((heads, dim), dtype) in zip(branch._cache_pairs, (branch._empty_cache[p] for _, p in branch._cache_pairs)):
+            array = np.zeros((1, heads, capacity, dim), dtype=dtype)
+            if past in self._arrays:
+                array[:, :, : self.length] = self._arrays[past][:, :, : self.length]
+            self._arrays[past] = array
+            value = ort.OrtValue.ortvalue_from_numpy(array)  # shares the numpy memory
+            self._io.bind_ortvalue_input(past, value)
+            self._io.bind_ortvalue_output(present, value)
+        self._capacity = capacity
+
+    def _forward(self, ids: list[int]) -> np.ndarray:
+        import numpy as np
+
+        branch, past, count = self._branch, self.length, len(ids)
+        if past + count > self._capacity:
+            self._reserve(past + count)
+        io = self._io
+        io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        if branch._has_mask:
+            io.bind_cpu_input("attention_mask", np.ones((1, past + count), dtype=np.int64))
+        if branch._has_positions:
+            io.bind_cpu_input("position_ids", np.arange(past, past + count, dtype=np.int64)[None, :])
+        io.bind_output("logits")
+        branch.ort_session.run_with_iobinding(io)
+        logits = io.get_outputs()[-1].numpy()  # logits is bound last
+        self.length += count
+        rows = logits[0]
+        return rows if rows.dtype == np.float32 else rows.astype(np.float32)
+
+    def _truncate(self, keep: int) -> None:
+        pass  # the kernel attends to the mask's length only; later entries are overwritten
+
+    def _release(self) -> None:
+        self._io.clear_binding_inputs()
+        self._io.clear_binding_outputs()
+        self._arrays = {}
+        self._capacity = 0
 
 
 # --- TensorRT -------------------------------------------------------------------------------
@@ -701,7 +794,8 @@ def _tensorrt_importable() -> bool:
 
 def load_branch(spec: str | Path, *, name: str, target: str | None = None, backend: str = "auto",
                 model: str | None = None, api_key: str | None = None, timeout: float = 30.0,
-                threads: int | None = None) -> OnnxRuntimeBranch | TensorRTBranch | RemoteBranch:
+                threads: int | None = None, spin_wait: bool = True,
+                variant: str | None = None) -> OnnxRuntimeBranch | TensorRTBranch | RemoteBranch:
     """The branch for ``spec``: an ``http(s)://`` URL (a :class:`RemoteBranch`; ``model``,
     ``api_key``, ``timeout`` apply) or a bundle directory.
 
@@ -709,7 +803,8 @@ def load_branch(spec: str | Path, *, name: str, target: str | None = None, backe
     and the ``tensorrt`` package imports, falling back to ONNX Runtime (with a warning) when
     that engine cannot be loaded here (another TensorRT version or GPU); ``"onnxruntime"`` or
     ``"tensorrt"`` force one and raise :class:`EdgekitError` when it cannot be used.
-    ``target`` defaults to the bundle's target; ``threads`` applies to ONNX Runtime.
+    ``target`` defaults to the bundle's target; ``threads``, ``spin_wait`` and ``variant`` (an
+    ONNX graph of the bundle, see :class:`OnnxRuntimeBranch`) apply to ONNX Runtime.
     """
     text = str(spec)
     if text.startswith(("http://", "https://")):
@@ -725,7 +820,7 @@ def load_branch(spec: str | Path, *, name: str, target: str | None = None, backe
                            how="point at a bundle directory (runs/<name>/stages/<n>-bundle/<name>) or a server URL")
     target = target or _read_manifest(bundle).get("target")
     if backend == "onnxruntime":
-        return OnnxRuntimeBranch(bundle, name=name, threads=threads)
+        return OnnxRuntimeBranch(bundle, name=name, threads=threads, spin_wait=spin_wait, variant=variant)
     plan = bundle / "engine" / f"{target}.plan"
     if backend == "tensorrt":
         if not _tensorrt_importable():
@@ -745,7 +840,7 @@ def load_branch(spec: str | Path, *, name: str, target: str | None = None, backe
             import warnings
 
             warnings.warn(f"{exc} Falling back to ONNX Runtime for branch {name}.", RuntimeWarning, stacklevel=2)
-    return OnnxRuntimeBranch(bundle, name=name, threads=threads)
+    return OnnxRuntimeBranch(bundle, name=name, threads=threads, spin_wait=spin_wait, variant=variant)
 
 
 def greedy_generate(branch: Any, prompt_ids: Sequence[int], max_new_tokens: int, *,

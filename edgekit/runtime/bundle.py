@@ -72,22 +72,35 @@ def large_spec(bundle_dir: Path, large: str | None) -> str | None:
     return str(path if path.is_absolute() else (Path(bundle_dir) / path).resolve())
 
 
+def draft_variant(bundle_dir: Path, config: Any) -> str | None:
+    """The ONNX variant the small branch loads: the bundle's draft graph when the policy is
+    speculative (the small branch only proposes tokens there) and ``draft_graph`` is auto."""
+    from edgekit.export.stage import DRAFT_VARIANT
+    from edgekit.runtime.backends import _read_manifest
+
+    if config.policy != "speculative" or config.draft_graph != "auto":
+        return None
+    variants = (_read_manifest(Path(bundle_dir)).get("onnx") or {}).get("variants") or {}
+    return DRAFT_VARIANT if DRAFT_VARIANT in variants else None
+
+
 def open_router(bundle_dir: Path, config: Any, *, threads: int | None = None) -> Any:
     """A Router over the bundle (small) and ``config.large`` per ``config``."""
     from edgekit.runtime.backends import load_branch
     from edgekit.runtime.router import Router
 
     bundle_dir = Path(bundle_dir)
-    small = load_branch(bundle_dir, name="small", backend=config.backend, threads=threads)
+    small = load_branch(bundle_dir, name="small", backend=config.backend, threads=threads, spin_wait=config.spin_wait,
+                        variant=draft_variant(bundle_dir, config))
     large = None
     spec = large_spec(bundle_dir, config.large)
     if spec:
         large = load_branch(spec, name="large", backend=config.backend if not spec.startswith("http") else "auto",
-                            timeout=config.timeout_s, threads=threads)
+                            timeout=config.timeout_s, threads=threads, spin_wait=config.spin_wait)
     return Router(
         small, large, config.policy, thresholds=dict(config.thresholds), sampler_params=config.sampling.model_dump(),
         max_new_tokens=config.max_new_tokens, draft_tokens=config.draft_tokens, timeout_s=config.timeout_s,
-        seed=config.sampling.seed,
+        seed=config.sampling.seed, draft_min_confidence=config.draft_min_confidence,
     )
 
 

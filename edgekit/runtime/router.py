@@ -562,9 +562,10 @@ class Router:
         thresholds: Thresholds | dict | None = None,
         sampler_params: dict | None = None,
         max_new_tokens: int = 128,
-        draft_tokens: int = 4,
+        draft_tokens: int = 8,
         timeout_s: float | None = None,
         seed: int = 0,
+        draft_min_confidence: float = 0.5,
     ):
         from edgekit.runtime import fastpath, sampling_ref
 
@@ -598,6 +599,10 @@ class Router:
             raise EdgekitError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}", where="max_new_tokens", how="use e.g. 128")
         if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
             raise EdgekitError(f"draft_tokens must be an int >= 1, got {draft_tokens!r}", where="draft_tokens", how="use e.g. 4")
+        if isinstance(draft_min_confidence, bool) or not isinstance(draft_min_confidence, (int, float)) or not 0 <= draft_min_confidence < 1:
+            raise EdgekitError(f"draft_min_confidence must be in [0, 1), got {draft_min_confidence!r}", where="draft_min_confidence",
+                               how="use e.g. 0.5, or 0 to always draft draft_tokens")
+        self.draft_min_confidence = float(draft_min_confidence)
         if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise EdgekitError(f"timeout_s must be > 0 or None, got {timeout_s!r}", where="timeout_s", how="use e.g. 30")
         self.sampler_params = self._check_sampler(sampler_params, sampling_ref)
@@ -907,6 +912,7 @@ class Router:
             ids,
             max_new_tokens=req.max_new_tokens,
             draft_tokens=self.draft_tokens,
+            draft_min_confidence=self.draft_min_confidence,
             sampler_params=req.sampler_params,
             seed=req.sampler_params["seed"],
             eos_token_id=sorted(_eos_ids(small.tokenizer)) or None,

@@ -44,7 +44,12 @@ pending. One round then:
    one ``k - 1 - a``. On full acceptance nothing is dropped and ``dk`` joins the backlog.
 
 Each round emits 1..k+1 tokens for one large call; ``k`` shrinks near ``max_new_tokens``
-so no forward pass is wasted on tokens that would be cut. Sampling uses one
+so no forward pass is wasted on tokens that would be cut. With ``draft_min_confidence`` > 0
+a round also ends early after a draft the small model itself doubts (greedy: its max
+probability; sampling: ``q_i(d_i)``) is below it: such a draft is likely rejected, and every
+draft after it is then wasted. The rule looks only at the small model's own distributions,
+so the drafts stay draws from ``q`` and the output is unchanged (greedy: token for token;
+sampling: in distribution); only the number of drafts per large call adapts. Sampling uses one
 :class:`~edgekit.runtime.fastpath.Sampler` RNG stream (``seed``), so a seed reproduces a
 run. ``p`` and ``q`` are the *filtered* distributions the sampler would draw from
 (:func:`sampling_probs`: temperature -> top-k -> softmax -> top-p -> min-p ->
@@ -190,6 +195,7 @@ def iter_speculative(
     sampler_params: dict | None = None,
     seed: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
+    draft_min_confidence: float = 0.0,
 ) -> Generator[int, None, SpeculativeResult]:
     """Yield generated token ids as they are decided; return the :class:`SpeculativeResult`
     (``StopIteration.value``). Closing the generator closes both sessions."""
@@ -206,6 +212,9 @@ def iter_speculative(
         raise EdgekitError(f"draft_tokens must be an int >= 1, got {draft_tokens!r}", where="draft_tokens", how="use e.g. 4")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise EdgekitError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}", where="max_new_tokens", how="use e.g. 128")
+    if isinstance(draft_min_confidence, bool) or not isinstance(draft_min_confidence, (int, float)) or not 0 <= draft_min_confidence < 1:
+        raise EdgekitError(f"draft_min_confidence must be in [0, 1), got {draft_min_confidence!r}", where="draft_min_confidence",
+                           how="use e.g. 0.5, or 0 to always draft draft_tokens")
     eos = set() if eos_token_id is None else {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
     vocab = min(int(small.vocab_size), int(large.vocab_size))
     # The caches hold at most prompt + max_new_tokens - 1 tokens (the last one is never fed).
@@ -272,6 +281,13 @@ def iter_speculative(
                     qs.append(q)
                 drafts.append(d)
                 feed = [d]
+                # A draft the small model itself doubts is likely rejected, and so is every
+                # draft after it: stop the round there and let the large model verify.
+                if draft_min_confidence and len(drafts) < k:
+                    confidence = conf(row) if greedy else float(qs[-1][d])
+                    if confidence < draft_min_confidence:
+                        break
+            k = len(drafts)
             # k == 0: the small was fed nothing this round, so the pending token joins its backlog
             backlog = [] if k else backlog + [pending]
             rows = large_sess.feed([pending] + drafts)
@@ -342,6 +358,7 @@ def speculative_generate(
     seed: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
     on_token: Callable[[int], None] | None = None,
+    draft_min_confidence: float = 0.0,
 ) -> SpeculativeResult:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (see the module
     docstring); ``sampler_params`` None is greedy. The RNG is seeded with
@@ -356,6 +373,7 @@ def speculative_generate(
         sampler_params=sampler_params,
         seed=seed,
         eos_token_id=eos_token_id,
+        draft_min_confidence=draft_min_confidence,
     )
     while True:
         try:

@@ -143,7 +143,7 @@ class EdgekitServer:
         routers = [first] + [
             Router(first.small, first.large, first.policy, thresholds=first.thresholds, sampler_params=first.sampler_params,
                    max_new_tokens=first.max_new_tokens, draft_tokens=first.draft_tokens, timeout_s=first.timeout_s,
-                   seed=first.seed)
+                   seed=first.seed, draft_min_confidence=first.draft_min_confidence)
             for _ in range(self.options.max_concurrency - 1)
         ]
         small = first.small
