@@ -218,14 +218,8 @@ def test_speculative_draft_min_confidence_ends_rounds_early_same_output(threshol
 
 
 def test_speculative_draft_min_confidence_keeps_sampled_distribution():
-    rng = np.random.default_rng(7)
-    big_row = rng.normal(size=V) * 1.5
-    small_row = big_row + rng.normal(size=V) * 1.5
-    params = {"temperature": 0.9, "top_k": 7, "top_p": 0.95}
-    big = Local("large", lambda tokens: big_row.copy())
-    s = Local("small", lambda tokens: small_row.copy())
-    p = S.sampling_probs(big_row.astype(np.float32), params)
-    q = S.sampling_probs(small_row.astype(np.float32), params)
+    s, big, p, q = context_free_pair()
+    params = SAMPLING
     threshold = float(np.median(q[q > 0]))  # about half of the drafts end their round
     runs = [
         S.speculative_generate(s, big, [1, 2], max_new_tokens=4, draft_tokens=2, sampler_params=params, seed=seed,
@@ -289,16 +283,24 @@ def chi2_ok(tokens, probs):
     return stat, CHI2_CRIT[support.size - 1]
 
 
-def test_speculative_sampling_keeps_large_distribution():
-    # context-free models: every position is an independent draw from p (large, filtered)
+SAMPLING = {"temperature": 0.9, "top_k": 7, "top_p": 0.95}
+
+
+def context_free_pair():
+    """Context-free models (every position an independent draw): a large one and a poor draft
+    of it, with their filtered distributions p and q under SAMPLING."""
     rng = np.random.default_rng(7)
     big_row = rng.normal(size=V) * 1.5
     small_row = big_row + rng.normal(size=V) * 1.5
-    params = {"temperature": 0.9, "top_k": 7, "top_p": 0.95}
     big = Local("large", lambda tokens: big_row.copy())
-    s = Local("small", lambda tokens: small_row.copy())
-    p = S.sampling_probs(big_row.astype(np.float32), params)
-    q = S.sampling_probs(small_row.astype(np.float32), params)
+    small_branch = Local("small", lambda tokens: small_row.copy())
+    return (small_branch, big, S.sampling_probs(big_row.astype(np.float32), SAMPLING),
+            S.sampling_probs(small_row.astype(np.float32), SAMPLING))
+
+
+def test_speculative_sampling_keeps_large_distribution():
+    s, big, p, q = context_free_pair()
+    params = SAMPLING
     assert np.abs(p - q).sum() > 0.3  # the draft is a poor proposal: rejections happen
     runs = [
         S.speculative_generate(s, big, [1, 2], max_new_tokens=4, draft_tokens=2, sampler_params=params, seed=seed)
