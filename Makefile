@@ -25,7 +25,7 @@ demo: install
 
 test: install
 	# the C fast path must have been built and sshd installed (.ci/run): their tests fail instead of skipping
-	EDGEKIT_REQUIRE_FASTPATH=1 EDGEKIT_REQUIRE_SSHD=1 $(BIN)/python -m pytest -q -ra tests
+	EDGEKIT_REQUIRE_FASTPATH=1 EDGEKIT_REQUIRE_SSHD=1 $(BIN)/python -m pytest -q -ra --durations=15 tests
 
 test-fast: install
 	EDGEKIT_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -q -ra -m "not slow" tests

@@ -72,15 +72,13 @@ def test_speculative_output_equals_the_large_branch_alone(bundles):
     assert spec["acceptance_rate"] is not None and spec["speculative"]["large_calls"] <= len(spec["tokens"]) + 1
 
 
-def test_run_draft_options_keep_the_output_and_bad_values_are_one_line_errors(bundles):
+def test_draft_options_keep_the_output_and_bad_values_are_one_line_errors(bundles):
     from edgekit import api
 
     small, large = bundles
     alone = api.run_prompt(small, PROMPT, policy="large_only", large=str(large), max_new_tokens=16)
-    result = run_cli("run", str(small), "--prompt", PROMPT, "--policy", "speculative", "--large", str(large),
-                     "--max-new-tokens", "16", "--draft-tokens", "6", "--draft-min-confidence", "0.5", "--json")
-    assert result.returncode == 0, result.stderr
-    spec = json.loads(result.stdout)
+    spec = api.run_prompt(small, PROMPT, policy="speculative", large=str(large), max_new_tokens=16, draft_tokens=6,
+                          draft_min_confidence=0.5)
     assert spec["tokens"] == alone["tokens"] and spec["speculative"]["drafted"] <= 6 * spec["speculative"]["large_calls"]
     bad = run_cli("run", str(small), "--prompt", PROMPT, "--policy", "speculative", "--large", str(large),
                   "--draft-min-confidence", "1.5")
