@@ -311,6 +311,10 @@ def _appends_in_place(graph: Path, presents: list[str]) -> bool:
     are the same buffer (ONNX Runtime checks the pointers), so one buffer holds the cache."""
     import onnx
 
+    # Graphs that keep their weights inside model.onnx (optimum's, up to 2 GB) are never the
+    # fused kind, which always writes them to model.onnx_data: do not read them twice.
+    if graph.stat().st_size > 64 << 20:
+        return False
     try:
         model = onnx.load(str(graph), load_external_data=False)
     except Exception:  # noqa: BLE001 - an unreadable graph fails in InferenceSession already
