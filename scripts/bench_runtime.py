@@ -129,8 +129,9 @@ def bench_speed(small, large, prompts: list[list[int]], new_tokens: int, rounds:
     modes = [("small_only", 4, 0.0), ("large_only", 4, 0.0)] + [("speculative", k, c) for k, c in SPECULATIVE_CONFIGS]
     if draft is not small:
         modes.insert(1, ("small_only (draft graph)", 4, 0.0))
-    routers = {m: Router(draft if m[0] != "small_only" or "draft" in m[0] else small, large,
-                         m[0].split(" ")[0], max_new_tokens=new_tokens, draft_tokens=m[1], draft_min_confidence=m[2])
+    # small_only runs the exact graph; everything else (the draft-graph row, speculative) the draft
+    routers = {m: Router(small if m[0] == "small_only" else draft, large, m[0].split(" ")[0], max_new_tokens=new_tokens,
+                         draft_tokens=m[1], draft_min_confidence=m[2])
                for m in modes}
     for router in routers.values():
         router.generate(prompts[0][:8], max_new_tokens=4)  # warm-up: first calls allocate
