@@ -230,6 +230,11 @@ def bench_speculative(drafts: dict, large, prompts: list[list[int]], rounds: int
     return {"rows": rows, "large": "fused-large", "rounds": rounds, "load_average": loads, "reference_tokens": reference}
 
 
+def _optimum_of(graph: str) -> str:
+    """The optimum graph of the same model: what every table compares a graph with."""
+    return "optimum-large" if "large" in graph else "optimum-small"
+
+
 def write_report(data: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{RESULT_NAME}.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -250,7 +255,7 @@ def write_report(data: dict) -> None:
                   "| graph | decode tok/s | range | TTFT ms | vs optimum of the same model | same tokens as |", "|---|---:|---|---:|---:|---|"]
         rate = {r["graph"]: r["decode_tokens_per_s"] for r in d["rows"]}
         for r in d["rows"]:
-            base = rate["optimum-large" if "large" in r["graph"] else "optimum-small"]
+            base = rate[_optimum_of(r["graph"])]
             lines.append(f"| {r['graph']} | {r['decode_tokens_per_s']:.1f} | {r['min']:.1f}-{r['max']:.1f} | {r['ttft_ms']:.0f} | "
                          f"{r['decode_tokens_per_s'] / base:.2f}x | {', '.join(r['same_tokens_as']) or '-'} |")
     if "steps" in data:
@@ -261,7 +266,7 @@ def write_report(data: dict) -> None:
                   "| graph | step ms (median) | p10-p90 | tok/s at the median | vs optimum of the same model |", "|---|---:|---|---:|---:|"]
         step = {r["graph"]: r["step_ms_median"] for r in st["rows"]}
         for r in st["rows"]:
-            base = step["optimum-large" if "large" in r["graph"] else "optimum-small"]
+            base = step[_optimum_of(r["graph"])]
             lines.append(f"| {r['graph']} | {r['step_ms_median']:.2f} | {r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f} | "
                          f"{1000 / r['step_ms_median']:.1f} | {base / r['step_ms_median']:.2f}x |")
     if "perplexity" in data:
@@ -269,7 +274,7 @@ def write_report(data: dict) -> None:
         lines += ["", "## (2) Held-out perplexity", "", "Last 8192 tokens of the stdlib docs, windows of 512 (the recipes' protocol).", "",
                   "| graph | perplexity | relative to optimum of the same model |", "|---|---:|---:|"]
         for name, r in p.items():
-            base = p["optimum-large" if "large" in name else "optimum-small"]["perplexity"]
+            base = p[_optimum_of(name)]["perplexity"]
             lines.append(f"| {name} | {r['perplexity']:.4f} | {r['perplexity'] / base - 1:+.2e} |")
     if "speculative" in data:
         s = data["speculative"]
