@@ -1,0 +1,108 @@
+"""The one rule for names that become part of a path, and the check that a path stays inside
+its root.
+
+A name comes from a recipe (``name``, stage ``name``), a target YAML, a manifest, a
+runtime.json, a tar member, a deploy version or a CLI option; each of those becomes a
+directory or file name somewhere. One rule for all of them, checked where the name enters:
+
+    letters, digits, '.', '_' and '-'; starting with a letter or digit; at most 128 characters
+
+That excludes '/', '\\', NUL, '..' as a component, absolute paths, leading dots (hidden files,
+'.' and '..') and a leading '-' (read as an option by ssh, rsync and tar).
+
+:func:`require_inside` is the second line of defence: every path the pipeline deletes or
+renames is checked to lie inside its root before anything is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from edgekit.errors import EdgekitError, OutputError
+
+SAFE_NAME_MAX = 128
+SAFE_NAME_RULE = "letters, digits, '.', '_' and '-' only, starting with a letter or digit, at most 128 characters"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def name_problem(value: Any) -> str | None:
+    """Why ``value`` is not a safe name, or None when it is."""
+    if not isinstance(value, str):
+        return f"a name must be a string, not {type(value).__name__}"
+    if not value:
+        return "the name is empty"
+    if len(value) > SAFE_NAME_MAX:
+        return f"the name is {len(value)} characters long (at most {SAFE_NAME_MAX})"
+    if "\x00" in value:
+        return "the name contains a NUL byte"
+    if "/" in value or "\\" in value:
+        return "the name contains a path separator"
+    if value.startswith("."):
+        return "the name starts with a dot"
+    if not _SAFE_NAME.fullmatch(value):
+        return f"the name {_shown(value)} has characters outside the rule ({SAFE_NAME_RULE})"
+    return None
+
+
+def _shown(value: str) -> str:
+    text = ascii(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_name(value: Any, *, what: str, where: str | None = None,
+               error_cls: type[EdgekitError] = EdgekitError) -> str:
+    """``value`` if it is a safe name, else a one-line ``error_cls`` naming ``what``."""
+    problem = name_problem(value)
+    if problem is not None:
+        raise error_cls(f"invalid {what}: {problem}", where=where,
+                        how=f"use {SAFE_NAME_RULE}")
+    return value
+
+
+def _pydantic_safe_name(value: str) -> str:
+    problem = name_problem(value)
+    if problem is not None:
+        raise ValueError(f"{problem}; use {SAFE_NAME_RULE}")
+    return value
+
+
+def __getattr__(attr: str) -> Any:
+    # ``SafeName`` (a pydantic field type: a string that passes :func:`name_problem`) is built
+    # on first use, so that the runtime, which needs only check_name, never imports pydantic.
+    if attr == "SafeName":
+        from pydantic import AfterValidator
+
+        value = Annotated[str, AfterValidator(_pydantic_safe_name)]
+        globals()["SafeName"] = value
+        return value
+    raise AttributeError(attr)
+
+
+def is_inside(path: Path | str, root: Path | str) -> bool:
+    """Whether ``path`` (resolved, symlinks followed) lies inside ``root`` (or is ``root``)."""
+    try:
+        resolved = Path(os.path.realpath(path))
+        base = Path(os.path.realpath(root))
+    except (OSError, ValueError):
+        return False
+    return resolved == base or base in resolved.parents
+
+
+def require_inside(path: Path | str, root: Path | str, *, what: str = "path") -> Path:
+    """``path`` if it lies strictly inside ``root``; else an :class:`OutputError` before
+    anything is deleted or renamed. A path equal to its root is refused too: no operation
+    here may remove the root itself."""
+    path = Path(path)
+    if "\x00" in str(path) or not is_inside(path, root) or Path(os.path.realpath(path)) == Path(os.path.realpath(root)):
+        raise OutputError(
+            f"refusing to modify {what} outside its folder",
+            where=f"{path} (expected inside {root})",
+            how="check the names in the recipe, target or bundle: a name must not contain '/', '..' or start with '.'",
+        )
+    return path
+
+
+__all__ = ["SAFE_NAME_MAX", "SAFE_NAME_RULE", "SafeName", "check_name", "is_inside", "name_problem", "require_inside"]
