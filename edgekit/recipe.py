@@ -7,21 +7,21 @@ silently ignored setting. See the README's "Recipe reference" for every field.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekit.errors import EdgekitError, RecipeError
+from edgekit.names import SafeName
 from edgekit.pipeline.registry import EarlierStage, ReferenceProblem, all_stages, get_stage
 from edgekit.yamlio import LineMap, dump_yaml, format_loc, load_yaml, pydantic_error
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are typos; non-finite numbers are never a meaningful budget or setting.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -32,8 +32,8 @@ class DataConfig(_Strict):
         description="builtin:python-docs (the stdlib's pydoc_data.topics), a .txt or .jsonl file, "
         "or a directory of .txt/.jsonl files (or a `datasets.save_to_disk` directory)",
     )
-    eval_tokens: int = Field(8192, ge=2, description="held-out tokens, taken from the end of the text")
-    window: int = Field(512, ge=2, description="perplexity window (tokens); windows do not overlap")
+    eval_tokens: int = Field(8192, ge=2, le=100_000_000, description="held-out tokens, taken from the end of the text")
+    window: int = Field(512, ge=2, le=1_048_576, description="perplexity window (tokens); windows do not overlap")
     text_field: str = Field("text", description="the field holding text in .jsonl records / datasets")
 
     @model_validator(mode="after")
@@ -79,7 +79,7 @@ class RuntimeConfig(_Strict):
         "(relative to the bundle it is written into)")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="auto: the TensorRT engine when it is in the bundle and loads here, else ONNX Runtime")
-    max_new_tokens: int = Field(128, ge=1, description="default generation limit")
+    max_new_tokens: int = Field(128, ge=1, le=1_048_576, description="default generation limit")
     draft_tokens: int = Field(8, ge=1, le=32, description="speculative: most tokens the small branch drafts per round")
     draft_min_confidence: float = Field(
         0.5, ge=0, lt=1, description="speculative: end a draft round early when the small branch's probability for its "
@@ -120,8 +120,8 @@ class RuntimeConfig(_Strict):
 class StageSpec(_Strict):
     """One entry of ``stages``: ``type`` + an optional unique ``name`` + its parameters."""
 
-    type: str
-    name: str
+    type: str = Field(max_length=64)
+    name: SafeName = Field(description="unique within the recipe; names the stage's folder under stages/")
     params: dict[str, Any] = Field(default_factory=dict)
 
     def resolved(self) -> dict[str, Any]:
@@ -133,25 +133,18 @@ class StageSpec(_Strict):
 
 
 class Recipe(_Strict):
-    name: str = Field(description="a short identifier; names the output directory and bundle")
+    name: SafeName = Field(description="a short identifier; names the output directory and bundle")
     description: str = ""
     model: str = Field(description="hub id, local checkpoint directory, .gguf file, or smollm2-135m")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="allow custom modelling code from the hub")
     target: str = Field(description="a target profile name (edgekit targets list) or a target YAML path")
-    context_length: int = Field(2048, ge=16, description="longest prompt + generation the deployment serves")
+    context_length: int = Field(2048, ge=16, le=1_048_576, description="longest prompt + generation the deployment serves")
     data: DataConfig = Field(default_factory=DataConfig)
     budgets: Budgets = Field(default_factory=Budgets)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     output: str | None = Field(None, description="run directory; default runs/<name> (relative to the current directory)")
     stages: list[StageSpec] = Field(min_length=1)
-
-    @field_validator("name")
-    @classmethod
-    def _name_ok(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("use letters, digits, '.', '_' and '-' only")
-        return value
 
     @field_validator("data", mode="before")
     @classmethod
@@ -174,8 +167,11 @@ class Recipe(_Strict):
             kind = entry.pop("type")
             name = entry.pop("name", None)
             if name is None:
-                seen[kind] = seen.get(kind, 0) + 1
-                name = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
+                if not isinstance(kind, str) or get_stage(kind) is None:  # unknown: the stage check names the type; a name is needed meanwhile
+                    name = f"stage-{len(out)}"
+                else:
+                    seen[kind] = seen.get(kind, 0) + 1
+                    name = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
             out.append({"type": kind, "name": name, "params": entry})
         return out
 

@@ -154,12 +154,12 @@ def shape_from_gguf(path: Path) -> ModelShape:
 
 def model_shape(source: Any) -> ModelShape | None:
     """The shape of a resolved ModelSource, or None when only the hub has its config."""
-    import json
+    from edgekit.models.source import read_model_config
 
     if source.is_gguf:
         return shape_from_gguf(source.path)
     if source.kind == "dir":
-        return shape_from_config(json.loads((source.path / "config.json").read_text()))
+        return shape_from_config(read_model_config(source.path / "config.json"))
     try:  # a hub id: only a config already in the local hub cache (no download here)
         from huggingface_hub import try_to_load_from_cache
 
@@ -167,7 +167,7 @@ def model_shape(source: Any) -> ModelShape | None:
     except Exception:
         return None
     if isinstance(cached, str):
-        return shape_from_config(json.loads(Path(cached).read_text()))
+        return shape_from_config(read_model_config(Path(cached)))
     return None
 
 

@@ -94,12 +94,13 @@ VersionStr = Annotated[
     StringConstraints(pattern=r"^\d+(\.\d+)*$"),
 ]
 #: Profile names: lower-case letters, digits and '-' (the built-in file name without .yaml).
-ProfileName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$")]
+ProfileName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=64)]
 
 
 class _Strict(BaseModel):
-    # Every profile model refuses unknown keys: a typo must fail loudly, never be ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Every profile model refuses unknown keys: a typo must fail loudly, never be ignored;
+    # and non-finite numbers (a budget or a bandwidth of .inf means nothing).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Cpu(_Strict):

@@ -6,11 +6,12 @@ import json
 
 from pydantic import Field
 
+from edgekit.names import SafeName
 from edgekit.pipeline.registry import BUNDLE, ONNX, StageConfig, register_stage
 
 
 class BundleConfig(StageConfig):
-    name: str | None = Field(None, description="bundle name (default: the recipe's name)")
+    name: SafeName | None = Field(None, description="bundle name (default: the recipe's name)")
     tar: bool = Field(True, description="also write <name>.tar next to the directory")
 
 

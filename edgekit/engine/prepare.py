@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from edgekit.errors import EngineError
+from edgekit.names import check_name
 from edgekit.engine.settings import BUILD_SCRIPT, BuildOptions, BuildSettings, build_settings, engine_paths, read_graph, tensorrt_graph
 from edgekit.yamlio import atomic_write_json, atomic_write_text
 
@@ -136,6 +137,7 @@ def prepare_engine(
 
     _write_script(bundle_dir / paths["script"], render_script(settings))
     default_target = (manifest or {}).get("target") or target.name
+    check_name(default_target, what="target name", where=f"{bundle_dir / MANIFEST}: target", error_cls=EngineError)
     if not (bundle_dir / f"engine/{default_target}.trtexec.sh").is_file():
         default_target = target.name
     _write_script(bundle_dir / BUILD_SCRIPT, render_dispatch_script(default_target))

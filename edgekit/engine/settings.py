@@ -129,7 +129,13 @@ class BuildSettings:
 
 
 def engine_paths(target: str, bundle_name: str) -> dict[str, str]:
-    """Where a target's engine files live, relative to the bundle root."""
+    """Where a target's engine files live, relative to the bundle root. Both names become
+    file names: checked here (a manifest or a CLI option may have supplied them)."""
+    from edgekit.errors import EngineError
+    from edgekit.names import check_name
+
+    check_name(target, what="target name", error_cls=EngineError)
+    check_name(bundle_name, what="bundle name", error_cls=EngineError, where="manifest.json: name")
     return {
         "engine": f"{ENGINE_DIR}/{target}.plan",
         "layer_info": f"{ENGINE_DIR}/{target}.layers.json",

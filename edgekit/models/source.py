@@ -105,6 +105,7 @@ def resolve_model_source(spec: str, *, revision: str | None = None, base_dir: Pa
                 where=str(candidate),
                 how="point 'model' at a Hugging Face checkpoint directory (config.json + *.safetensors)",
             )
+        read_model_config(candidate / "config.json")
         return ModelSource("dir", spec, candidate.resolve(), revision)
     if looks_local:
         raise ModelError(
@@ -114,6 +115,52 @@ def resolve_model_source(spec: str, *, revision: str | None = None, base_dir: Pa
             f"use a hub id like 'org/name', or '{DEFAULT_MODEL}' for the embedded default",
         )
     return ModelSource("hub", spec, None, revision)
+
+
+# A model directory is input too: its config.json sizes every tensor the load stage allocates
+# (a "num_hidden_layers": 1e9 would take the machine down before transformers complained).
+# Each shape field, where present, must be a positive integer within these bounds, which
+# every published decoder is far inside (DeepSeek-R1 671B: hidden 7168, 61 layers, vocab 129k).
+CONFIG_INT_BOUNDS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "moe_intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+    "max_position_embeddings": 1 << 24, "num_experts": 4096, "num_local_experts": 4096, "num_experts_per_tok": 4096,
+    "n_embd": 1 << 16, "n_layer": 1024, "n_head": 1024, "n_positions": 1 << 24, "n_inner": 1 << 18,
+}
+CONFIG_MAX_BYTES = 1 << 20
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """A model's config.json, refused with one line (naming the field) when it is too large,
+    not a JSON object, non-finite, or has a shape field that is not a positive integer within
+    :data:`CONFIG_INT_BOUNDS` or that does not divide as attention needs."""
+    from edgekit.yamlio import load_json_file
+
+    config = load_json_file(path, error_cls=ModelError, what="model config.json", max_bytes=CONFIG_MAX_BYTES)
+    if not isinstance(config, dict):
+        raise ModelError("model config.json is not a JSON object", where=str(path),
+                         how="give a Hugging Face config.json ({\"model_type\": ..., \"hidden_size\": ...})")
+    for key, bound in CONFIG_INT_BOUNDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ModelError(f"model config.json: {key} = {shown} is not an integer in 1..{bound}",
+                             where=f"{path}: {key}", how=f"correct '{key}' (is this the right config.json?)")
+    for key in ("model_type", "torch_dtype", "dtype"):
+        if key in config and not (config[key] is None or isinstance(config[key], str) and len(config[key]) <= 64):
+            raise ModelError(f"model config.json: {key} must be a short string", where=f"{path}: {key}",
+                             how=f"correct '{key}'")
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ModelError(f"model config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                         f"{kv_heads}", where=f"{path}: num_key_value_heads", how="correct the head counts")
+    hidden = config.get("hidden_size")
+    if heads and hidden and not config.get("head_dim") and hidden % heads:
+        raise ModelError(f"model config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                         "and no head_dim is given", where=f"{path}: hidden_size", how="correct the sizes or add head_dim")
+    return config
 
 
 def gguf_architecture(path: Path) -> str:

@@ -55,9 +55,10 @@ class EarlierStage:
 
 
 class StageConfig(BaseModel):
-    """Base class of every stage's parameters: strict, so typos are caught."""
+    """Base class of every stage's parameters: strict, so typos are caught (and a non-finite
+    number is refused: no stage parameter means .inf or .nan)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ import fcntl
 import importlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 from edgekit import __version__
 from edgekit.errors import EdgekitError, OutputError, RecipeError, StageError
 from edgekit.hashing import file_table, sha256_file, sha256_json
+from edgekit.names import check_name, is_inside, remove_tree, rename_inside
 from edgekit.pipeline.context import StageContext, StageRecord
 from edgekit.pipeline.progress import Reporter
 from edgekit.pipeline.registry import EarlierStage, ReferenceProblem, get_stage
@@ -50,6 +50,8 @@ def default_cache_dir() -> Path:
 
 
 def stage_dir_name(index: int, name: str) -> str:
+    # The recipe checked the name (edgekit.names); checked again here, where it becomes a path.
+    check_name(name, what="stage name", error_cls=RecipeError)
     return f"{index + 1:02d}-{name}"
 
 
@@ -100,15 +102,20 @@ def _verify(stage_dir: Path, key: str) -> tuple[dict[str, Any] | None, str | Non
         return None, None
     try:
         record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None, "its stage.json is unreadable"
-    if record.get("cache_key") != key:
+    if not isinstance(record, dict) or record.get("cache_key") != key:
         return None, None  # inputs or settings changed: simply stale
-    for rel, meta in record.get("files", {}).items():
+    files = record.get("files")
+    if not isinstance(files, dict):
+        return None, "its stage.json has no file table"
+    for rel, meta in files.items():
         path = stage_dir / rel
-        if not path.is_file() or path.stat().st_size != meta["size"]:
+        if not isinstance(meta, dict) or "\x00" in rel or not is_inside(path, stage_dir):
+            return None, f"its stage.json has a bad entry ({rel[:60]!r})"
+        if not path.is_file() or path.stat().st_size != meta.get("size"):
             return None, f"{rel} is missing or has the wrong size"
-        if sha256_file(path) != meta["sha256"]:
+        if sha256_file(path) != meta.get("sha256"):
             return None, f"{rel} does not match its recorded sha256"
     return record, None
 
@@ -143,10 +150,8 @@ def _lock(out: Path) -> Any:
 
 def _clean_leftovers(stages_dir: Path) -> None:
     # Temp dirs of a killed run (safe: we hold the lock, so nobody else writes here).
-    for leftover in stages_dir.glob(".tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    for leftover in stages_dir.glob(".old-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in [*stages_dir.glob(".tmp-*"), *stages_dir.glob(".old-*")]:
+        remove_tree(leftover, root=stages_dir)
 
 
 def _stage_index(loaded: Any, name: str | None, option: str) -> int | None:
@@ -287,7 +292,7 @@ def _work_dir(final: Path, key: str) -> Path:
     root = final.parent / f".work-{final.name}"
     for stale in root.glob("*"):
         if stale.name != key[:20]:
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_tree(stale, root=final.parent)
     return root / key[:20]
 
 
@@ -317,7 +322,7 @@ def _run_stage(index, spec, stage, config, key, final, loaded, target, history, 
     try:
         metrics = stage.load_function()(ctx) or {}
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, root=stages_dir)
         manifest["stages"][index] = {"name": spec.name, "type": spec.type, "status": "failed", "error": str(exc)}
         atomic_write_json(out / MANIFEST, manifest)
         if isinstance(exc, EdgekitError) and not exc.where:
@@ -330,11 +335,11 @@ def _run_stage(index, spec, stage, config, key, final, loaded, target, history, 
     # Swap into place: the old result (if any) moves aside first, so `final` is never half-written.
     if final.exists():
         old = stages_dir / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        rename_inside(final, old, root=stages_dir)
+        rename_inside(tmp, final, root=stages_dir)
+        remove_tree(old, root=stages_dir)
     else:
-        os.rename(tmp, final)
-    shutil.rmtree(work_dir.parent, ignore_errors=True)  # resumable state is spent once the result is in place
+        rename_inside(tmp, final, root=stages_dir)
+    remove_tree(work_dir.parent, root=stages_dir)  # resumable state is spent once the result is in place
     reporter.log(f"[green]✓[/] {spec.name:<14} done    ({seconds:.1f}s){_summary(metrics)}")
     return record
