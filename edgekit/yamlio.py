@@ -407,7 +407,7 @@ def pydantic_error(
         return error_cls(f"unknown key '{key}'", where=where, how=action + valid)
     if kind == "missing":
         return error_cls(f"missing required key '{loc[-1]}'", where=where, how=f"add '{loc[-1]}:' there")
-    message = err["msg"]
+    message = err["msg"].removeprefix("Value error, ")  # pydantic's tag for a validator's ValueError
     value = err.get("input")
     shown = json.dumps(value, default=str) if not isinstance(value, dict) else "a mapping"
     if len(shown) > 60:

@@ -349,3 +349,18 @@ def test_json_reader_bounds(tmp_path):
     path.write_text("[" * 70 + "]" * 70)
     with pytest.raises(EdgekitError, match="nested deeper"):
         load_json_file(path, error_cls=EdgekitError)
+
+
+def test_hostile_data_sources(tmp_path):
+    from edgekit.errors import DataError
+    from edgekit.models.text import resolve_text_source
+
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="neither a regular file"):
+        resolve_text_source(str(fifo))
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError) as info:
+        resolve_text_source(str(deep)).read("text")
+    assert "line 2" in str(info.value)

@@ -86,6 +86,9 @@ def _read_file(path: Path, text_field: str) -> str:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"invalid JSON: {exc.msg}", where=f"{path} line {number}", how="make each line one JSON object") from None
+        except (ValueError, RecursionError) as exc:  # a 5000-digit number, hostile nesting
+            raise DataError(f"invalid JSON record: {type(exc).__name__}", where=f"{path} line {number}",
+                            how="make each line one flat JSON object with a text field") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise DataError(
                 f"record has no string field '{text_field}'",
@@ -112,6 +115,9 @@ def resolve_text_source(spec: str, *, base_dir: Path | None = None) -> TextSourc
             where=str(path),
             how=f"fix the path (relative to the recipe's directory) or use '{BUILTIN_PYTHON_DOCS}'",
         )
+    if not path.is_file() and not path.is_dir():
+        raise DataError("data path is neither a regular file nor a directory (a FIFO or a device?)", where=str(path),
+                        how="give a .txt or .jsonl file or a directory of them")
     if path.is_file():
         if path.suffix not in (".txt", ".jsonl"):
             raise DataError(f"unsupported data file type '{path.suffix}'", where=str(path), how="give a .txt or .jsonl file")
