@@ -15,6 +15,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -212,7 +213,7 @@ def test_a_tampered_file_on_the_device_is_found_and_repaired(device, tiny_bundle
     assert _current(root, "tamper") == version
 
 
-def test_an_interrupted_upload_resumes(device, tiny_bundle, installed, tmp_path, tmp_path_factory):
+def test_an_interrupted_upload_resumes(device, tiny_bundle, installed, tmp_path, tmp_path_factory, monkeypatch):
     root, _ = installed
     small = device.deploy(variant(tiny_bundle, tmp_path / "v1", "resume"), root)
     assert small["status"] == "deployed"
@@ -221,10 +222,11 @@ def test_an_interrupted_upload_resumes(device, tiny_bundle, installed, tmp_path,
 
     # A deploy over a slow link (rsync --bwlimit 12 MiB/s), killed with its whole process group
     # (edgekit, ssh, rsync) once a third of the padding is on the device.
+    local_tmp = tmp_path_factory.mktemp("s")
     slow = subprocess.Popen([sys.executable, "-m", "edgekit", "deploy", str(padded), "--host", device.host, "-q",
                              *device.cli_args(root)],
                             # TMPDIR: the killed ssh master's control socket directory stays with the test's files
-                            env=dict(os.environ, EDGEKIT_DEPLOY_BWLIMIT="12288", TMPDIR=str(tmp_path_factory.mktemp("s"))),
+                            env=dict(os.environ, EDGEKIT_DEPLOY_BWLIMIT="12288", TMPDIR=str(local_tmp)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
     def on_device() -> int:
@@ -247,8 +249,14 @@ def test_an_interrupted_upload_resumes(device, tiny_bundle, installed, tmp_path,
     assert _current(root, "resume") == small["version"]  # the previous version still runs
     assert not (root / "bundles" / "resume" / padded_version(padded)).exists()
 
+    # What the killed edgekit left here: its ssh control directory only (the file list goes to rsync on its stdin).
+    left = [p.name for p in local_tmp.iterdir()]
+    assert left == [p.name for p in local_tmp.glob(f"ek-ssh-{slow.pid}-*")] and len(left) == 1, left
+    (local_tmp / "unrelated").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(local_tmp))
     resumed = device.deploy(padded, root)
     assert resumed["status"] == "deployed" and resumed["previous"] == small["version"], resumed["error"]
+    assert [p.name for p in local_tmp.iterdir()] == ["unrelated"]  # the next deploy removed the stale one
     # The bytes already on the device were not sent again (rsync rebuilt them from the partial file).
     assert resumed["bytes_matched"] >= PAD_BYTES // 3 - 2**20
     assert resumed["bytes_literal"] <= PAD_BYTES - PAD_BYTES // 3 + 2**20
@@ -461,3 +469,236 @@ def test_build_engine_and_validate_run_on_the_device(device, tiny_bundle, instal
     # The engine-built version verifies against its record on a re-deploy.
     again = device.deploy(bundle, root, build_engine=True)
     assert again["status"] == "up-to-date" and again["warnings"] == []
+
+
+# --- a full disk, temp files, re-deploys ----------------------------------------------------
+
+
+@pytest.fixture
+def small_disk():
+    """mount(path, size): a tmpfs of ``size`` at ``path`` (a real full disk for the device);
+    skipped where this user cannot mount one (not root)."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("needs root to mount a small tmpfs (the out-of-space refusal is tested without it too)")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(directory: Path, leave: int = 0) -> Path:
+    """Fill the filesystem of ``directory`` (an unrelated file) until ``leave`` bytes are free."""
+    filler = directory / "someone-elses-file.bin"
+    with open(filler, "ab") as handle:
+        try:
+            while True:
+                st = os.statvfs(directory)
+                room = st.f_bavail * st.f_frsize - leave
+                if room <= 0:
+                    break
+                handle.write(b"\0" * min(room, 2**20))
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def _leftovers(path: Path) -> list[str]:
+    """Temporary entries of ours: records/link temp files, trash folders, rsync temp files."""
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                  if ".tmp-" in p.name or p.name.startswith((".trash-", "ek-ssh-", "edgekit-files-"))
+                  or (p.name.startswith(".") and p.name[1:].split(".")[0] in ("pad", "model", "tokenizer")))
+
+
+@pytest.fixture
+def local_tmp(tmp_path_factory, monkeypatch) -> Path:
+    """This process's temp directory, for what a deploy writes locally (ssh control sockets;
+    a short path: a unix socket's is limited to ~100 bytes)."""
+    path = tmp_path_factory.mktemp("lt")
+    monkeypatch.setattr("tempfile.tempdir", str(path))
+    return path
+
+
+def test_too_little_free_space_is_refused_before_uploading(device, tiny_bundle, installed, tmp_path, monkeypatch):
+    root, _ = installed
+    bundle = variant(tiny_bundle, tmp_path / "nospace", "nospace")
+    monkeypatch.setenv("EDGEKIT_DEPLOY_TEST_FREE_BYTES", str(100 * 1024))  # the agent's statvfs, overridden (tests only)
+    result = device.deploy(bundle, root)
+    assert result["status"] == "failed" and result["bytes_sent"] == 0
+    error = result["error"]
+    assert re.match(r"the device is out of space: 0\.1 MiB free on the filesystem of .*/bundles/nospace, this deploy needs "
+                    r"1\.\d MiB \(.*\)\. To resolve, free at least 1\.\d MiB more there", error), error
+    assert "broken pipe" not in error.lower() and "run the deploy again" not in error
+    assert not (root / "bundles" / "nospace" / ".incoming" / result["version"]).exists()  # nothing prepared, nothing sent
+
+
+def test_a_full_disk_is_named_with_what_is_needed_and_a_redeploy_works(device, tiny_bundle, installed, tmp_path,
+                                                                       small_disk, local_tmp):
+    root, _ = installed
+    disk = small_disk(root / "bundles" / "full", "16m")
+    small = device.deploy(variant(tiny_bundle, tmp_path / "small", "full"), root)
+    assert small["status"] == "deployed", small["error"]
+    padded = variant(tiny_bundle, tmp_path / "padded", "full", {"pad.bin": os.urandom(4 * 2**20)})
+    # The device's disk fills up during the upload: a --rsync-path wrapper fills it (an unrelated
+    # file) before the device's rsync starts receiving.
+    filling = tmp_path / "filling-rsync"
+    filling.write_text(f"#!/bin/sh\n{sys.executable} -c 'import sys; sys.path.insert(0, \"{Path(__file__).parent}\"); "
+                       f"from test_deploy import _fill; from pathlib import Path; _fill(Path(\"{disk}\"), 256 * 1024)'\n"
+                       "exec rsync \"$@\"\n")
+    filling.chmod(0o755)
+    failed = device.deploy(padded, root, rsync_path=str(filling))
+    assert failed["status"] == "failed"
+    error = failed["error"]
+    assert error.startswith("the device is out of space (No space left on device during the upload): "), error
+    assert re.search(r"MiB free on the filesystem of .*/bundles/full, this deploy needs 5\.\d MiB", error), error
+    assert "broken pipe" not in error.lower() and "resumes" not in error
+    # the partial upload that filled the disk is gone; the unrelated file is not; current is untouched
+    assert not (disk / ".incoming" / failed["version"]).exists() and (disk / "someone-elses-file.bin").is_file()
+    assert _current(root, "full") == small["version"]
+    assert _leftovers(disk) == [] and _leftovers(local_tmp) == []
+
+    (disk / "someone-elses-file.bin").unlink()
+    done = device.deploy(padded, root)
+    assert done["status"] == "deployed" and done["previous"] == small["version"], done["error"]
+
+    # The disk full again: versions already on the device are switched to, and re-deploys are up to date.
+    _fill(disk)
+    assert os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize < 64 * 1024
+    back = device.deploy(variant(tiny_bundle, tmp_path / "small2", "full"), root)
+    assert back["status"] == "deployed" and back["version"] == small["version"] and back["bytes_sent"] == 0, back["error"]
+    assert _current(root, "full") == small["version"]
+    again = device.deploy(padded, root)
+    assert again["status"] == "deployed" and again["bytes_sent"] == 0 and _current(root, "full") == done["version"]
+    assert device.deploy(padded, root)["status"] == "up-to-date"
+    assert _leftovers(disk) == [] and _leftovers(local_tmp) == []
+
+
+def test_a_too_small_disk_is_refused_before_anything_is_sent(device, tiny_bundle, installed, tmp_path, small_disk, local_tmp):
+    root, _ = installed
+    disk = small_disk(root / "bundles" / "tiny-disk", "2m")
+    padded = variant(tiny_bundle, tmp_path / "padded", "tiny-disk", {"pad.bin": os.urandom(4 * 2**20)})
+    result = device.deploy(padded, root)
+    assert result["status"] == "failed" and result["bytes_sent"] == 0
+    assert re.match(r"the device is out of space: 2\.0 MiB free on the filesystem of .*/bundles/tiny-disk, this deploy "
+                    r"needs 5\.\d MiB .*To resolve, free at least 3\.\d MiB more there", result["error"]), result["error"]
+    assert list(disk.iterdir()) == [] and _leftovers(local_tmp) == []
+
+
+def test_temporary_entries_of_killed_agents_are_removed_and_nothing_else(device, tiny_bundle, installed, tmp_path):
+    root, _ = installed
+    bundle = variant(tiny_bundle, tmp_path / "stale", "stale")
+    first = device.deploy(bundle, root)
+    bundles = root / "bundles" / "stale"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    planted = [bundles / f".current.tmp-{dead.pid}", bundles / ".records" / f"{first['version']}.json.tmp-{dead.pid}",
+               bundles / ".incoming" / f".trash-0123456789ab-{dead.pid}"]
+    planted[0].symlink_to("/etc")
+    planted[1].write_text("{")
+    (planted[2] / "sub").mkdir(parents=True)
+    kept = [bundles / "notes.txt", bundles / f".current.tmp-{os.getpid()}", bundles / ".records" / "by-hand.json.bak"]
+    for path in kept:
+        path.write_text("mine")
+    again = device.deploy(variant(tiny_bundle, tmp_path / "stale2", "stale", {"n.txt": b"2"}), root)
+    assert again["status"] == "deployed", again["error"]
+    assert not any(os.path.lexists(p) for p in planted) and Path("/etc").is_dir()
+    assert all(p.read_text() == "mine" for p in kept)
+
+
+# --- names ----------------------------------------------------------------------------------
+
+
+BAD_NAMES = {"traversal": "../../etc", "absolute": "/etc", "NUL": "ti\x00ny", "slash": "a/b", "dot-dot": "..",
+             "empty": "", "over-long": "n" * 129, "leading dot": ".hidden", "leading dash": "-oProxyCommand=x",
+             "newline": "tiny\n"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NAMES))
+def test_a_bad_bundle_name_is_refused_before_connecting(case, tiny_bundle, tmp_path):
+    from edgekit.deploy.deploy import load_bundle
+    from edgekit.deploy.fleet import _bundle_name
+
+    bundle = variant(tiny_bundle, tmp_path / "b", "tiny")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["name"] = BAD_NAMES[case]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DeployError, match="invalid bundle name in manifest.json"):
+        load_bundle(bundle)
+    with pytest.raises(DeployError, match="invalid bundle name"):
+        _bundle_name(bundle)  # --rollback BUNDLE_DIR
+    if case not in ("empty", "absolute", "dot-dot", "traversal"):  # those name existing paths here
+        with pytest.raises(DeployError, match="invalid bundle name"):
+            _bundle_name(BAD_NAMES[case])  # --rollback NAME
+
+
+def test_a_bad_manifest_row_is_refused_before_connecting(tiny_bundle, tmp_path):
+    from edgekit.deploy.deploy import load_bundle
+
+    for rel in ("../outside", "/etc/passwd", "a\\b", "", "sub//x", ".ssh/authorized_keys", "x" * 200):
+        bundle = variant(tiny_bundle, tmp_path / f"b{len(rel)}-{abs(hash(rel))}", "tiny")
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["files"][rel] = {"sha256": "0" * 64, "size": 1}
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(Exception, match="invalid file name in manifest.json"):
+            load_bundle(bundle)
+
+
+def test_the_agent_refuses_unsafe_names_and_paths(tmp_path, monkeypatch):
+    """The device side's own (stdlib) checks, called directly: as strict as edgekit.names."""
+    import edgekit.deploy.agent as agent
+
+    root = tmp_path / "root"
+    (root / "bundles" / "tiny").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    monkeypatch.setattr(agent, "SERVED_ROOT", str(root))
+    base = {"root": str(root), "name": "tiny", "version": "0123456789ab"}
+    for bad in BAD_NAMES.values():
+        for op, payload in (("discard", {}), ("free", {}), ("rollback", {}),
+                            ("finish", {"uploaded": False, "keep": 3})):
+            with pytest.raises(agent.Refused, match="invalid bundle name"):
+                agent.OPERATIONS[op](dict(base, name=bad, **payload))
+    for bad in ("../x", "0123456789ab\n", "0123456789AB", "0123456789ab-engine/..", "", "current"):
+        with pytest.raises(agent.Refused, match="invalid (version|rollback version)"):
+            agent.discard(dict(base, version=bad))
+        if bad:  # (an empty `to` is "not given": the previous version)
+            with pytest.raises(agent.Refused, match="invalid rollback version"):
+                agent.rollback(dict(base, to=bad))
+    with pytest.raises(agent.Refused, match="is not the root this agent serves"):
+        agent.discard(dict(base, root=str(outside)))
+    for bad in ("../x", "/etc/passwd", "a/../../b", "a//b", ".ssh/x", "a\\b", "", "x\x00", "x" * 129, "-r"):
+        with pytest.raises(agent.Refused, match="invalid file name"):
+            agent.prepare({"root": str(root), "dir": str(root / "bundles" / "tiny" / ".incoming" / "v"), "names": [bad]})
+    for directory in (str(outside), str(root), str(root / "bundles" / ".." / ".." / "outside"), "/"):
+        with pytest.raises(agent.Refused, match="not inside"):
+            agent.prepare({"root": str(root), "dir": directory, "names": ["manifest.json"]})
+        with pytest.raises(agent.Refused, match="not inside"):
+            agent.verify({"root": str(root), "dir": directory})
+    with pytest.raises(agent.Refused, match="not inside"):
+        agent._remove_tree(str(outside), str(root))
+    (root / "bundles" / "tiny" / "escape").symlink_to(outside)
+    with pytest.raises(agent.Refused, match="not inside"):
+        agent._remove_tree(str(root / "bundles" / "tiny" / "escape" / "precious"), str(root / "bundles" / "tiny"))
+    with pytest.raises(agent.Refused, match="invalid runtime key"):
+        agent.install_runtime({"root": str(root), "key": "../../x"})
+    with pytest.raises(agent.Refused, match="is not in"):
+        agent.install_runtime({"root": str(root), "key": "0.1.0-abc", "sdist": str(outside / "edgekit-0.1.0.tar.gz")})
+    # a manifest row that leaves the bundle fails verification, naming it
+    version_dir = root / "bundles" / "tiny" / "0123456789ab"
+    version_dir.mkdir()
+    (version_dir / "manifest.json").write_text(json.dumps({"files": {"../../../outside/precious": {"sha256": "0" * 64,
+                                                                                                     "size": 4}}}))
+    check = agent.verify({"root": str(root), "dir": str(version_dir)})
+    assert check["ok"] is False and "invalid file name in manifest.json '../../../outside/precious'" in check["error"]
+    assert (outside / "precious").read_text() == "keep"

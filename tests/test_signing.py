@@ -419,3 +419,60 @@ def test_unpack_checks_before_the_bundle_appears(bundle, keys, tmp_path, monkeyp
         with pytest.raises(EdgekitError, match="damaged or truncated"):
             safe_extract(tmp_path / "short.tar", tmp_path / "short")
         assert not (tmp_path / "short").exists() or list((tmp_path / "short").iterdir()) == []
+
+
+def test_unsigned_device_built_files_are_named_on_unpack_verify_and_load(bundle, keys, tmp_path, monkeypatch, caplog):
+    import logging
+
+    pub = keys["publisher"]["public"]
+    signed = verify_bundle(bundle, [pub]).files
+    # what build-engine adds on a device, recorded in the manifest's table as it records it
+    (bundle / "engine").mkdir()
+    (bundle / "engine" / "jetson-orin-nano-8gb.plan").write_bytes(b"engine built on the device")
+    (bundle / "build_engine.sh").write_text("#!/bin/sh\n")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for rel in ("engine/jetson-orin-nano-8gb.plan", "build_engine.sh"):
+        data = (bundle / rel).read_bytes()
+        manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    unsigned = ["build_engine.sh", "engine/jetson-orin-nano-8gb.plan"]
+    runner = CliRunner()
+
+    verified = runner.invoke(main, ["verify", str(bundle), "--key", pub])
+    assert verified.exit_code == 0, verified.output
+    head, *rest = verified.stdout.splitlines()
+    assert head.startswith(f"verified: {signed} files") and f"signed by {keys['publisher']['key_id']}" in head
+    assert not any(rel in head for rel in unsigned)  # never under "signed by"
+    assert rest == ["  unsigned (device-built, not covered by the signature): 2 file(s)", *(f"    {rel}" for rel in unsigned)]
+
+    write_tar(bundle, tmp_path / "built.tar")
+    _trust(monkeypatch, pub)
+    unpacked = runner.invoke(main, ["unpack", str(tmp_path / "built.tar"), str(tmp_path / "device")])
+    assert unpacked.exit_code == 0, unpacked.output
+    head, *rest = unpacked.stdout.splitlines()
+    total = len(manifest["files"])
+    assert f": {total} files (" in head and f"{signed} of them signed by {keys['publisher']['key_id']}" in head
+    assert rest == ["  unsigned (device-built, not covered by the signature): 2 file(s)", *(f"    {rel}" for rel in unsigned)]
+    assert "warning:" not in unpacked.output  # named once, by the command
+
+    # loading (the runtime, build-engine, check all go through require_trusted): a warning naming them
+    with caplog.at_level(logging.WARNING, logger="edgekit.signing"):
+        report = require_trusted(tmp_path / "device" / "tiny")
+    assert report.unsigned == unsigned
+    messages = [r.getMessage() for r in caplog.records if r.name == "edgekit.signing"]
+    assert len(messages) == 1 and messages[0].startswith("warning: 2 unsigned file(s) in ")
+    assert messages[0].endswith(f"not covered by the signature of {keys['publisher']['key_id']}: {', '.join(unsigned)}")
+
+
+def test_a_signature_payload_with_an_unsafe_path_is_refused(bundle, keys, tmp_path):
+    from edgekit.bundle.signing import _safe_rel
+
+    for rel in ("../x", "/etc/passwd", "a//b", "a\\b", "", ".hidden", "x\x00", "n" * 129, "sub/./x"):
+        assert not _safe_rel(rel), rel
+    assert _safe_rel("engine/ort-jetson-orin-nano-8gb/cache.engine")
+    # a manifest row that would leave the bundle: sign refuses it by name
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["../outside.txt"] = {"sha256": "0" * 64, "size": 1}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EdgekitError, match=r"invalid file name in manifest\.json '\.\./outside\.txt'"):
+        sign_bundle(bundle, keys["publisher"]["private"])

@@ -1,43 +1,151 @@
 """Safe extraction of a bundle's ``.tar`` and the check of its files against the manifest.
 
 A bundle archive is what :func:`edgekit.bundle.writer.write_tar` writes: one top directory
-(the bundle's name) holding regular files and directories, nothing else. Anything else is
-refused before a byte is written, with the member named:
+(the bundle's name) holding regular files and directories, nothing else, and every file
+listed with its size and sha256 in the bundle's ``manifest.json``. Anything else is refused
+*before a byte is written*, with the member named:
 
-* an absolute name, a ``..`` component, members outside the single top directory;
+* a name that breaks the safe-name rule (:mod:`edgekit.names`) in any component: absolute
+  names, ``..``, NUL, backslashes, empty or over-long names, hidden (dot) names;
+  members outside the single top directory;
 * any link. Symbolic or hard links that leave the bundle are the classic way a tar writes
   outside its destination; links that stay inside are refused too, because ``write_tar``
   never produces one (a bundle's files are copies), so a link means the archive did not come
   from edgekit, and a link inside a bundle makes "the file that was verified" and "the file
   that is loaded" two different things;
-* device nodes, FIFOs and other special members; a name that appears twice; a member below a
-  name that is a file.
+* device nodes, FIFOs, sparse and other special members; a name that appears twice; a
+  member below a name that is a file;
+* a file that is not in the manifest's table, or whose declared size differs from the
+  manifest's (a member claiming 1 GiB where the manifest says 10 kB is refused from its
+  header, without reading or writing its data); a manifest file missing from the archive;
+* more than :data:`MAX_MEMBERS` members, a manifest larger than :data:`MAX_MANIFEST_BYTES`,
+  a bundle larger than ``max_bytes`` (:data:`MAX_TOTAL_BYTES`) or than the free space.
 
-Extraction goes to a temporary directory beside the destination (Python's ``filter="data"``
-as a second layer: it also strips setuid/setgid and group/other write bits), an optional
-check runs on the extracted bundle, and only then is it renamed into place: an interrupted,
-malformed or failing unpack leaves nothing at the destination.
+Only then are files written, each streamed through sha256 and refused (naming it) as soon as
+it differs from the manifest, into a temporary directory beside the destination named
+``.edgekit-unpack-<pid>-<random>``; an optional check runs on the extracted bundle, and only
+then is it renamed into place: an interrupted, malformed or failing unpack leaves nothing at
+the destination. A temporary directory left by a killed unpack (SIGKILL, power loss) is
+removed by the next unpack into the same destination once its process is gone (or it is
+older than :data:`STALE_AFTER_S`); nothing else there is touched.
 """
 
 from __future__ import annotations
 
+import bz2
+import errno
+import gzip
+import hashlib
+import io
 import json
+import lzma
 import os
 import posixpath
+import re
 import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from edgekit.errors import EdgekitError, OutputError
+from edgekit.names import name_problem, require_inside
 
 _HOW_ARCHIVE = "use the .tar written by `edgekit compress` (or re-create it from the bundle directory); do not unpack this file"
+
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "signature.json"
+MAX_MEMBERS = 10_000  # a bundle has a few dozen files
+MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_SIGNATURE_BYTES = 16 * 2**20
+MAX_TOTAL_BYTES = 256 * 2**30  # the default bound on what one unpack writes
+MAX_PATH_CHARS = 1024  # a file's path inside the bundle
+MAX_DEPTH = 16
+_MAX_HEADER_READ = 8 * 2**20  # the largest single read tarfile may make (pax / GNU long-name headers)
+_CHUNK = 1 << 20
+UNPACK_TEMP_PREFIX = ".edgekit-unpack-"
+STALE_AFTER_S = 24 * 3600
+_UNPACK_TEMP = re.compile(re.escape(UNPACK_TEMP_PREFIX) + r"(\d+)-[a-z0-9_]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+# --------------------------------------------------------------------------- bundle-relative paths
+
+
+def bundle_path_problem(rel: Any) -> str | None:
+    """Why ``rel`` is not a normalized relative path inside a bundle, or None when it is:
+    '/'-separated components that each pass :func:`edgekit.names.name_problem`, at most
+    :data:`MAX_DEPTH` deep and :data:`MAX_PATH_CHARS` long."""
+    if not isinstance(rel, str):
+        return f"a path must be a string, not {type(rel).__name__}"
+    if not rel:
+        return "the path is empty"
+    if len(rel) > MAX_PATH_CHARS:
+        return f"the path is {len(rel)} characters long (at most {MAX_PATH_CHARS})"
+    if "\x00" in rel:
+        return "the path contains a NUL byte"
+    if "\\" in rel:
+        return "the path contains a backslash"
+    if rel.startswith("/"):
+        return "the path is absolute"
+    parts = rel.split("/")
+    if any(part in ("..", ".") for part in parts):
+        return "the path has a '.' or '..' component"
+    if any(part == "" for part in parts):
+        return "the path is not normalized (an empty component: '//' or a trailing '/')"
+    if len(parts) > MAX_DEPTH:
+        return f"the path is {len(parts)} levels deep (at most {MAX_DEPTH})"
+    for part in parts:
+        problem = name_problem(part)
+        if problem is not None:
+            return f"component {_shown(part)}: {problem}"
+    return None
+
+
+def _shown(value: str) -> str:
+    text = ascii(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_bundle_path(rel: Any, *, what: str = "file name", where: str | None = None,
+                      error_cls: type[EdgekitError] = EdgekitError,
+                      how: str = "rebuild the bundle (edgekit compress); bundle paths are relative, without '..'") -> str:
+    problem = bundle_path_problem(rel)
+    if problem is not None:
+        shown = _shown(rel) if isinstance(rel, str) else type(rel).__name__
+        raise error_cls(f"invalid {what} {shown}: {problem}", where=where, how=how)
+    return rel
+
+
+def check_file_table(files: Any, *, where: str, error_cls: type[EdgekitError] = EdgekitError,
+                     how: str = "rebuild the bundle (edgekit compress)") -> dict[str, dict[str, Any]]:
+    """The manifest's ``files`` table after checking its shape: at most :data:`MAX_MEMBERS`
+    rows, each a safe bundle path (:func:`bundle_path_problem`) with an integer ``size`` >= 0
+    and a 64-hex ``sha256``; manifest.json itself is never a row. Raises naming the row."""
+    if not isinstance(files, dict) or not files:
+        raise error_cls("manifest.json has no file table", where=where, how=how)
+    if len(files) > MAX_MEMBERS:
+        raise error_cls(f"manifest.json lists {len(files)} files (at most {MAX_MEMBERS})", where=where, how=how)
+    for rel, meta in files.items():
+        check_bundle_path(rel, what="file name in manifest.json", where=where, error_cls=error_cls, how=how)
+        if rel == MANIFEST_NAME:
+            raise error_cls("manifest.json lists itself in its file table", where=where, how=how)
+        size = meta.get("size") if isinstance(meta, dict) else None
+        digest = meta.get("sha256") if isinstance(meta, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise error_cls(f"manifest.json's row for {rel} has no valid size", where=where, how=how)
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise error_cls(f"manifest.json's row for {rel} has no valid sha256", where=where, how=how)
+    return files
+
+
+# --------------------------------------------------------------------------- members
 
 
 def _refuse(member: tarfile.TarInfo | str, what: str, tar_path: Path) -> EdgekitError:
     name = member.name if isinstance(member, tarfile.TarInfo) else member
-    return EdgekitError(f"unsafe bundle archive: member {name!r} {what}", where=str(tar_path), how=_HOW_ARCHIVE)
+    return EdgekitError(f"unsafe bundle archive: member {_shown(name)} {what}", where=str(tar_path), how=_HOW_ARCHIVE)
 
 
 def _parts(name: str) -> list[str]:
@@ -46,9 +154,11 @@ def _parts(name: str) -> list[str]:
 
 def check_members(members: list[tarfile.TarInfo], tar_path: Path) -> str:
     """The archive's single top directory; raises naming the first member that is not a
-    plain file or directory inside it."""
+    plain file or directory inside it, or whose name breaks the safe-name rule."""
     top: str | None = None
     seen: dict[str, tarfile.TarInfo] = {}
+    if len(members) > MAX_MEMBERS:
+        raise EdgekitError(f"the archive has more than {MAX_MEMBERS} members", where=str(tar_path), how=_HOW_ARCHIVE)
     for member in members:
         name = member.name
         if "\x00" in name:
@@ -74,12 +184,21 @@ def check_members(members: list[tarfile.TarInfo], tar_path: Path) -> str:
             raise _refuse(member, "is a device node", tar_path)
         if member.isfifo():
             raise _refuse(member, "is a FIFO", tar_path)
-        if not (member.isreg() or member.isdir()):
+        if member.issparse():
+            raise _refuse(member, "is a sparse file; a bundle archive holds only plain files and directories", tar_path)
+        if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
             raise _refuse(member, f"is not a regular file or directory (tar type {member.type!r})", tar_path)
         if not parts:
             if member.isdir():  # "./": the archive root itself, as `tar -C dir .` writes it
                 continue
             raise _refuse(member, "has an empty name", tar_path)
+        if len(parts) > 1:
+            problem = bundle_path_problem("/".join(parts[1:]))
+            if problem is not None:
+                raise _refuse(member, f"has an unsafe name ({problem})", tar_path)
+        problem = name_problem(parts[0])
+        if problem is not None:
+            raise _refuse(member, f"has an unsafe top directory name ({problem})", tar_path)
         if top is None:
             top = parts[0]
         elif parts[0] != top:
@@ -101,70 +220,309 @@ def check_members(members: list[tarfile.TarInfo], tar_path: Path) -> str:
     return top
 
 
-def safe_extract(tar_path: str | Path, dest_dir: str | Path, *, check: Callable[[Path], Any] | None = None) -> Path:
+class _HeaderBound(io.RawIOBase):
+    """A read-only view of the archive stream that refuses any single read larger than
+    :data:`_MAX_HEADER_READ`: tarfile reads a pax or GNU long-name header in one call of the
+    size the header claims, so a hostile header claiming gigabytes would be read into memory."""
+
+    def __init__(self, raw: Any):
+        self._raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > _MAX_HEADER_READ:
+            raise tarfile.ReadError(f"a header or read of {size} bytes (more than {_MAX_HEADER_READ})")
+        return self._raw.read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
+def _open_stream(tar_path: Path) -> Any:
+    """The archive's uncompressed byte stream (plain tar, .gz, .bz2 or .xz), header-bounded."""
+    raw = open(tar_path, "rb")
+    magic = raw.read(6)
+    raw.seek(0)
+    if magic[:2] == b"\x1f\x8b":
+        stream: Any = gzip.GzipFile(fileobj=raw, mode="rb")
+    elif magic[:3] == b"BZh":
+        stream = bz2.BZ2File(raw, mode="rb")
+    elif magic == b"\xfd7zXZ\x00":
+        stream = lzma.LZMAFile(raw, mode="rb")
+    else:
+        stream = raw
+    return raw, stream, _HeaderBound(stream)
+
+
+def _read_members(tar: tarfile.TarFile, tar_path: Path) -> list[tarfile.TarInfo]:
+    members = []
+    try:
+        while True:
+            member = tar.next()
+            if member is None:
+                break
+            members.append(member)
+            if len(members) > MAX_MEMBERS:
+                raise EdgekitError(f"the archive has more than {MAX_MEMBERS} members (a bundle has a few dozen files)",
+                                   where=str(tar_path), how=_HOW_ARCHIVE)
+    except (tarfile.TarError, OSError, EOFError, EdgekitError) as exc:
+        if isinstance(exc, EdgekitError):
+            raise
+        raise EdgekitError(f"the archive is damaged or truncated ({exc})", where=str(tar_path), how=_HOW_ARCHIVE) from None
+    return members
+
+
+def _read_manifest_member(tar: tarfile.TarFile, member: tarfile.TarInfo | None, top: str, tar_path: Path) -> dict[str, Any]:
+    if member is None or not member.isreg():
+        raise EdgekitError(f"the archive has no {top}/{MANIFEST_NAME}", where=str(tar_path),
+                           how="unpack only bundle archives written by `edgekit compress`")
+    if member.size > MAX_MANIFEST_BYTES:
+        raise _refuse(member, f"declares {member.size} bytes (a manifest is at most {MAX_MANIFEST_BYTES})", tar_path)
+    try:
+        handle = tar.extractfile(member)
+        data = handle.read(member.size) if handle is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise EdgekitError(f"the archive is damaged or truncated ({exc})", where=str(tar_path), how=_HOW_ARCHIVE) from None
+    if len(data) != member.size:
+        raise EdgekitError(f"the archive is damaged or truncated ({member.name} is short)", where=str(tar_path),
+                           how="download or copy the archive again")
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise EdgekitError(f"{top}/{MANIFEST_NAME} in the archive is not valid JSON", where=str(tar_path),
+                           how=_HOW_ARCHIVE) from None
+    if not isinstance(manifest, dict):
+        raise EdgekitError(f"{top}/{MANIFEST_NAME} in the archive is not a JSON object", where=str(tar_path), how=_HOW_ARCHIVE)
+    return manifest
+
+
+def plan_members(members: list[tarfile.TarInfo], top: str, files: dict[str, dict[str, Any]],
+                 tar_path: Path) -> list[tuple[tarfile.TarInfo, str]]:
+    """(member, bundle-relative path) of every member to write, after checking each file's
+    declared size against the manifest's table (refusing, by name, a file the table does not
+    list or whose size differs) and that every listed file is in the archive."""
+    planned: list[tuple[tarfile.TarInfo, str]] = []
+    present: set[str] = set()
+    for member in members:
+        parts = _parts(member.name)
+        rel = "/".join(parts[1:])
+        if not rel:
+            continue
+        if member.isdir():
+            if rel in files:
+                raise _refuse(member, "is a directory where the manifest lists a file", tar_path)
+            planned.append((member, rel))
+            continue
+        if rel == MANIFEST_NAME:
+            pass
+        elif rel in files:
+            expected = files[rel]["size"]
+            if member.size != expected:
+                raise _refuse(member, f"declares {member.size} bytes, but the manifest says {expected}", tar_path)
+        elif rel == SIGNATURE_NAME:
+            if member.size > MAX_SIGNATURE_BYTES:
+                raise _refuse(member, f"declares {member.size} bytes (a signature is at most {MAX_SIGNATURE_BYTES})", tar_path)
+        else:
+            raise _refuse(member, "is not in the manifest's file table", tar_path)
+        present.add(rel)
+        planned.append((member, rel))
+    missing = sorted(rel for rel in files if rel not in present)
+    if missing:
+        raise EdgekitError(f"{missing[0]} is listed in manifest.json but not in the archive", where=str(tar_path),
+                           how="download or copy the archive again, or re-create it from the bundle directory")
+    return planned
+
+
+# --------------------------------------------------------------------------- temporary directories
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    except OSError:
+        return False
+    return True
+
+
+def clean_stale_unpack_dirs(dest_dir: Path, *, now: float | None = None) -> list[Path]:
+    """Remove the temporary directories that killed unpacks left in ``dest_dir``: only
+    directories named ``.edgekit-unpack-<pid>-<random>``, owned by this user, whose process is
+    gone (or that are older than :data:`STALE_AFTER_S`). Nothing else is touched. Returns them."""
+    removed: list[Path] = []
+    now = time.time() if now is None else now
+    try:
+        entries = list(os.scandir(dest_dir))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _UNPACK_TEMP.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                continue
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if info.st_uid != os.getuid():
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or (_pid_alive(pid) and now - info.st_mtime < STALE_AFTER_S):
+            continue
+        path = require_inside(Path(entry.path), dest_dir, what="a stale unpack directory")
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, expected: str | None,
+                  tar_path: Path, rel: str) -> None:
+    """Stream one file member to ``path`` (a new file), hashing it; refuse as soon as it is known
+    to differ from the manifest's sha256."""
+    handle = tar.extractfile(member)
+    if handle is None:
+        raise _refuse(member, "has no data", tar_path)
+    mode = 0o755 if member.mode & 0o100 else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    digest = hashlib.sha256()
+    remaining = member.size
+    with os.fdopen(fd, "wb") as out:
+        while remaining > 0:
+            try:
+                chunk = handle.read(min(_CHUNK, remaining))
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise EdgekitError(f"the archive is damaged or truncated ({exc})", where=str(tar_path),
+                                   how=_HOW_ARCHIVE) from None
+            if not chunk:
+                raise EdgekitError(f"the archive is damaged or truncated ({member.name} is short)", where=str(tar_path),
+                                   how="download or copy the archive again")
+            digest.update(chunk)
+            out.write(chunk)
+            remaining -= len(chunk)
+    os.chmod(path, mode)
+    if expected is not None and digest.hexdigest() != expected:
+        raise EdgekitError(f"{rel} does not match its sha256 in manifest.json", where=f"{tar_path}: {member.name}",
+                           how="download or copy the archive again from its source")
+    os.utime(path, (member.mtime, member.mtime))
+
+
+def safe_extract(tar_path: str | Path, dest_dir: str | Path, *, check: Callable[[Path], Any] | None = None,
+                 max_bytes: int = MAX_TOTAL_BYTES) -> Path:
     """Extract a bundle archive to ``dest_dir/<top directory>`` and return that path.
 
-    Every member is checked first (see the module doc); extraction goes to a temporary
-    directory in ``dest_dir`` and is renamed into place only after ``check(extracted_dir)``
-    (if given) returned; on any failure nothing is left behind. Refuses an existing target."""
+    Every member is checked first against the rules and the archive's own manifest (see the
+    module doc); files are written into a temporary directory in ``dest_dir``, each checked
+    against its sha256 as it is streamed, and the bundle is renamed into place only after
+    ``check(extracted_dir)`` (if given) returned; on any failure nothing is left behind.
+    Refuses an existing target and a bundle over ``max_bytes``."""
     tar_path, dest_dir = Path(tar_path), Path(dest_dir)
     if not tar_path.is_file():
         raise EdgekitError("bundle archive not found", where=str(tar_path), how="pass the .tar written by `edgekit compress`")
     try:
-        tar = tarfile.open(tar_path, "r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise EdgekitError(f"not a readable tar archive ({exc})", where=str(tar_path), how=_HOW_ARCHIVE) from None
-    with tar:
+        raw, stream, bounded = _open_stream(tar_path)
+    except OSError as exc:
+        raise EdgekitError(f"cannot read the archive ({exc.strerror or exc})", where=str(tar_path), how=_HOW_ARCHIVE) from None
+    try:
         try:
-            members = tar.getmembers()
+            tar = tarfile.open(fileobj=bounded, mode="r:")
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise EdgekitError(f"the archive is damaged or truncated ({exc})", where=str(tar_path), how=_HOW_ARCHIVE) from None
-        # tarfile takes a cut at a header boundary for the end of the archive: a truncated
-        # download would extract as a smaller, "valid" archive. The end-of-archive marker (a
-        # zero block) must follow the last member.
-        tar.fileobj.seek(tar.offset)
-        end = tar.fileobj.read(tarfile.BLOCKSIZE)
-        if len(end) < tarfile.BLOCKSIZE or end.strip(b"\0"):
-            last = members[-1].name if members else "the start"
-            raise EdgekitError(f"the archive is damaged or truncated (no end-of-archive marker after {last!r})",
-                               where=str(tar_path), how="download or copy the archive again")
-        top = check_members(members, tar_path)
-        final = dest_dir / top
-        if final.exists() or final.is_symlink():
-            raise OutputError(f"{top} already exists in the destination", where=str(final),
-                              how="remove it or unpack elsewhere (a bundle is never overwritten in place)")
+            raise EdgekitError(f"not a readable tar archive ({exc})", where=str(tar_path), how=_HOW_ARCHIVE) from None
+        with tar:
+            return _extract(tar, bounded, tar_path, dest_dir, check, max_bytes)
+    finally:
+        stream.close()
+        raw.close()
+
+
+def _extract(tar: tarfile.TarFile, stream: Any, tar_path: Path, dest_dir: Path, check: Callable[[Path], Any] | None,
+             max_bytes: int) -> Path:
+    members = _read_members(tar, tar_path)
+    # tarfile takes a cut at a header boundary for the end of the archive: a truncated
+    # download would extract as a smaller, "valid" archive. The end-of-archive marker (a
+    # zero block) must follow the last member.
+    try:
+        stream.seek(tar.offset)
+        end = stream.read(tarfile.BLOCKSIZE)
+    except (OSError, EOFError, tarfile.TarError):
+        end = b""
+    if len(end) < tarfile.BLOCKSIZE or end.strip(b"\0"):
+        last = members[-1].name if members else "the start"
+        raise EdgekitError(f"the archive is damaged or truncated (no end-of-archive marker after {last!r})",
+                           where=str(tar_path), how="download or copy the archive again")
+    top = check_members(members, tar_path)
+    by_name = {"/".join(_parts(m.name)): m for m in members}
+    manifest = _read_manifest_member(tar, by_name.get(f"{top}/{MANIFEST_NAME}"), top, tar_path)
+    files = check_file_table(manifest.get("files"), where=f"{tar_path}: {top}/{MANIFEST_NAME}", how=_HOW_ARCHIVE)
+    planned = plan_members(members, top, files, tar_path)
+    needed = sum(m.size for m, _ in planned if m.isreg())
+    if needed > max_bytes:
+        raise EdgekitError(f"the bundle declares {needed / 1e6:.1f} MB, more than this unpack allows "
+                           f"({max_bytes / 1e6:.1f} MB)", where=str(tar_path), how=_HOW_ARCHIVE)
+    final = dest_dir / top
+    if final.exists() or final.is_symlink():
+        raise OutputError(f"{top} already exists in the destination", where=str(final),
+                          how="remove it or unpack elsewhere (a bundle is never overwritten in place)")
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_unpack_dirs(dest_dir)
+        free = shutil.disk_usage(dest_dir).free
+        if needed > free:
+            raise OutputError(f"out of space: the bundle needs {needed / 1e6:.1f} MB but only {free / 1e6:.1f} MB are free",
+                              where=str(dest_dir), how="free space or unpack elsewhere")
+        tmp = Path(tempfile.mkdtemp(prefix=f"{UNPACK_TEMP_PREFIX}{os.getpid()}-", dir=dest_dir))
+    except OSError as exc:
+        raise OutputError(f"cannot write the destination ({exc.strerror or exc})", where=str(dest_dir),
+                          how="choose a directory you can write") from None
+    try:
+        root = tmp / top
+        root.mkdir(mode=0o755)
         try:
-            dest_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{top}.unpack-", dir=dest_dir))
+            for member, rel in planned:
+                path = root / rel
+                if member.isdir():
+                    path.mkdir(mode=0o755, parents=True, exist_ok=True)
+                    continue
+                path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                expected = files[rel]["sha256"] if rel in files else None
+                _write_member(tar, member, path, expected, tar_path, rel)
         except OSError as exc:
-            raise OutputError(f"cannot write the destination ({exc.strerror or exc})", where=str(dest_dir),
-                              how="choose a directory you can write") from None
-        try:
-            needed = sum(m.size for m in members if m.isreg())
-            free = shutil.disk_usage(tmp).free
-            if needed > free:
-                raise OutputError(f"the bundle needs {needed / 1e6:.1f} MB but only {free / 1e6:.1f} MB are free",
-                                  where=str(dest_dir), how="free space or unpack elsewhere")
-            try:
-                # second layer: the stdlib's own checks (also strips setuid/setgid, group/other write)
-                tar.extractall(tmp, members=members, filter="data")
-            except tarfile.FilterError as exc:
-                member = getattr(exc, "tarinfo", None) or "?"
-                raise _refuse(member, f"was refused by tarfile's data filter ({exc})", tar_path) from None
-            except (tarfile.TarError, EOFError) as exc:
-                raise EdgekitError(f"the archive is damaged or truncated ({exc})", where=str(tar_path),
-                                   how=_HOW_ARCHIVE) from None
-            except OSError as exc:
-                raise OutputError(f"cannot extract the archive ({exc.strerror or exc})", where=str(dest_dir),
-                                  how="check free space and permissions there") from None
-            if check is not None:
-                check(tmp / top)
-            if final.exists() or final.is_symlink():  # appeared while extracting
-                raise OutputError(f"{top} already exists in the destination", where=str(final),
-                                  how="remove it or unpack elsewhere")
-            os.rename(tmp / top, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                raise OutputError(f"out of space while unpacking: the bundle needs {needed / 1e6:.1f} MB",
+                                  where=str(dest_dir), how="free space or unpack elsewhere") from None
+            raise OutputError(f"cannot extract the archive ({exc.strerror or exc})", where=str(dest_dir),
+                              how="check free space and permissions there") from None
+        if check is not None:
+            check(root)
+        if final.exists() or final.is_symlink():  # appeared while extracting
+            raise OutputError(f"{top} already exists in the destination", where=str(final),
+                              how="remove it or unpack elsewhere")
+        require_inside(root, tmp, what="the unpacked bundle")
+        require_inside(final, dest_dir, what="the unpacked bundle's destination")
+        os.rename(root, final)
+    finally:
+        shutil.rmtree(require_inside(tmp, dest_dir, what="the unpack's temporary directory"), ignore_errors=True)
     return final
 
 
@@ -186,8 +544,7 @@ def verify_manifest_files(bundle_dir: str | Path) -> tuple[int, int]:
         files = json.loads(path.read_text()).get("files")
     except (ValueError, AttributeError):
         files = None
-    if not isinstance(files, dict) or not files:
-        raise EdgekitError("manifest.json has no file table", where=str(path), how="rebuild the bundle (edgekit compress)")
+    check_file_table(files, where=str(path))
     how = "copy or unpack the bundle again from its source"
     listing = bundle_listing(bundle_dir)
     for rel in listing:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -63,6 +64,8 @@ SYSTEM_TRUSTED_KEYS_DIR = Path("/etc/edgekit/trusted_keys")
 DEVICE_BUILT_PATHS = ("engine/", "build_engine.sh")
 
 _MANIFEST = "manifest.json"
+_log = logging.getLogger("edgekit.signing")
+_reported_unsigned: set[tuple[str, tuple[str, ...]]] = set()
 _HOW_CONFIGURE = (f"put the publisher's public key (.pub) into ~/.config/edgekit/trusted_keys/ or {SYSTEM_TRUSTED_KEYS_DIR}/, "
                   f"or name key files/directories in {TRUSTED_KEYS_ENV}")
 
@@ -360,6 +363,10 @@ def sign_bundle(bundle_dir: str | Path, private_key_path: str | Path) -> dict[st
     private, ident = load_private_key(private_key_path)
     listing = bundle_listing(bundle_dir)
     recorded = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    if recorded:
+        from edgekit.bundle.archive import check_file_table
+
+        check_file_table(recorded, where=str(bundle_dir / _MANIFEST))
     table: dict[str, dict[str, Any]] = {}
     for rel in listing:
         if not _signable(rel):
@@ -429,7 +436,12 @@ class VerifyReport:
     signed_at: str
     files: int
     bytes: int
-    device_files: list[str] = field(default_factory=list)  # present, allowed, not covered
+    device_files: list[str] = field(default_factory=list)  # present, allowed, not covered: unsigned
+
+    @property
+    def unsigned(self) -> list[str]:
+        """The files present that the signature does not cover (device-built), by name."""
+        return list(self.device_files)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -461,9 +473,9 @@ def _read_signature(path: Path) -> dict[str, Any]:
 
 
 def _safe_rel(rel: Any) -> bool:
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
-        return False
-    return all(part not in ("", ".", "..") for part in rel.split("/"))
+    from edgekit.bundle.archive import bundle_path_problem
+
+    return bundle_path_problem(rel) is None
 
 
 def _changed_keys(current: dict[str, Any], signed: dict[str, Any]) -> list[str]:
@@ -551,17 +563,37 @@ def verify_bundle(bundle_dir: str | Path, public_keys: Iterable[PublicKey | str 
                         device_files=device_files)
 
 
-def require_trusted(bundle_dir: str | Path) -> VerifyReport | None:
+def unsigned_note(report: VerifyReport) -> str | None:
+    """One line naming the files of a verified bundle that its signature does not cover, or
+    None when it covers every file."""
+    if not report.device_files:
+        return None
+    return (f"{len(report.device_files)} unsigned file(s) in {report.bundle}, device-built and not covered by the "
+            f"signature of {report.key_id}: {', '.join(report.device_files)}")
+
+
+def require_trusted(bundle_dir: str | Path, *, report_unsigned: bool = True) -> VerifyReport | None:
     """The device policy: when this machine trusts any key (:func:`trusted_keys`), the bundle
     must verify under one of them (raises :class:`SignatureError` naming what failed);
     with no key configured it is a no-op and returns None. A directory without manifest.json
-    is left to the caller's own "not a bundle" error."""
+    is left to the caller's own "not a bundle" error.
+
+    Files present that the signature does not cover (:data:`DEVICE_BUILT_PATHS`) are named in
+    a warning on the ``edgekit.signing`` logger (stderr when logging is not configured), once
+    per bundle and file set in a process, unless ``report_unsigned`` is False (the caller
+    reports them itself: ``edgekit unpack``, ``edgekit verify``)."""
     bundle_dir = Path(bundle_dir)
     keys = trusted_keys()
     if not keys or not (bundle_dir / _MANIFEST).is_file():
         return None
     try:
-        return verify_bundle(bundle_dir, keys)
+        report = verify_bundle(bundle_dir, keys)
+        note = unsigned_note(report)
+        key = (str(bundle_dir.resolve()), tuple(report.device_files))
+        if report_unsigned and note and key not in _reported_unsigned:
+            _reported_unsigned.add(key)
+            _log.warning("warning: %s", note)
+        return report
     except SignatureError as exc:
         # say why this machine cares: it is configured to load only signed bundles
         how = (exc.how or "").rstrip(".")

@@ -37,6 +37,8 @@ from edgekit import __version__
 from edgekit.deploy.hosts import HostSpec
 from edgekit.deploy.ssh import Connection, SshOptions, classify_failure, terminate
 from edgekit.errors import DeployError
+from edgekit.bundle.archive import check_bundle_path
+from edgekit.names import check_name
 
 MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"
@@ -47,7 +49,11 @@ RUNTIME_MODULES = {"numpy": "numpy", "onnxruntime": "onnxruntime", "tokenizers":
 ENGINE_MODULES = {"onnx": "onnx"}
 # pyproject.toml's `license = "Apache-2.0"` (PEP 639) needs setuptools 77 to build the runtime.
 SETUPTOOLS_MIN = (77, 0)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_VERSION = re.compile(r"[0-9a-f]{12}(-engine)?")
+# Tests only: the free space the device's agent reports instead of measuring it (statvfs), to
+# exercise the out-of-space refusal where no small filesystem can be mounted. Not for use.
+TEST_FREE_BYTES_ENV = "EDGEKIT_DEPLOY_TEST_FREE_BYTES"
+_ENOSPC = ("No space left on device", "Errno 28", "ENOSPC", "Disk quota exceeded")
 _RSYNC_PROGRESS = re.compile(rb"^\s*([\d,]+)\s+\d+%")
 
 
@@ -87,10 +93,8 @@ def load_bundle(path: str | Path) -> LocalBundle:
     except ValueError:
         raise DeployError("manifest.json is not valid JSON", where=str(path / MANIFEST), how="rebuild the bundle") from None
     name = manifest.get("name") if isinstance(manifest, dict) else None
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise DeployError(f"the manifest's name {name!r} is not a valid bundle name", where=str(path / MANIFEST),
-                          how="rebuild the bundle (names are letters, digits, . _ -)")
-    verify_manifest_files(path)
+    check_name(name, what="bundle name in manifest.json", where=str(path / MANIFEST), error_cls=DeployError)
+    verify_manifest_files(path)  # every row a safe relative path, every file its size and sha256
     signature = path / SIGNATURE
     signed = signature.is_file()
     content = hashlib.sha256((path / MANIFEST).read_bytes() + (signature.read_bytes() if signed else b""))
@@ -167,6 +171,7 @@ class RuntimeSource:
         self._cache_dir = cache_dir
         self._dist = runtime_dist.prebuilt(prebuilt) if prebuilt else None
         self.key = self._dist.key if self._dist else runtime_dist.runtime_key(runtime_dist.require_checkout())
+        check_name(self.key, what="runtime key", where=prebuilt or "this checkout", error_cls=DeployError)
 
     def sdist(self):
         from edgekit.deploy import runtime_dist
@@ -179,8 +184,33 @@ class RuntimeSource:
 # --- one host ------------------------------------------------------------------------------
 
 
-def _require(result: dict[str, Any], host: HostSpec, *, how: str) -> dict[str, Any]:
+class OutOfSpace(DeployError):
+    """The device's disk is full (or would be): says how much is free and how much is needed."""
+
+
+def out_of_space(label: str, path: str, free: int | None, needed: int, *, during: str | None = None) -> OutOfSpace:
+    def mib(n: int) -> str:
+        return f"{n / 2**20:.1f} MiB"
+
+    when = f" (No space left on device during {during})" if during else ""
+    have = f"{mib(free)} free" if free is not None else "its free space unknown"
+    short = f" at least {mib(needed - free)} more" if free is not None and needed > free else ""
+    return OutOfSpace(f"the device is out of space{when}: {have} on the filesystem of {path}, this deploy needs "
+                      f"{mib(needed)}", where=label,
+                      how=f"free{short or ' space'} there (old versions of other bundles, logs; --keep 2 keeps fewer versions "
+                          "of this one), or pass --remote-root on a larger disk; then deploy again")
+
+
+def _is_no_space(text: str | None) -> bool:
+    return any(mark in (text or "") for mark in _ENOSPC)
+
+
+def _require(result: dict[str, Any], host: HostSpec, *, how: str, needed: int | None = None,
+             during: str | None = None) -> dict[str, Any]:
     if not result.get("ok"):
+        if result.get("no_space"):
+            raise out_of_space(host.label, result.get("path") or "?", result.get("free_bytes"), needed or 0,
+                               during=during or "a step on the device")
         raise DeployError(result.get("error") or "failed", where=host.label, how=how)
     return result
 
@@ -192,11 +222,11 @@ def _version_tuple(text: str | None) -> tuple[int, ...]:
 def _rsync(conn: Connection, sources: Path, names: list[str], dest: str, options: DeployOptions, *, total: int,
            copy_dests: list[str] | None = None, on_progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """rsync ``names`` (relative to ``sources``) to ``dest`` on the device, resumably. Returns its stats."""
-    with tempfile.NamedTemporaryFile("w", prefix="edgekit-files-", suffix=".txt", delete=False) as listing:
-        listing.write("".join(f"{name}\n" for name in names))
+    for name in names:  # the list goes to rsync on its stdin: no temporary file to leave behind
+        check_bundle_path(name, what="file name to upload", where=str(sources), error_cls=DeployError)
     argv = ["rsync", "--recursive", "--times", "--executability", "--checksum", "-s", "--partial",
             f"--partial-dir={PARTIAL_DIR}", "--timeout=120", "--stats", "--info=progress2", "--no-motd",
-            f"--files-from={listing.name}", "-e", conn.rsync_shell()]
+            "--files-from=-", "--from0", "-e", conn.rsync_shell()]
     if options.bwlimit:
         argv.append(f"--bwlimit={options.bwlimit}")
     if options.rsync_path:
@@ -205,11 +235,16 @@ def _rsync(conn: Connection, sources: Path, names: list[str], dest: str, options
     argv += [f"{sources}/", f"{conn.host.rsync_destination}:{dest}/"]
     conn.check_open("the upload")
     stderr_file = tempfile.TemporaryFile()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr_file,
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr_file,
                             env=dict(os.environ, LC_ALL="C"))
     output = b""
     try:
-        assert proc.stdout is not None
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(b"".join(name.encode() + b"\0" for name in names))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # rsync ended at once: its exit status and stderr say why
         pending = b""
         while chunk := os.read(proc.stdout.fileno(), 65536):
             output += chunk
@@ -224,12 +259,13 @@ def _rsync(conn: Connection, sources: Path, names: list[str], dest: str, options
             on_progress(total)
     finally:
         terminate(proc)
-        os.unlink(listing.name)
     stderr_file.seek(0)
     stderr = stderr_file.read().decode(errors="replace")
     stderr_file.close()
     if proc.returncode != 0:
         conn.check_open("the end of the upload")
+        if _is_no_space(stderr):
+            raise _NoSpaceDuringUpload(stderr)
         if "ssh:" in stderr or "Host key" in stderr or "Permission denied" in stderr:
             raise classify_failure(stderr, conn.host, options.ssh, step="the upload")
         lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("rsync error:")]
@@ -243,6 +279,10 @@ def _rsync(conn: Connection, sources: Path, names: list[str], dest: str, options
         return int(match.group(1).replace(",", "")) if match else 0
 
     return {"sent": stat("Total bytes sent"), "literal": stat("Literal data"), "matched": stat("Matched data")}
+
+
+class _NoSpaceDuringUpload(Exception):
+    """rsync stopped because the device's disk is full (turned into :class:`OutOfSpace` by the caller)."""
 
 
 def deploy_host(bundle: LocalBundle, host: HostSpec, options: DeployOptions, runtime: RuntimeSource,
@@ -281,8 +321,15 @@ def _deploy(conn: Connection, bundle: LocalBundle, version: str, options: Deploy
     # 1. what the device has; the version, if there, verified (else its upload directory prepared)
     payload = {"root": root, "name": bundle.name, "version": version, "runtime_key": runtime.key, "modules": modules,
                "manifest_sha256": bundle.manifest_sha256, "signature_sha256": bundle.signature_sha256,
-               "names": bundle.upload_names}
-    plan = _require(conn.call("plan", payload, timeout=_hash_timeout(bundle)), host, how="check the device")
+               "names": bundle.upload_names, "bytes": bundle.bytes}
+    if os.environ.get(TEST_FREE_BYTES_ENV, "").isdigit():
+        payload["assume_free_bytes"] = int(os.environ[TEST_FREE_BYTES_ENV])
+    plan = _require(conn.call("plan", payload, timeout=_hash_timeout(bundle)), host, how="check the device",
+                    needed=bundle.bytes, during="the plan")
+    for link in ("current", "previous"):
+        if plan.get(link) is not None and not (isinstance(plan[link], str) and _VERSION.fullmatch(plan[link])):
+            raise DeployError(f"the device's {link} link names {plan[link]!r}, not a version", where=f"{label}:{bundle_root}",
+                              how=f"point {bundle_root}/{link} at a version directory there (or remove it), then deploy again")
     result.machine, result.python, result.previous = plan["machine"], plan["python"], plan["current"]
     if not plan["python_ok"]:
         raise DeployError(f"Python {plan['python']} on the device; the edgekit runtime needs 3.10 or newer", where=label,
@@ -302,10 +349,10 @@ def _deploy(conn: Connection, bundle: LocalBundle, version: str, options: Deploy
     if replace:
         result.warnings.append(f"version {version} on the device failed verification ({existing['error']}); "
                                "uploaded again, the bad copy quarantined in .quarantine/")
-    if not present_ok and plan["free_bytes"] < bundle.bytes * 1.05:
-        raise DeployError(f"not enough free space on the device: {plan['free_bytes'] / 2**20:.0f} MiB free, the bundle needs "
-                          f"{bundle.bytes / 2**20:.0f} MiB", where=f"{label}:{root}",
-                          how="free space there, lower --keep, or choose another --remote-root")
+    space = plan.get("space")
+    if not present_ok and space and not space["ok"]:
+        # before anything is uploaded: the device's free space (statvfs, where the bundle goes) against what is left to send
+        raise out_of_space(label, space["path"], space["free_bytes"], space["needed_bytes"])
 
     # 2. the runtime (before the upload: build-engine and validate need it, and a device that
     # cannot take it fails before anything big is sent)
@@ -322,18 +369,25 @@ def _deploy(conn: Connection, bundle: LocalBundle, version: str, options: Deploy
         copy_dests = [f"{bundle_root}/{plan['current']}"] if plan["current"] else []
         if replace and final_dir not in copy_dests:
             copy_dests.append(final_dir)
-        stats = _rsync(conn, bundle.path, bundle.upload_names, incoming, options, total=bundle.bytes, copy_dests=copy_dests,
-                       on_progress=lambda done: events.progress(label, done, bundle.bytes))
+        try:
+            stats = _rsync(conn, bundle.path, bundle.upload_names, incoming, options, total=bundle.bytes,
+                           copy_dests=copy_dests, on_progress=lambda done: events.progress(label, done, bundle.bytes))
+        except _NoSpaceDuringUpload:
+            # The partial upload that filled the disk goes (a full disk hurts whatever else runs there).
+            discarded = conn.call("discard", {"root": root, "name": bundle.name, "version": version}, timeout=600)
+            needed = space["needed_bytes"] if space else bundle.bytes
+            raise out_of_space(label, discarded.get("path") or bundle_root, discarded.get("free_bytes"), needed,
+                               during="the upload") from None
         result.bytes_sent, result.bytes_literal, result.bytes_matched = stats["sent"], stats["literal"], stats["matched"]
-        verify_upload = {"dir": incoming, "manifest_sha256": bundle.manifest_sha256, "signature_sha256": bundle.signature_sha256,
-                         "skip_partial": True}
+        verify_upload = {"root": root, "dir": incoming, "manifest_sha256": bundle.manifest_sha256,
+                         "signature_sha256": bundle.signature_sha256, "skip_partial": True}
         if options.build_engine:
             # 4. build-engine writes into the bundle and its manifest: only while it is still an upload,
             # and only from verified files.
             events.status(label, "verifying the upload on the device")
             _verified_upload(conn.call("verify", verify_upload, timeout=_hash_timeout(bundle)), label)
             events.status(label, "building the engine on the device")
-            result.engine = _build_engine(conn, incoming)
+            result.engine = _build_engine(conn, incoming, bundle.name, bundle.bytes)
             # now the device's rewritten manifest is the reference: every file must match it
             verify_upload = dict(verify_upload, manifest_sha256=None, signature_sha256="any" if bundle.signature_sha256 else None)
         now = time.time()
@@ -355,7 +409,7 @@ def _deploy(conn: Connection, bundle: LocalBundle, version: str, options: Deploy
                           timeout=_hash_timeout(bundle) + 600)
         if finished.get("stage") == "verify":
             _verified_upload(finished, label)
-        _require(finished, host, how="check the device; current was not switched")
+        _require(finished, host, how="check the device; current was not switched", needed=2**20, during="the switch")
         result.status = "deployed"
         if finished.get("removed"):
             events.status(label, f"removed old versions {', '.join(finished['removed'])}")
@@ -372,9 +426,17 @@ def _verified_upload(check: dict[str, Any], label: str) -> None:
                               "storage (dmesg, df)")
 
 
-def _build_engine(conn: Connection, bundle_dir: str) -> str:
+def _free_on_device(conn: Connection, name: str) -> tuple[str, int | None]:
+    answer = conn.call("free", {"root": conn.remote_root, "name": name}, timeout=120)
+    return answer.get("path") or conn.remote_root, answer.get("free_bytes")
+
+
+def _build_engine(conn: Connection, bundle_dir: str, name: str, bundle_bytes: int) -> str:
     proc = conn.run([f"{conn.remote_root}/bin/edgekit", "build-engine", bundle_dir], timeout=4 * 3600, step="build-engine")
     stdout, stderr = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    if proc.returncode != 0 and _is_no_space(stdout + stderr):
+        # an engine takes about as much as the weights it was built from
+        raise out_of_space(conn.host.label, *_free_on_device(conn, name), bundle_bytes, during="build-engine")
     if proc.returncode != 0:
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         errors = errors or (stdout + stderr).strip().splitlines()[-1:]
@@ -405,12 +467,17 @@ def _runtime(conn: Connection, probe: dict[str, Any], options: DeployOptions, ru
         dist = runtime.sdist()
         events.status(label, f"installing the edgekit runtime {runtime.key} (compiling the C fast path on the device)")
         upload_dir = f"{root}/runtime/.incoming/{runtime.key}"
-        prepared = conn.call("prepare", {"dir": upload_dir, "names": [dist.path.name]}, timeout=120)
-        _require(prepared, host, how="check the device")
-        stats = _rsync(conn, dist.path.parent, [dist.path.name], upload_dir, options, total=dist.path.stat().st_size)
+        prepared = conn.call("prepare", {"root": root, "dir": upload_dir, "names": [dist.path.name]}, timeout=120)
+        _require(prepared, host, how="check the device", during="the runtime upload")
+        try:
+            stats = _rsync(conn, dist.path.parent, [dist.path.name], upload_dir, options, total=dist.path.stat().st_size)
+        except _NoSpaceDuringUpload:
+            raise out_of_space(label, root, None, dist.path.stat().st_size, during="the runtime upload") from None
         result.runtime_bytes_sent = stats["sent"]
         payload["sdist"] = f"{upload_dir}/{dist.path.name}"
     installed = conn.call("install_runtime", payload, timeout=1800)
+    if installed.get("no_space"):
+        _require(installed, host, how="", during="the runtime install")
     if not installed.get("ok"):
         result.runtime = "failed"
         raise DeployError(installed.get("error") or "runtime install failed", where=label,
@@ -464,6 +531,7 @@ def _fetch(conn: Connection, remote_dir: str, local_dir: Path, options: DeployOp
 
 def rollback_host(name: str, host: HostSpec, options: DeployOptions, events: Events | None = None) -> HostResult:
     """Point ``current`` back at ``previous`` on one device (verified first)."""
+    check_name(name, what="bundle name", where="--rollback", error_cls=DeployError)
     result = HostResult(host=host.label, bundle=name)
 
     def body(conn: Connection) -> None:

@@ -102,17 +102,23 @@ def run_fleet(bundle: str | Path, hosts: list[HostSpec], options: DeployOptions,
 
 def _bundle_name(bundle: str | Path) -> str:
     """--rollback takes the bundle directory or just its name."""
-    from edgekit.deploy.deploy import _NAME, MANIFEST
+    from edgekit.deploy.deploy import MANIFEST
+    from edgekit.names import check_name, name_problem
 
     path = Path(bundle)
     if (path / MANIFEST).is_file():
         import json
 
-        name = json.loads((path / MANIFEST).read_text()).get("name")
-        if isinstance(name, str) and _NAME.match(name):
-            return name
-    if _NAME.match(str(bundle)) and not path.exists():
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except ValueError:
+            manifest = None
+        name = manifest.get("name") if isinstance(manifest, dict) else None
+        return check_name(name, what="bundle name in manifest.json", where=str(path / MANIFEST), error_cls=DeployError)
+    if name_problem(str(bundle)) is None and not path.exists():
         return str(bundle)
+    if not path.exists():
+        check_name(str(bundle), what="bundle name", where="--rollback", error_cls=DeployError)
     raise DeployError("--rollback needs a bundle directory or a bundle name", where=str(bundle),
                       how="pass the bundle directory you deployed, or its name (letters, digits, . _ -)")
 
