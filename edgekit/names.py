@@ -113,6 +113,62 @@ def require_inside(path: Path | str, root: Path | str, *, what: str = "path") ->
     return path
 
 
+MAX_PATH_CHARS = 1024  # a relative path inside a bundle or run folder
+MAX_PATH_DEPTH = 16
+
+
+def relative_path_problem(rel: Any) -> str | None:
+    """Why ``rel`` is not a normalized relative path (as a bundle's manifest, runtime.json or
+    engine record names its files), or None when it is: '/'-separated components that each
+    pass :func:`name_problem`, at most MAX_PATH_DEPTH deep and MAX_PATH_CHARS long."""
+    if not isinstance(rel, str):
+        return f"a path must be a string, not {type(rel).__name__}"
+    if not rel:
+        return "the path is empty"
+    if len(rel) > MAX_PATH_CHARS:
+        return f"the path is {len(rel)} characters long (at most {MAX_PATH_CHARS})"
+    if "\x00" in rel:
+        return "the path contains a NUL byte"
+    if "\\" in rel:
+        return "the path contains a backslash"
+    if rel.startswith("/"):
+        return "the path is absolute"
+    parts = rel.split("/")
+    if any(part in ("..", ".") for part in parts):
+        return "the path has a '.' or '..' component"
+    if any(part == "" for part in parts):
+        return "the path is not normalized (an empty component: '//' or a trailing '/')"
+    if len(parts) > MAX_PATH_DEPTH:
+        return f"the path is {len(parts)} levels deep (at most {MAX_PATH_DEPTH})"
+    for part in parts:
+        problem = name_problem(part)
+        if problem is not None:
+            return f"component {_shown(part)}: {problem}"
+    return None
+
+
+def check_relative_path(rel: Any, *, what: str, where: str | None = None,
+                        error_cls: type[EdgekitError] = EdgekitError,
+                        how: str = "rebuild the bundle (edgekit compress); bundle paths are relative, without '..'") -> str:
+    """``rel`` if :func:`relative_path_problem` finds nothing, else one line naming ``what``."""
+    problem = relative_path_problem(rel)
+    if problem is not None:
+        shown = _shown(rel) if isinstance(rel, str) else type(rel).__name__
+        raise error_cls(f"invalid {what} {shown}: {problem}", where=where, how=how)
+    return rel
+
+
+def path_inside(root: Path | str, rel: Any, *, what: str, where: str | None = None,
+                error_cls: type[EdgekitError] = EdgekitError,
+                how: str = "rebuild the bundle (edgekit compress); bundle paths are relative, without '..'") -> Path:
+    """``root / rel`` for a relative path a file supplied, checked where it enters: the
+    :func:`relative_path_problem` rule, and inside ``root`` once symlinks are followed."""
+    path = Path(root) / check_relative_path(rel, what=what, where=where, error_cls=error_cls, how=how)
+    if not is_inside(os.path.realpath(path), root):
+        raise error_cls(f"invalid {what} {_shown(rel)}: it leads outside its folder (a symbolic link)", where=where, how=how)
+    return path
+
+
 def remove_tree(path: Path | str, *, root: Path | str, what: str = "folder") -> None:
     """``shutil.rmtree(path)`` once ``path`` is checked to lie inside ``root`` (missing: nothing)."""
     import shutil
@@ -134,4 +190,5 @@ def rename_inside(src: Path | str, dst: Path | str, *, root: Path | str) -> None
     os.rename(src, dst)
 
 
-__all__ = ["remove_tree", "rename_inside", "SAFE_NAME_MAX", "SAFE_NAME_RULE", "SafeName", "check_name", "is_inside", "name_problem", "require_inside"]
+__all__ = ["MAX_PATH_CHARS", "MAX_PATH_DEPTH", "check_relative_path", "path_inside", "relative_path_problem",
+           "remove_tree", "rename_inside", "SAFE_NAME_MAX", "SAFE_NAME_RULE", "SafeName", "check_name", "is_inside", "name_problem", "require_inside"]

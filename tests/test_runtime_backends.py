@@ -498,6 +498,153 @@ def test_spin_wait_reaches_the_onnxruntime_session(bundle, prompt, tmp_path):
         resolve_config(copy)
 
 
+# --- the graph read without onnx -----------------------------------------------------------
+
+
+def test_graph_nodes_read_from_the_protobuf_equal_onnx(bundle, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.runtime.backends import _appends_in_place
+    from edgekit.runtime.onnx_graph import MalformedGraph, graph_nodes, read_graph_nodes
+
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    assert read_graph_nodes(bundle / "model.onnx") == [(n.op_type, list(n.output)) for n in model.graph.node]
+    assert _appends_in_place(bundle / "model.onnx", ["present.0.key"]) is False  # optimum's graph: copied cache
+    # a fused-style graph: GroupQueryAttention makes the presents, with an initializer to skip
+    nodes = [helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_key_values.0.key", "past_key_values.0.value"],
+                              ["attn", "present.0.key", "present.0.value"], domain="com.microsoft", num_heads=4, kv_num_heads=2),
+             helper.make_node("MatMul", ["attn", "w"], ["logits"], name="lm_head")]
+    weight = numpy_helper.from_array(np.ones((4, 8), dtype=np.float32), name="w")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])], [weight])
+    fused = tmp_path / "fused.onnx"
+    onnx.save(helper.make_model(graph), str(fused))
+    assert read_graph_nodes(fused) == [("GroupQueryAttention", ["attn", "present.0.key", "present.0.value"]), ("MatMul", ["logits"])]
+    assert _appends_in_place(fused, ["present.0.key", "present.0.value"]) is True
+    assert _appends_in_place(fused, ["present.0.key", "present.1.key"]) is False
+    data = fused.read_bytes()
+    for broken in (data[: len(data) // 2], b"\xff" * 16, b"\x3a\xff\xff\xff\xff\x0f"):
+        with pytest.raises(MalformedGraph):
+            graph_nodes(broken)
+        (tmp_path / "broken.onnx").write_bytes(broken)
+        assert _appends_in_place(tmp_path / "broken.onnx", ["present.0.key"]) is False
+
+
+# --- names and paths from a bundle's manifest / runtime.json ---------------------------------
+
+HOSTILE_PATHS = {"parent": "../x", "nested parent": "graphs/../../x", "absolute": "/etc/passwd", "nul": "model\x00.onnx",
+                 "empty": "", "long": "m" * 1000, "backslash": "..\\x", "hidden": ".model.onnx", "not a string": 7}
+
+
+def _edited(bundle: Path, tmp_path: Path, *, manifest=None, runtime=None) -> Path:
+    copy = tmp_path / "tiny"
+    shutil.copytree(bundle, copy)
+    for name, change in (("manifest.json", manifest), ("runtime.json", runtime)):
+        if change:
+            path = copy / name
+            data = json.loads(path.read_text()) if path.is_file() else {}
+            change(data)
+            path.write_text(json.dumps(data))
+    return copy
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PATHS))
+def test_hostile_graph_paths_in_the_manifest_are_refused(bundle, tmp_path, case):
+    value = HOSTILE_PATHS[case]
+
+    def change(manifest):
+        manifest["onnx"]["variants"] = {"onnxruntime": value, "float": "model.onnx"}
+
+    copy = _edited(bundle, tmp_path, manifest=change)
+    with pytest.raises(EdgekitError, match="ONNX graph in manifest.json") as caught:
+        load_branch(copy, name="small", backend="onnxruntime")
+    assert "\n" not in str(caught.value) and "To resolve" in str(caught.value)
+
+
+def test_a_graph_path_through_a_symlink_out_of_the_bundle_is_refused(bundle, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(bundle / "model.onnx", outside / "model.onnx")
+
+    def change(manifest):
+        manifest["onnx"]["variants"] = {"onnxruntime": "link/model.onnx"}
+
+    copy = _edited(bundle, tmp_path, manifest=change)
+    (copy / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(EdgekitError, match="leads outside"):
+        load_branch(copy, name="small", backend="onnxruntime")
+
+
+def test_a_graph_in_a_subfolder_of_the_bundle_is_fine(bundle, tmp_path):
+    def change(manifest):
+        manifest["onnx"]["variants"] = {"onnxruntime": "graphs/model.onnx"}
+
+    copy = _edited(bundle, tmp_path, manifest=change)
+    (copy / "graphs").mkdir()
+    for name in ("model.onnx", "model.onnx_data"):
+        shutil.move(copy / name, copy / "graphs" / name)
+    branch = load_branch(copy, name="small", backend="onnxruntime")
+    assert branch.graph == copy / "graphs" / "model.onnx"
+
+
+@pytest.mark.parametrize("case", ["parent", "absolute", "nul", "empty", "long", "not a string"])
+def test_hostile_targets_and_branch_names_are_refused(bundle, tmp_path, case):
+    value = HOSTILE_PATHS[case]
+
+    def change(manifest):
+        manifest["target"] = value
+
+    copy = _edited(bundle, tmp_path, manifest=change)
+    with pytest.raises(EdgekitError, match="target") as caught:
+        load_branch(copy, name="small")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(EdgekitError, match="invalid branch name"):
+        load_branch(bundle, name=value)
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PATHS))
+def test_hostile_large_branches_in_runtime_json_are_refused(bundle, tmp_path, case):
+    from edgekit.runtime.bundle import read_runtime_config, resolve_config
+
+    value = HOSTILE_PATHS[case]
+    copy = _edited(bundle, tmp_path, runtime=lambda data: data.update(policy="cascade", large=value))
+    with pytest.raises(EdgekitError, match="runtime.large|runtime.json") as caught:
+        read_runtime_config(copy)
+    text = str(caught.value)
+    assert "\n" not in text and "runtime.json" in text and "To resolve" in text
+    with pytest.raises(EdgekitError):
+        resolve_config(copy)
+
+
+@pytest.mark.parametrize("url", ["http://host:8000/v1\x00", "http://a b/", "https://" + "h" * 3000])
+def test_hostile_large_urls_are_refused(bundle, tmp_path, url):
+    from edgekit.runtime.bundle import read_runtime_config
+
+    copy = _edited(bundle, tmp_path, runtime=lambda data: data.update(policy="cascade", large=url))
+    with pytest.raises(EdgekitError, match="invalid runtime.large"):
+        read_runtime_config(copy)
+
+
+def test_large_branches_a_bundle_may_name(bundle, tmp_path):
+    """An endpoint, or a bundle inside this one; a bundle elsewhere comes from the caller."""
+    from edgekit.runtime.bundle import large_spec, open_router, read_runtime_config, resolve_config
+
+    copy = _edited(bundle, tmp_path, runtime=lambda data: data.update(policy="large_only", large="branches/large"))
+    shutil.copytree(bundle, copy / "branches" / "large")
+    config = read_runtime_config(copy)
+    assert config.large == "branches/large"
+    router = open_router(copy, config)
+    assert Path(router.large.bundle_dir) == (copy / "branches" / "large").resolve()
+    remote = _edited(bundle, tmp_path / "remote", runtime=lambda data: data.update(policy="cascade", large="http://127.0.0.1:9/v1"))
+    assert read_runtime_config(remote).large == "http://127.0.0.1:9/v1"
+    # from the caller (--large), a path outside the bundle is theirs to give
+    assert resolve_config(copy, large=str(bundle)).large == str(bundle)
+    assert large_spec(copy, str(bundle)) == str(bundle)
+    with pytest.raises(EdgekitError, match="NUL"):
+        large_spec(copy, "x\x00y")
+
+
 # --- on a machine with TensorRT and a GPU (scripts/gpu_check.sh) ---------------------------
 
 

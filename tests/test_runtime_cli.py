@@ -108,8 +108,10 @@ def test_calibrate_router_writes_thresholds_that_hit_the_rate(bundles, tmp_path)
     assert "input_complexity: threshold" in result.stdout and "runtime.json" in result.stdout
     runtime = json.loads((bundle / "runtime.json").read_text())
     cal = runtime["calibration"]
-    assert runtime["policy"] == "input_complexity" and runtime["large"] == str(large)
-    assert runtime["thresholds"]["complexity"] == cal["threshold"]
+    # a large branch outside the bundle is the caller's (--large), never written into it: the
+    # bundle keeps its own policy and large, and takes the thresholds
+    assert runtime["policy"] == "small_only" and runtime["large"] is None and cal["large_not_stored"] == str(large)
+    assert cal["policy"] == "input_complexity" and runtime["thresholds"]["complexity"] == cal["threshold"]
     assert abs(cal["large_rate_achieved"] - 0.3) <= 0.05 and cal["n_prompts"] == 40
     assert 0.0 <= cal["large_rate_held_out"] <= 1.0 and cal["n_prompts_held_out"] == 40
     # the manifest still describes every file as it is
@@ -119,8 +121,19 @@ def test_calibrate_router_writes_thresholds_that_hit_the_rate(bundles, tmp_path)
     # and the router now routes by it
     from edgekit import api
 
-    data = api.run_prompt(bundle, PROMPT, max_new_tokens=4)
+    data = api.run_prompt(bundle, PROMPT, max_new_tokens=4, policy="input_complexity", large=str(large))
     assert data["policy"] == "input_complexity" and data["threshold"] == pytest.approx(cal["threshold"])
+    # a large bundle inside the bundle is stored with the policy
+    inner = tmp_path / "tiny-with-large"
+    shutil.copytree(small, inner)
+    shutil.copytree(large, inner / "large")
+    result = run_cli("calibrate-router", str(inner), "--policy", "input_complexity", "--large", "large",
+                     "--large-rate", "0.3", "--prompts", "8")
+    assert result.returncode == 0, result.stderr
+    runtime = json.loads((inner / "runtime.json").read_text())
+    assert runtime["policy"] == "input_complexity" and runtime["large"] == "large"
+    data = api.run_prompt(inner, PROMPT, max_new_tokens=4)
+    assert data["policy"] == "input_complexity"
 
 
 def test_runtime_section_errors_name_the_field(tiny_model_dir, tmp_path):

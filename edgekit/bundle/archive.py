@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgekit.errors import EdgekitError, OutputError
-from edgekit.names import name_problem, require_inside
+from edgekit.names import MAX_PATH_DEPTH, check_relative_path, name_problem, relative_path_problem, require_inside
 
 _HOW_ARCHIVE = "use the .tar written by `edgekit compress` (or re-create it from the bundle directory); do not unpack this file"
 
@@ -60,8 +60,7 @@ MAX_MEMBERS = 10_000  # a bundle has a few dozen files
 MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_SIGNATURE_BYTES = 16 * 2**20
 MAX_TOTAL_BYTES = 256 * 2**30  # the default bound on what one unpack writes
-MAX_PATH_CHARS = 1024  # a file's path inside the bundle
-MAX_DEPTH = 16
+MAX_DEPTH = MAX_PATH_DEPTH
 _MAX_HEADER_READ = 8 * 2**20  # the largest single read tarfile may make (pax / GNU long-name headers)
 _CHUNK = 1 << 20
 UNPACK_TEMP_PREFIX = ".edgekit-unpack-"
@@ -73,49 +72,14 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # --------------------------------------------------------------------------- bundle-relative paths
 
 
-def bundle_path_problem(rel: Any) -> str | None:
-    """Why ``rel`` is not a normalized relative path inside a bundle, or None when it is:
-    '/'-separated components that each pass :func:`edgekit.names.name_problem`, at most
-    :data:`MAX_DEPTH` deep and :data:`MAX_PATH_CHARS` long."""
-    if not isinstance(rel, str):
-        return f"a path must be a string, not {type(rel).__name__}"
-    if not rel:
-        return "the path is empty"
-    if len(rel) > MAX_PATH_CHARS:
-        return f"the path is {len(rel)} characters long (at most {MAX_PATH_CHARS})"
-    if "\x00" in rel:
-        return "the path contains a NUL byte"
-    if "\\" in rel:
-        return "the path contains a backslash"
-    if rel.startswith("/"):
-        return "the path is absolute"
-    parts = rel.split("/")
-    if any(part in ("..", ".") for part in parts):
-        return "the path has a '.' or '..' component"
-    if any(part == "" for part in parts):
-        return "the path is not normalized (an empty component: '//' or a trailing '/')"
-    if len(parts) > MAX_DEPTH:
-        return f"the path is {len(parts)} levels deep (at most {MAX_DEPTH})"
-    for part in parts:
-        problem = name_problem(part)
-        if problem is not None:
-            return f"component {_shown(part)}: {problem}"
-    return None
+# One rule for relative paths, shared with the runtime and the engine record (edgekit.names).
+bundle_path_problem = relative_path_problem
+check_bundle_path = check_relative_path
 
 
 def _shown(value: str) -> str:
     text = ascii(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def check_bundle_path(rel: Any, *, what: str = "file name", where: str | None = None,
-                      error_cls: type[EdgekitError] = EdgekitError,
-                      how: str = "rebuild the bundle (edgekit compress); bundle paths are relative, without '..'") -> str:
-    problem = bundle_path_problem(rel)
-    if problem is not None:
-        shown = _shown(rel) if isinstance(rel, str) else type(rel).__name__
-        raise error_cls(f"invalid {what} {shown}: {problem}", where=where, how=how)
-    return rel
 
 
 def check_file_table(files: Any, *, where: str, error_cls: type[EdgekitError] = EdgekitError,

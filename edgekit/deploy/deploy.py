@@ -44,7 +44,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "signature.json"
 PARTIAL_DIR = ".rsync-partial"
 # Modules the runtime imports on the device -> the pip package that provides them.
-RUNTIME_MODULES = {"numpy": "numpy", "onnxruntime": "onnxruntime", "tokenizers": "tokenizers", "transformers": "transformers",
+RUNTIME_MODULES = {"numpy": "numpy", "onnxruntime": "onnxruntime", "tokenizers": "tokenizers", "jinja2": "jinja2",
                    "pydantic": "pydantic", "yaml": "pyyaml", "click": "click", "rich": "rich"}
 ENGINE_MODULES = {"onnx": "onnx"}
 # pyproject.toml's `license = "Apache-2.0"` (PEP 639) needs setuptools 77 to build the runtime.

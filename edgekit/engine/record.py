@@ -89,11 +89,14 @@ def load_engine(bundle_dir: Path, target: str, *, logger: Any = None) -> Any:
 
     from edgekit.engine.builder import cuda_device
     from edgekit.hashing import sha256_file
+    from edgekit.names import path_inside
 
     record = read_record(bundle_dir, target)
     device, cc = cuda_device()
     check_compatible(record, tensorrt_version=trt.__version__, compute_capability=cc, device=device)
-    path = bundle_dir / record["engine"]
+    path = path_inside(bundle_dir, record.get("engine"), what="engine file in the engine record",
+                       where=str(bundle_dir / "engine" / f"{target}.engine.json"), error_cls=EngineError,
+                       how="rebuild the engine (edgekit build-engine)")
     if not path.is_file():
         raise EngineError("the engine file is missing", where=str(path), how="rebuild the engine")
     if record.get("sha256") and sha256_file(path) != record["sha256"]:

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError, OutputError
+from edgekit.names import check_name
 
 FORMAT = "edgekit.validate/1"
 DEFAULT_REQUESTS = 16
@@ -759,6 +760,8 @@ def _bundle(bundle_dir: str | Path) -> tuple[Path, dict[str, Any]]:
 def _output_dir(output_dir: str | Path | None, bundle_dir: Path, name: str) -> Path:
     """The report directory, checked now (before minutes of measuring) and created only when
     the report is written, so a run that fails leaves nothing behind."""
+    if output_dir is None:  # the name comes from the bundle's manifest: checked before it becomes a path
+        check_name(name, what="bundle name", where=f"{bundle_dir / 'manifest.json'}: name", error_cls=ValidateError)
     out = Path(output_dir) if output_dir is not None else Path.cwd() / f"validate-{name}"
     resolved, bundle = out.resolve(), bundle_dir.resolve()
     if resolved == bundle or bundle in resolved.parents:

@@ -21,8 +21,10 @@ A remote branch (:class:`RemoteBranch`) is an OpenAI-compatible ``/v1/completion
 that returns text, not logits (``has_logits`` is False); any failure to reach it raises
 :class:`BranchUnavailable` so a router can fall back to a local branch.
 
-Nothing heavy is imported at module import: numpy, onnxruntime, transformers, torch and
-tensorrt are imported by the branches that use them.
+Nothing heavy is imported at module import: numpy, onnxruntime, torch and tensorrt are imported
+by the branches that use them (torch by the TensorRT branch only). The tokenizer is
+:class:`edgekit.runtime.tokenizer.BundleTokenizer` (``tokenizers``, no transformers), and the
+graph is inspected with :mod:`edgekit.runtime.onnx_graph` (no ``onnx``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKENDS",
+    "bundle_file",
+    "bundle_target",
     "BranchUnavailable",
     "LocalBranch",
     "LogitsSession",
@@ -114,16 +118,30 @@ def _read_manifest(bundle_dir: Path) -> dict[str, Any]:
                            how="re-run the bundle stage; do not edit manifest.json by hand") from None
 
 
-def _load_tokenizer(bundle_dir: Path) -> Any:
-    from transformers import AutoTokenizer
+def bundle_file(bundle_dir: Path, value: Any, *, what: str, where: str) -> Path:
+    """``bundle_dir / value`` for a relative path that a bundle's manifest or runtime.json names
+    (a graph file, ...), checked where it enters (:func:`edgekit.names.path_inside`: safe
+    components, no '..', not absolute, inside the bundle once symlinks are followed)."""
+    from edgekit.names import path_inside
 
-    try:
-        # Never trust_remote_code: a bundle is data and must not run code when loaded.
-        return AutoTokenizer.from_pretrained(str(bundle_dir), trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgekitError(f"cannot load the bundle's tokenizer: {first}", where=str(bundle_dir),
-                           how="re-run the bundle stage (it copies tokenizer.json and tokenizer_config.json)") from None
+    return path_inside(bundle_dir, value, what=what, where=where,
+                       how="rebuild the bundle; a bundle names its files by relative paths inside it")
+
+
+def bundle_target(manifest: dict[str, Any], where: str) -> str | None:
+    """The manifest's ``target`` (it names ``engine/<target>.plan``), checked as a safe name."""
+    from edgekit.names import check_name
+
+    target = manifest.get("target")
+    return None if target is None else check_name(target, what="target in manifest.json", where=where)
+
+
+def _load_tokenizer(bundle_dir: Path) -> Any:
+    """The bundle's tokenizer on ``tokenizers`` alone (:mod:`edgekit.runtime.tokenizer`): no
+    transformers, no torch, and never code from the bundle (a bundle is data)."""
+    from edgekit.runtime.tokenizer import BundleTokenizer
+
+    return BundleTokenizer.from_dir(bundle_dir)
 
 
 def _token_list(token_ids: Sequence[int], vocab_size: int) -> list[int]:
@@ -201,7 +219,13 @@ class _BundleBranch:
         self.name = name
         require_trusted(self.bundle_dir)  # a machine with trusted keys loads only signed, unmodified bundles
         self.manifest = _read_manifest(self.bundle_dir)
-        bundle_context = int(self.manifest.get("context_length") or 2048)
+        try:
+            bundle_context = int(self.manifest.get("context_length") or 2048)
+        except (TypeError, ValueError):
+            bundle_context = 0
+        if not 1 <= bundle_context <= 1 << 24:
+            raise EdgekitError(f"the manifest's context_length is not a positive token count: {self.manifest.get('context_length')!r}",
+                               where=str(self.bundle_dir / "manifest.json"), how="rebuild the bundle; do not edit manifest.json by hand")
         # A cap below the bundle's context (memory on a small device, or tests); never above:
         # the engine profiles and the model were sized for the bundle's value.
         self.context_length = min(bundle_context, int(context_length)) if context_length else bundle_context
@@ -249,7 +273,8 @@ class OnnxRuntimeBranch(_BundleBranch):
         import onnxruntime as ort
 
         super().__init__(bundle_dir, name=name, context_length=context_length)
-        self.graph = self.bundle_dir / self._graph_path(variant)
+        self.graph = bundle_file(self.bundle_dir, self._graph_path(variant), what="ONNX graph in manifest.json (onnx.variants)",
+                                 where=str(self.bundle_dir / "manifest.json"))
         if not self.graph.is_file():
             raise EdgekitError("the bundle's ONNX graph is missing", where=str(self.graph),
                                how="re-run the bundle stage, or copy the whole bundle directory")
@@ -293,13 +318,20 @@ class OnnxRuntimeBranch(_BundleBranch):
         self.vocab_size = int(logits_dim) if isinstance(logits_dim, int) else (self._config_vocab() or len(self.tokenizer))
 
     def _graph_path(self, variant: str | None) -> str:
-        variants = (self.manifest.get("onnx") or {}).get("variants") or {}
+        onnx = self.manifest.get("onnx") or {}
+        variants = (onnx.get("variants") if isinstance(onnx, dict) else None) or {}
+        if not isinstance(variants, dict):
+            raise EdgekitError("the manifest's onnx.variants is not a mapping", where=str(self.bundle_dir / "manifest.json"),
+                               how="rebuild the bundle; do not edit manifest.json by hand")
         if variant is not None:
             if variant not in variants:
                 raise EdgekitError(f"the bundle has no ONNX variant {variant!r} (it has: {', '.join(sorted(variants)) or 'none'})",
                                    where=str(self.bundle_dir / "manifest.json"), how="pick one of the listed variants")
             return variants[variant]
-        return variants.get("onnxruntime") or variants.get("float") or "model.onnx"
+        for key in ("onnxruntime", "float"):  # present means used: an empty or bad value is refused, not skipped
+            if key in variants:
+                return variants[key]
+        return "model.onnx"
 
     def session(self) -> OnnxRuntimeSession | SharedBufferSession:
         return SharedBufferSession(self) if self.kv_cache == "shared_buffer" else OnnxRuntimeSession(self)
@@ -309,17 +341,17 @@ def _appends_in_place(graph: Path, presents: list[str]) -> bool:
     """True when every ``present.*`` output is a GroupQueryAttention output: that kernel
     appends the new keys/values to its ``past`` input in place when ``past`` and ``present``
     are the same buffer (ONNX Runtime checks the pointers), so one buffer holds the cache."""
-    import onnx
+    from edgekit.runtime.onnx_graph import MalformedGraph, read_graph_nodes
 
     # Graphs that keep their weights inside model.onnx (optimum's, up to 2 GB) are never the
     # fused kind, which always writes them to model.onnx_data: do not read them twice.
     if graph.stat().st_size > 64 << 20:
         return False
-    try:
-        model = onnx.load(str(graph), load_external_data=False)
-    except Exception:  # noqa: BLE001 - an unreadable graph fails in InferenceSession already
+    try:  # the protobuf read directly: importing onnx would cost ~0.5 s of start-up
+        nodes = read_graph_nodes(graph)
+    except (OSError, MalformedGraph):  # an unreadable graph fails in InferenceSession already
         return False
-    made_by_gqa = {out for node in model.graph.node if node.op_type == "GroupQueryAttention" for out in node.output}
+    made_by_gqa = {out for op_type, outputs in nodes if op_type == "GroupQueryAttention" for out in outputs}
     return bool(presents) and all(name in made_by_gqa for name in presents)
 
 
@@ -475,7 +507,7 @@ class TensorRTBranch(_BundleBranch):
         from edgekit.engine.record import load_engine
 
         super().__init__(bundle_dir, name=name, context_length=context_length)
-        self.target = target or self.manifest.get("target")
+        self.target = target or bundle_target(self.manifest, str(self.bundle_dir / "manifest.json"))
         if not self.target:
             raise EngineError("the bundle names no target", where=str(self.bundle_dir / "manifest.json"),
                               how="pass target= (the name used with edgekit build-engine)")
@@ -810,6 +842,9 @@ def load_branch(spec: str | Path, *, name: str, target: str | None = None, backe
     ``target`` defaults to the bundle's target; ``threads``, ``spin_wait`` and ``variant`` (an
     ONNX graph of the bundle, see :class:`OnnxRuntimeBranch`) apply to ONNX Runtime.
     """
+    from edgekit.names import check_name
+
+    check_name(name, what="branch name", where=str(spec)[:200])
     text = str(spec)
     if text.startswith(("http://", "https://")):
         if backend not in ("auto", "remote"):
@@ -822,7 +857,9 @@ def load_branch(spec: str | Path, *, name: str, target: str | None = None, backe
     if not bundle.is_dir():
         raise EdgekitError("no bundle directory or http(s):// URL here", where=text,
                            how="point at a bundle directory (runs/<name>/stages/<n>-bundle/<name>) or a server URL")
-    target = target or _read_manifest(bundle).get("target")
+    target = target or bundle_target(_read_manifest(bundle), str(bundle / "manifest.json"))
+    if target is not None:
+        check_name(target, what="target", where=text)
     if backend == "onnxruntime":
         return OnnxRuntimeBranch(bundle, name=name, threads=threads, spin_wait=spin_wait, variant=variant)
     plan = bundle / "engine" / f"{target}.plan"

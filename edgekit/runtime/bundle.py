@@ -5,6 +5,12 @@
 updated by ``edgekit calibrate-router``. The small branch is the bundle itself; the large
 branch is ``runtime.large``: an OpenAI-compatible endpoint or a bundle directory, relative
 to this bundle. Command-line options override the file for one run without changing it.
+
+A bundle is data from elsewhere, so what its runtime.json names is checked where it enters
+(:func:`read_runtime_config`): ``large`` is an ``http(s)://`` URL, or a relative path whose
+every component is a safe name (:mod:`edgekit.names`) and that stays inside the bundle once
+symbolic links are followed. A large branch elsewhere on the machine is the caller's choice,
+given with ``--large`` (``large=``), never read from the bundle.
 """
 
 from __future__ import annotations
@@ -34,8 +40,12 @@ def read_runtime_config(bundle_dir: Path) -> Any:
         data = json.loads(path.read_text())
     except ValueError:
         raise EdgekitError("runtime.json is not valid JSON", where=str(path), how="rebuild the bundle") from None
+    if not isinstance(data, dict):
+        raise EdgekitError("runtime.json is not a JSON object", where=str(path), how="rebuild the bundle")
     data.pop("format", None)
     data.pop("calibration", None)
+    if data.get("large") is not None:
+        check_bundle_large(bundle_dir, data["large"], where=f"{path}: large")
     try:
         return RuntimeConfig.model_validate(data)
     except ValidationError as exc:
@@ -64,10 +74,49 @@ def resolve_config(bundle_dir: Path, **overrides: Any) -> Any:
                            how="fix the option (see edgekit run --help)") from None
 
 
+_URL_MAX = 2048
+
+
+def _url_problem(value: str) -> str | None:
+    if len(value) > _URL_MAX:
+        return f"the URL is {len(value)} characters long (at most {_URL_MAX})"
+    if any(ord(c) < 33 or ord(c) == 127 for c in value):
+        return "the URL contains whitespace, NUL or control characters"
+    return None
+
+
+def check_bundle_large(bundle_dir: Path, value: object, *, where: str) -> str:
+    """``value`` if a bundle may name it as its large branch (module docstring): an http(s)
+    URL, or a relative path inside the bundle; else a one-line :class:`EdgekitError`."""
+    from edgekit.runtime.backends import bundle_file
+
+    how = ("name an http(s):// endpoint or a bundle directory inside this bundle; give a large branch elsewhere "
+           "with --large (edgekit run / serve)")
+    if not isinstance(value, str) or not value:
+        raise EdgekitError("invalid runtime.large: " + ("it is empty" if value == "" else f"a {type(value).__name__}, not a string"),
+                           where=where, how=how)
+    if value.startswith(("http://", "https://")):
+        problem = _url_problem(value)
+        if problem:
+            raise EdgekitError(f"invalid runtime.large: {problem}", where=where, how=how)
+        return value
+    try:
+        bundle_file(Path(bundle_dir), value, what="runtime.large (a bundle directory relative to this bundle)", where=where)
+    except EdgekitError as exc:
+        raise EdgekitError(exc.what, where=where, how=how) from None
+    return value
+
+
 def large_spec(bundle_dir: Path, large: str | None) -> str | None:
-    """A URL as it is; a path relative to the bundle (absolute paths as they are)."""
+    """A URL as it is; a path relative to the bundle (absolute paths as they are: a value from
+    runtime.json was checked by :func:`read_runtime_config`, one from the caller is theirs)."""
     if not large or large.startswith(("http://", "https://")):
+        if large and _url_problem(large):
+            raise EdgekitError(f"invalid large branch: {_url_problem(large)}", where="--large", how="pass a plain http(s):// URL")
         return large
+    if "\x00" in large or len(large) > 4096:
+        raise EdgekitError("invalid large branch: the path contains a NUL byte or is over 4096 characters", where="--large",
+                           how="pass a bundle directory or an http(s):// URL")
     path = Path(large).expanduser()
     return str(path if path.is_absolute() else (Path(bundle_dir) / path).resolve())
 
@@ -80,8 +129,9 @@ def draft_variant(bundle_dir: Path, config: Any) -> str | None:
 
     if config.policy != "speculative" or config.draft_graph != "auto":
         return None
-    variants = (_read_manifest(Path(bundle_dir)).get("onnx") or {}).get("variants") or {}
-    return DRAFT_VARIANT if DRAFT_VARIANT in variants else None
+    onnx = _read_manifest(Path(bundle_dir)).get("onnx")
+    variants = onnx.get("variants") if isinstance(onnx, dict) else None
+    return DRAFT_VARIANT if isinstance(variants, dict) and DRAFT_VARIANT in variants else None
 
 
 def open_router(bundle_dir: Path, config: Any, *, threads: int | None = None) -> Any:
@@ -111,13 +161,23 @@ def write_calibration(bundle_dir: Path, config: Any, calibration: dict[str, Any]
     from edgekit.yamlio import atomic_write_json
 
     bundle_dir = Path(bundle_dir)
-    thresholds = dict(config.thresholds)
+    stored = config
+    if config.large:
+        try:
+            check_bundle_large(bundle_dir, config.large, where="large")
+        except EdgekitError:
+            # A large branch outside the bundle is the caller's, not the bundle's (module
+            # docstring): keep runtime.json's own policy and large; store the thresholds.
+            stored = read_runtime_config(bundle_dir)
+            calibration["large_not_stored"] = config.large  # the caller's record says so too
+    thresholds = dict(stored.thresholds)
     if calibration["policy"] == "input_complexity":
         thresholds.update(complexity=calibration["threshold"], length_weight=calibration["length_weight"])
     else:
         thresholds.update(confidence=calibration["threshold"], quantile=calibration["quantile"],
                           min_tokens=calibration["min_tokens"], check=calibration["check"])
-    data = {"format": RUNTIME_FORMAT, **config.model_dump(mode="json"), "policy": calibration["policy"], "thresholds": thresholds,
+    policy = calibration["policy"] if stored is config else stored.policy
+    data = {"format": RUNTIME_FORMAT, **stored.model_dump(mode="json"), "policy": policy, "thresholds": thresholds,
             "calibration": {k: v for k, v in calibration.items() if k != "scores"}}
     atomic_write_json(bundle_dir / RUNTIME_NAME, data)
     manifest_path = bundle_dir / MANIFEST_NAME
