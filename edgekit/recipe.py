@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgekit.errors import EdgekitError, RecipeError
-from edgekit.names import SafeName
+from edgekit.names import SafeName, relative_path_problem
 from edgekit.pipeline.registry import EarlierStage, ReferenceProblem, all_stages, get_stage
 from edgekit.yamlio import LineMap, dump_yaml, format_loc, load_yaml, pydantic_error
 
@@ -95,6 +95,21 @@ class RuntimeConfig(_Strict):
     thresholds: dict[str, float | int | str] = Field(
         default_factory=dict, description="router thresholds (complexity, length_weight, confidence, quantile, "
         "min_tokens, check); edgekit calibrate-router fits them")
+
+    @field_validator("large")
+    @classmethod
+    def _large_ok(cls, value: str | None) -> str | None:
+        # Written into the bundle's runtime.json, which the runtime reads as untrusted: the same
+        # rule here, so a recipe that the runtime would refuse fails at validation.
+        if value is None or value.startswith(("http://", "https://")):
+            if value is not None and (len(value) > 2048 or any(c.isspace() or ord(c) < 32 for c in value)):
+                raise ValueError("an http(s):// URL without whitespace or control characters, at most 2048 characters")
+            return value
+        problem = relative_path_problem(value)
+        if problem is not None:
+            raise ValueError(f"{problem}: the large branch is a bundle directory inside this bundle (a relative path "
+                             "without '..') or an http(s):// endpoint; pass a bundle elsewhere with --large at run time")
+        return value
 
     @field_validator("thresholds")
     @classmethod

@@ -364,3 +364,13 @@ def test_hostile_data_sources(tmp_path):
     with pytest.raises(DataError) as info:
         resolve_text_source(str(deep)).read("text")
     assert "line 2" in str(info.value)
+
+
+def test_recipe_runtime_large_is_checked_as_runtime_json_will_be(tmp_path, tiny_model_dir):
+    for value, fragment in (("../sibling", "'..'"), ("/abs/bundle", "absolute"), ("http://h/\nx", "whitespace")):
+        extra = f"runtime:\n  policy: cascade\n  large: {json.dumps(value)}\n"
+        with pytest.raises(RecipeError) as info:
+            load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir, extra=extra))
+        assert "runtime.large" in str(info.value) and fragment in str(info.value), str(info.value)
+    ok = write_recipe(tmp_path / "r.yaml", tiny_model_dir, extra="runtime:\n  policy: cascade\n  large: large/bundle\n")
+    assert load_recipe(ok).recipe.runtime.large == "large/bundle"
