@@ -1,3 +1,3 @@
 from edgekit.cli import main
 
-main()
+main(prog_name="edgekit")

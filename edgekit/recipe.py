@@ -96,21 +96,6 @@ class RuntimeConfig(_Strict):
         default_factory=dict, description="router thresholds (complexity, length_weight, confidence, quantile, "
         "min_tokens, check); edgekit calibrate-router fits them")
 
-    @field_validator("large")
-    @classmethod
-    def _large_ok(cls, value: str | None) -> str | None:
-        # Written into the bundle's runtime.json, which the runtime reads as untrusted: the same
-        # rule here, so a recipe that the runtime would refuse fails at validation.
-        if value is None or value.startswith(("http://", "https://")):
-            if value is not None and (len(value) > 2048 or any(c.isspace() or ord(c) < 32 for c in value)):
-                raise ValueError("an http(s):// URL without whitespace or control characters, at most 2048 characters")
-            return value
-        problem = relative_path_problem(value)
-        if problem is not None:
-            raise ValueError(f"{problem}: the large branch is a bundle directory inside this bundle (a relative path "
-                             "without '..') or an http(s):// endpoint; pass a bundle elsewhere with --large at run time")
-        return value
-
     @field_validator("thresholds")
     @classmethod
     def _thresholds_ok(cls, value: dict) -> dict:
@@ -189,6 +174,24 @@ class Recipe(_Strict):
                     name = kind if seen[kind] == 1 else f"{kind}-{seen[kind]}"
             out.append({"type": kind, "name": name, "params": entry})
         return out
+
+    @model_validator(mode="after")
+    def _large_inside_the_bundle(self):
+        # runtime.large is written into the bundle's runtime.json, which the runtime reads as
+        # untrusted (a relative path inside the bundle or a plain URL; edgekit run --large takes
+        # any path): the same rule here, so a recipe the runtime would refuse fails at validation.
+        value = self.runtime.large
+        if value is None or value.startswith(("http://", "https://")):
+            if value is not None and (len(value) > 2048 or any(c.isspace() or ord(c) < 32 for c in value)):
+                raise ValueError("runtime.large: an http(s):// URL without whitespace or control characters, at most "
+                                 "2048 characters")
+            return self
+        problem = relative_path_problem(value)
+        if problem is not None:
+            raise ValueError(f"runtime.large: {problem}: the large branch is a bundle directory inside this bundle (a "
+                             "relative path without '..') or an http(s):// endpoint; pass a bundle elsewhere with "
+                             "--large at run time")
+        return self
 
     @property
     def output_dir(self) -> Path:

@@ -374,3 +374,24 @@ def test_recipe_runtime_large_is_checked_as_runtime_json_will_be(tmp_path, tiny_
         assert "runtime.large" in str(info.value) and fragment in str(info.value), str(info.value)
     ok = write_recipe(tmp_path / "r.yaml", tiny_model_dir, extra="runtime:\n  policy: cascade\n  large: large/bundle\n")
     assert load_recipe(ok).recipe.runtime.large == "large/bundle"
+
+
+# --- CLI options ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("run", "b", "-p", "hi", "--top-p", "nan"), "--top-p"),
+    (("run", "b", "-p", "hi", "--temperature", "inf"), "--temperature"),
+    (("run", "b", "-p", "hi", "--max-new-tokens", "99999999999"), "--max-new-tokens"),
+    (("run", "b", "-p", "hi", "--seed", "-1"), "--seed"),
+    (("plan", "smollm2-135m", "--context", "99999999999"), "--context"),
+    (("plan", "smollm2-135m", "--kv-fill", "nan"), "--kv-fill"),
+    (("validate", "b", "--concurrency", "100000"), "--concurrency"),
+    (("validate", "b", "--budget-latency-ms", "-inf"), "--budget-latency-ms"),
+    (("build-engine", "b", "--workspace-gb", "nan"), "--workspace-gb"),
+    (("run", "b"), "--prompt"),
+    (("no-such-command",), "no-such-command"),
+])
+def test_cli_options_are_bounded_and_refused_in_one_line(args, fragment):
+    line = assert_one_line(run_cli(*args, timeout=120), fragment)
+    assert "--help" in line

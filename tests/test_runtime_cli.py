@@ -83,7 +83,7 @@ def test_draft_options_keep_the_output_and_bad_values_are_one_line_errors(bundle
     bad = run_cli("run", str(small), "--prompt", PROMPT, "--policy", "speculative", "--large", str(large),
                   "--draft-min-confidence", "1.5")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "draft_min_confidence" in bad.stderr and "To resolve" in bad.stderr
+    assert "draft-min-confidence" in bad.stderr and "To resolve" in bad.stderr
 
 
 def test_an_unreachable_large_endpoint_falls_back_to_the_small_branch(bundles):

@@ -398,7 +398,8 @@ def test_cli_bad_input_exits_2_with_one_line(bundle, tmp_path, monkeypatch):
         (["--max-new-tokens", "1"], "--max-new-tokens must be an integer >= 2"),
         (["--concurrency", "3", "--requests", "2"], "--requests 2 is fewer than --concurrency 3"),
         (["--output", str(bundle / "reports")], "would be written inside the bundle"),
-        (["--budget-memory-gb", "-1"], "--budget-memory-gb must be a number > 0"),
+        (["--budget-memory-gb", "-1"], "Invalid value for '--budget-memory-gb': -1.0 is not in the range"),
+        (["--budget-memory-gb", "nan"], "'nan' is not a finite number"),
     ]
     for extra, message in cases:
         result = runner.invoke(main, ["validate", str(bundle), *extra])
