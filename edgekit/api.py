@@ -336,7 +336,7 @@ def unpack_bundle(archive: str | Path, dest: str | Path | None = None) -> dict[s
 
     def check(bundle_dir: Path) -> None:
         checked["files"], checked["bytes"] = verify_manifest_files(bundle_dir)
-        report = require_trusted(bundle_dir)
+        report = require_trusted(bundle_dir, report_unsigned=False)  # the caller names unsigned files
         checked["signature"] = report.to_dict() if report else None
 
     final = safe_extract(archive, Path(dest) if dest is not None else Path.cwd(), check=check)
@@ -390,13 +390,20 @@ def serve(
     access_log: bool = True,
     on_ready: Any = None,
     log: Any = None,
+    max_connections: int = 64,
+    header_timeout_s: float = 10.0,
+    keep_alive_timeout_s: float = 5.0,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_client_ca: str | None = None,
 ) -> dict[str, Any]:
     """Serve the bundle over HTTP (OpenAI-compatible /v1/completions and /v1/chat/completions,
     /v1/models, /healthz, Prometheus /metrics) until SIGINT/SIGTERM, then drain for up to
     ``grace_period_s``. ``on_ready(server)`` is called once the branches are loaded
     (``server.url``). The routing options (and ``branch_timeout_s``, the runtime's
-    ``timeout_s``) override the bundle's runtime.json as in :func:`run_prompt`. Returns ``{"url", "drained", "in_flight_at_signal", "unfinished"}``.
-    See docs/serve.md."""
+    ``timeout_s``) override the bundle's runtime.json as in :func:`run_prompt`. ``tls_cert`` and
+    ``tls_key`` serve HTTPS; ``tls_client_ca`` also requires client certificates (mutual TLS).
+    Returns ``{"url", "drained", "in_flight_at_signal", "unfinished"}``. See docs/serve.md."""
     from edgekit.runtime.bundle import resolve_config
     from edgekit.serve.server import ServeOptions, serve as _serve
 
@@ -404,6 +411,8 @@ def serve(
         host=host, port=port, api_key=api_key, auth_metrics=auth_metrics, max_concurrency=max_concurrency, max_queue=max_queue,
         max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
         request_timeout_s=request_timeout_s, grace_period_s=grace_period_s, access_log=access_log,
+        max_connections=max_connections, header_timeout_s=header_timeout_s, keep_alive_timeout_s=keep_alive_timeout_s,
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
     )
     options.validate()
     config = resolve_config(Path(bundle), policy=policy, large=large, backend=backend, timeout_s=branch_timeout_s)

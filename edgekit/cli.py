@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,8 +13,48 @@ from edgekit import __version__
 from edgekit.errors import EdgekitError
 
 
+class _Finite(click.FloatRange):
+    """A float within bounds, and finite: click's FloatRange lets 'nan' through (it compares
+    False with every bound) and 'inf' through an open upper bound."""
+
+    name = "finite number"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+# Bounds of every numeric option: far beyond any real use, small enough that no option can ask
+# for an absurd allocation or a loop that never ends.
+MAX_TOKENS = 1 << 20  # context, prompt and generation lengths
+MAX_BATCH = 4096
+MAX_STREAMS = 1024
+
+
 class _Group(click.Group):
-    """Turns EdgekitError into ``error: <what> (<where>). To resolve, <how>.`` + exit 2."""
+    """Turns EdgekitError into ``error: <what> (<where>). To resolve, <how>.`` + exit 2, and
+    click's own usage errors (a missing or out-of-range option) into the same one line."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "edgekit"
+            error = EdgekitError(exc.format_message(), where=where, how=f"see `{where} --help`")
+            click.echo(f"error: {error.one_line()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        # without standalone mode click returns ctx.exit()'s code, or the command's return value
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context):
         debug = bool(ctx.params.get("debug")) or os.environ.get("EDGEKIT_DEBUG") == "1"
@@ -161,15 +202,15 @@ def targets_show(name: str) -> None:
 @click.option("--target", "-t", metavar="NAME", help="A target profile name or YAML path (default: the recipe's target; for a model: all).")
 @click.option("--all-targets", is_flag=True, help="Plan for every built-in target.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("--context", "context_length", type=int, metavar="N", help="Context length (default: the recipe's, else 2048).")
-@click.option("--batch", type=int, metavar="N", help="Concurrent sequences (default: the recipe's build_engine max_batch, else 1).")
+@click.option("--context", "context_length", type=click.IntRange(16, MAX_TOKENS), metavar="N", help="Context length (default: the recipe's, else 2048).")
+@click.option("--batch", type=click.IntRange(1, MAX_BATCH), metavar="N", help="Concurrent sequences (default: the recipe's build_engine max_batch, else 1).")
 @click.option("--precision", metavar="P", help="Weight precision: fp16, bf16, fp8, int8, int4 (default: the recipe's quantize stage, else fp16).")
-@click.option("--group-size", type=int, metavar="N", help="Input channels per scale for int8/int4 (default: the recipe's, else 128).")
+@click.option("--group-size", type=click.IntRange(1, 1 << 16), metavar="N", help="Input channels per scale for int8/int4 (default: the recipe's, else 128).")
 @click.option("--power-mode", metavar="NAME", help="Power mode of the (single) target (default: its reference mode).")
-@click.option("--prompt-tokens", type=int, default=128, show_default=True, metavar="N", help="Prompt length the time to first token is predicted for.")
-@click.option("--budget-ms", type=float, metavar="X", help="Latency budget per generated token (default: the recipe's latency_p99_ms).")
-@click.option("--kv-fill", type=float, default=0.5, show_default=True, metavar="F", help="Fraction of the context in the KV cache at the decode step predicted.")
-@click.option("--prefill-chunk", type=int, metavar="N", help="Longest prompt one prefill call takes (default: the recipe's build_engine max_prefill, else 512).")
+@click.option("--prompt-tokens", type=click.IntRange(1, MAX_TOKENS), default=128, show_default=True, metavar="N", help="Prompt length the time to first token is predicted for.")
+@click.option("--budget-ms", type=_Finite(0, 1e7, min_open=True), metavar="X", help="Latency budget per generated token (default: the recipe's latency_p99_ms).")
+@click.option("--kv-fill", type=_Finite(0, 1), default=0.5, show_default=True, metavar="F", help="Fraction of the context in the KV cache at the decode step predicted.")
+@click.option("--prefill-chunk", type=click.IntRange(1, MAX_TOKENS), metavar="N", help="Longest prompt one prefill call takes (default: the recipe's build_engine max_prefill, else 512).")
 def plan_cmd(source: str, target: str | None, all_targets: bool, as_json: bool, context_length: int | None, batch: int | None,
              precision: str | None, group_size: int | None, power_mode: str | None, prompt_tokens: int, budget_ms: float | None,
              kv_fill: float, prefill_chunk: int | None) -> None:
@@ -253,10 +294,10 @@ def _engine_options(func):
     """The build knobs shared by build-engine and check (the build_engine stage's parameters)."""
     options = [
         click.option("--target", "-t", metavar="NAME", help="Target profile name or YAML path (default: the bundle's target)."),
-        click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch the engine accepts."),
-        click.option("--max-prefill", type=int, default=512, show_default=True, help="Longest prompt one prefill call takes."),
-        click.option("--opt-prefill", type=int, help="Prompt length TensorRT tunes prefill for (default: min(128, max-prefill))."),
-        click.option("--workspace-gb", type=float, default=4.0, show_default=True, help="TensorRT workspace memory pool limit."),
+        click.option("--max-batch", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True, help="Largest batch the engine accepts."),
+        click.option("--max-prefill", type=click.IntRange(1, MAX_TOKENS), default=512, show_default=True, help="Longest prompt one prefill call takes."),
+        click.option("--opt-prefill", type=click.IntRange(1, MAX_TOKENS), help="Prompt length TensorRT tunes prefill for (default: min(128, max-prefill))."),
+        click.option("--workspace-gb", type=_Finite(0, 1024, min_open=True), default=4.0, show_default=True, help="TensorRT workspace memory pool limit."),
         click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True,
                      help="Builder optimization level (higher: longer build, maybe a faster engine)."),
         click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
@@ -265,7 +306,7 @@ def _engine_options(func):
         click.option("--typing", type=click.Choice(["auto", "strong", "weak"]), default="auto", show_default=True,
                      help="auto: strongly typed for Q/DQ graphs and on TensorRT 11, FP16 weak typing for float graphs on 10.x."),
         click.option("--no-timing-cache", is_flag=True, help="Do not keep or reuse a timing cache beside the bundle."),
-        click.option("--context-length", type=int, metavar="N", help="Decode profile's longest context (default: the bundle's)."),
+        click.option("--context-length", type=click.IntRange(16, MAX_TOKENS), metavar="N", help="Decode profile's longest context (default: the bundle's)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -363,15 +404,15 @@ def check_cmd(path: str, as_json: bool, **kw) -> None:
               help="Routing policy (default: the bundle's runtime.json).")
 @click.option("--large", metavar="BUNDLE_OR_URL", help="The large branch: a bundle directory or an OpenAI-compatible endpoint.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), help="Local backend (default: the bundle's, auto).")
-@click.option("--max-new-tokens", type=int, help="Generation limit (default: the bundle's).")
-@click.option("--temperature", type=float, help="0 = greedy (default: the bundle's).")
-@click.option("--top-k", type=int)
-@click.option("--top-p", type=float)
-@click.option("--min-p", type=float)
-@click.option("--repetition-penalty", type=float)
-@click.option("--seed", type=int)
-@click.option("--draft-tokens", type=int, help="speculative: tokens drafted per round (default: the bundle's).")
-@click.option("--draft-min-confidence", type=float,
+@click.option("--max-new-tokens", type=click.IntRange(1, MAX_TOKENS), help="Generation limit (default: the bundle's).")
+@click.option("--temperature", type=_Finite(0, 1e6), help="0 = greedy (default: the bundle's).")
+@click.option("--top-k", type=click.IntRange(0, 1 << 22))
+@click.option("--top-p", type=_Finite(0, 1, min_open=True))
+@click.option("--min-p", type=_Finite(0, 1))
+@click.option("--repetition-penalty", type=_Finite(0, 1e6, min_open=True))
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1))
+@click.option("--draft-tokens", type=click.IntRange(1, 32), help="speculative: tokens drafted per round (default: the bundle's).")
+@click.option("--draft-min-confidence", type=_Finite(0, 1, max_open=True),
               help="speculative: end a round early below this draft probability (default: the bundle's; 0 = never).")
 @click.option("--stream", is_flag=True, help="Print the text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
@@ -434,7 +475,7 @@ def _route_line(result: dict) -> str:
 @click.option("--large", metavar="BUNDLE_OR_URL", help="The large branch to record (default: the bundle's).")
 @click.option("--prompts", type=click.IntRange(4, 4096), default=64, show_default=True,
               help="Held-out prompts to fit on (as many again check the rate).")
-@click.option("--max-new-tokens", type=int, help="cascade: tokens generated per prompt while scoring (default: the bundle's).")
+@click.option("--max-new-tokens", type=click.IntRange(1, MAX_TOKENS), help="cascade: tokens generated per prompt while scoring (default: the bundle's).")
 def calibrate_router_cmd(bundle: str, large_rate: float, policy, large, prompts: int, max_new_tokens) -> None:
     """Pick the router threshold so that --large-rate of held-out prompts go to the large branch
     (quantile calibration on the small branch's scores) and write it into the bundle's runtime.json."""
@@ -449,6 +490,10 @@ def calibrate_router_cmd(bundle: str, large_rate: float, policy, large, prompts:
         f"{record['n_prompts']} calibration prompts and {record['large_rate_held_out']:.1%} of {record['n_prompts_held_out']} "
         f"held-out prompts to the large branch (target {record['large_rate_target']:.0%}); written to {record['written']}"
     )
+    if record.get("large_not_stored"):
+        click.echo(f"  the large branch {record['large_not_stored']} lies outside the bundle, so runtime.json keeps its own "
+                   f"policy and large branch: pass --policy {record['policy']} --large {record['large_not_stored']} to "
+                   "edgekit run/serve (or put the large bundle inside this one)", err=True)
 
 
 @main.command("keygen")
@@ -480,8 +525,10 @@ def sign_cmd(bundle: str, key: str) -> None:
     click.echo(f"signed {record['files']} files ({record['bytes'] / 1e6:.1f} MB) of {record['bundle']} with key "
                f"{record['key_id']}: {record['signature']}")
     if record["unsigned"]:
-        click.echo(f"  not covered: {len(record['unsigned'])} device-built file(s) under engine/ or build_engine.sh "
-                   "(rebuilt on each device; see docs/signing.md)")
+        click.echo(f"  unsigned (device-built, not covered by the signature; rebuilt on each device, see docs/signing.md): "
+                   f"{len(record['unsigned'])} file(s)")
+        for rel in record["unsigned"]:
+            click.echo(f"    {rel}")
     if record["tar"]:
         click.echo(f"  rewrote {record['tar']} (it now carries signature.json)")
 
@@ -504,7 +551,9 @@ def verify_cmd(bundle: str, keys: tuple[str, ...]) -> None:
     click.echo(f"verified: {report['files']} files ({report['bytes'] / 1e6:.1f} MB), signed by {report['key_id']} "
                f"({report['key_source']}) at {report['signed_at']}")
     if report["device_files"]:
-        click.echo(f"  not covered: {len(report['device_files'])} device-built file(s) under engine/ or build_engine.sh")
+        click.echo(f"  unsigned (device-built, not covered by the signature): {len(report['device_files'])} file(s)")
+        for rel in report["device_files"]:
+            click.echo(f"    {rel}")
 
 
 @main.command("unpack")
@@ -518,9 +567,14 @@ def unpack_cmd(archive: str, dest: str | None) -> None:
 
     record = api.unpack_bundle(archive, dest)
     signature = record["signature"]
-    checked = f"signed by {signature['key_id']}" if signature else "signature not checked: no trusted keys configured here"
+    checked = (f"{signature['files']} of them signed by {signature['key_id']}" if signature
+               else "signature not checked: no trusted keys configured here")
     click.echo(f"unpacked {record['bundle']}: {record['files']} files ({record['bytes'] / 1e6:.1f} MB) match manifest.json; "
                f"{checked}")
+    if signature and signature["device_files"]:
+        click.echo(f"  unsigned (device-built, not covered by the signature): {len(signature['device_files'])} file(s)")
+        for rel in signature["device_files"]:
+            click.echo(f"    {rel}")
 
 
 @main.command("serve")
@@ -545,19 +599,29 @@ def unpack_cmd(archive: str, dest: str | None) -> None:
 @click.option("--branch-timeout", type=float, metavar="S",
               help="A branch slower than this per request counts as failed (default: the bundle's timeout_s).")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads per branch (default: one per core).")
+@click.option("--max-connections", type=int, default=64, show_default=True,
+              help="Open client connections; one more is answered 503 and closed.")
+@click.option("--header-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds a client has to send a request's headers (and then its body).")
+@click.option("--keep-alive-timeout", type=float, default=5.0, show_default=True,
+              help="Seconds an idle keep-alive connection stays open.")
+@click.option("--tls-cert", type=click.Path(), metavar="FILE", help="PEM certificate (chain): serve HTTPS (TLS 1.2+).")
+@click.option("--tls-key", type=click.Path(), metavar="FILE", help="PEM private key of --tls-cert (unencrypted).")
+@click.option("--tls-client-ca", type=click.Path(), metavar="FILE",
+              help="PEM CA: require client certificates signed by it (mutual TLS).")
 @click.option("--quiet", "-q", is_flag=True, help="No access log on stderr.")
 def serve_cmd(bundle: str, host: str, port: int, policy, large, backend, api_key, auth_metrics: bool, max_concurrency: int,
               max_queue: int, max_tokens_limit: int, max_prompt_tokens, max_body_bytes: int, request_timeout: float,
-              grace_period: float, branch_timeout, threads, quiet: bool) -> None:
+              grace_period: float, branch_timeout, threads, max_connections: int, header_timeout: float,
+              keep_alive_timeout: float, tls_cert, tls_key, tls_client_ca, quiet: bool) -> None:
     """Serve the bundle over HTTP: OpenAI-compatible /v1/completions and /v1/chat/completions
     (streaming), /v1/models, /healthz and Prometheus /metrics, through the bundle's router.
     Prints one line with the URL once the model is loaded. See docs/serve.md."""
     from edgekit import api
     from edgekit.serve.server import ServeOptions
 
-    if ServeOptions(host=host, api_key=api_key).exposed_without_key:
-        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model. "
-                   "Set --api-key (or EDGEKIT_API_KEY), or listen on 127.0.0.1 behind a reverse proxy.", err=True)
+    for warning in ServeOptions(host=host, api_key=api_key, tls_cert=tls_cert).exposure_warnings():
+        click.echo(warning, err=True)
 
     def ready(server) -> None:
         large_branch = server.branches.get("large")
@@ -571,6 +635,8 @@ def serve_cmd(bundle: str, host: str, port: int, policy, large, backend, api_key
         max_concurrency=max_concurrency, max_queue=max_queue, max_tokens_limit=max_tokens_limit,
         max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes, request_timeout_s=request_timeout,
         grace_period_s=grace_period, branch_timeout_s=branch_timeout, threads=threads, access_log=not quiet, on_ready=ready,
+        max_connections=max_connections, header_timeout_s=header_timeout, keep_alive_timeout_s=keep_alive_timeout,
+        tls_cert=tls_cert, tls_key=tls_key, tls_client_ca=tls_client_ca,
     )
     if summary["drained"]:
         click.echo(f"edgekit serve: stopped ({summary['in_flight_at_signal']} request(s) were in flight or queued; all finished)",
@@ -586,18 +652,18 @@ def serve_cmd(bundle: str, host: str, port: int, policy, large, backend, api_key
               help="auto: the TensorRT engine when it is built here and loads, else ONNX Runtime.")
 @click.option("--prompts", type=click.Path(dir_okay=False), metavar="FILE",
               help='One prompt per line, or JSON Lines {"prompt": ...} (default: 16 x 128 held-out tokens).')
-@click.option("--concurrency", type=int, default=1, show_default=True, metavar="N", help="Streams generating at once.")
-@click.option("--requests", type=int, metavar="N", help="Measured requests (default: 16, or one per prompt of --prompts).")
-@click.option("--warmup", type=int, default=2, show_default=True, metavar="N", help="Unmeasured requests first.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True, metavar="N",
+@click.option("--concurrency", type=click.IntRange(1, MAX_STREAMS), default=1, show_default=True, metavar="N", help="Streams generating at once.")
+@click.option("--requests", type=click.IntRange(1, 1_000_000), metavar="N", help="Measured requests (default: 16, or one per prompt of --prompts).")
+@click.option("--warmup", type=click.IntRange(0, 10_000), default=2, show_default=True, metavar="N", help="Unmeasured requests first.")
+@click.option("--max-new-tokens", type=click.IntRange(1, MAX_TOKENS), default=64, show_default=True, metavar="N",
               help="Tokens generated per request (end-of-sequence is ignored).")
-@click.option("--threads", type=int, metavar="N", help="ONNX Runtime intra-op threads (default: ONNX Runtime's).")
+@click.option("--threads", type=click.IntRange(1, 1024), metavar="N", help="ONNX Runtime intra-op threads (default: ONNX Runtime's).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), metavar="DIR",
               help="Report directory (default: ./validate-<bundle name>; never inside the bundle).")
-@click.option("--budget-latency-ms", type=float, metavar="X",
+@click.option("--budget-latency-ms", type=_Finite(0, 1e7, min_open=True), metavar="X",
               help="Per-token p99 budget in ms (replaces the manifest's latency_p99_ms).")
-@click.option("--budget-ttft-ms", type=float, metavar="X", help="Time-to-first-token p99 budget (replaces ttft_p99_ms).")
-@click.option("--budget-memory-gb", type=float, metavar="X", help="Peak memory budget in GiB (replaces memory_gb).")
+@click.option("--budget-ttft-ms", type=_Finite(0, 1e7, min_open=True), metavar="X", help="Time-to-first-token p99 budget (replaces ttft_p99_ms).")
+@click.option("--budget-memory-gb", type=_Finite(0, 1e6, min_open=True), metavar="X", help="Peak memory budget in GiB (replaces memory_gb).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def validate_cmd(bundle: str, backend: str, prompts: str | None, concurrency: int, requests: int | None, warmup: int,
@@ -683,16 +749,16 @@ def _print_validation(report: dict) -> None:
 @click.option("--python", "remote_python", default="python3", show_default=True, help="Python interpreter on the device (3.10+).")
 @click.option("--build-engine", is_flag=True, help="Run build-engine on the device before the version goes live.")
 @click.option("--validate", is_flag=True, help="Run edgekit validate on the device after the deploy and fetch its report.")
-@click.option("--concurrency", type=click.IntRange(1), help="validate: concurrent streams.")
-@click.option("--requests", type=click.IntRange(1), help="validate: measured requests.")
-@click.option("--max-new-tokens", type=click.IntRange(1), help="validate: tokens generated per request.")
+@click.option("--concurrency", type=click.IntRange(1, MAX_STREAMS), help="validate: concurrent streams.")
+@click.option("--requests", type=click.IntRange(1, 1_000_000), help="validate: measured requests.")
+@click.option("--max-new-tokens", type=click.IntRange(1, MAX_TOKENS), help="validate: tokens generated per request.")
 @click.option("--runtime", metavar="FILE", help="A prebuilt edgekit sdist to install (default: built from this checkout).")
 @click.option("--reinstall-runtime", is_flag=True, help="Install the runtime even if the device has this version.")
-@click.option("--keep", type=click.IntRange(2), default=3, show_default=True, help="Versions kept on the device (current and previous always).")
+@click.option("--keep", type=click.IntRange(2, 1000), default=3, show_default=True, help="Versions kept on the device (current and previous always).")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=4, show_default=True, help="Devices deployed to in parallel.")
 @click.option("--reports", "reports_dir", default="deploy-reports", show_default=True, metavar="DIR",
               help="Where validate reports are fetched to (DIR/<host>/<bundle>/<version>/).")
-@click.option("--connect-timeout", type=click.IntRange(1), default=10, show_default=True, metavar="S")
+@click.option("--connect-timeout", type=click.IntRange(1, 3600), default=10, show_default=True, metavar="S")
 @click.option("--rsync-path", metavar="PROGRAM", help="The rsync program on the device, when it is not on its PATH.")
 @click.option("--rollback", is_flag=True, help="Point current back at the previous version (BUNDLE may be just the bundle's name).")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-host records as JSON.")

@@ -39,6 +39,10 @@ class GenerationFailed(Exception):
     """The router could not answer (both branches unavailable)."""
 
 
+class Cancelled(Exception):
+    """The server stopped the generation (its shutdown grace period ended)."""
+
+
 class Assembler:
     def __init__(self, stops: list[str], *, hold_small: bool):
         self.stops = [s for s in stops if s]
@@ -140,13 +144,14 @@ def _inferred_fallback(policy: str, branch: str | None) -> bool | None:
 
 def generate(router: Any, prompt: Any, *, max_tokens: int, sampler_params: dict, seed: int | None, stops: list[str],
              deadline: float, count_tokens: Callable[[str], int], emit: Callable[[str, str], None] | None = None,
-             client_gone: Callable[[], bool] | None = None, keepalive_s: float = 10.0) -> Outcome:
+             client_gone: Callable[[], bool] | None = None, cancelled: Callable[[], bool] | None = None,
+             keepalive_s: float = 10.0) -> Outcome:
     """Run one request through ``router``. ``emit(kind, text)`` (streaming) receives "text",
     "reset" and "ping" (nothing sent for ``keepalive_s``, e.g. a held cascade answer) and may
-    raise :class:`ClientGone`; without ``emit``, ``client_gone()`` is polled between tokens.
+    raise :class:`ClientGone`; ``client_gone()`` and ``cancelled()`` are polled between tokens.
     ``count_tokens(text)`` counts the completion tokens of an answer the router's result does not
     count (cut at a stop sequence, or a remote answer without usage). Raises RequestTimeout,
-    ClientGone or GenerationFailed."""
+    ClientGone, Cancelled or GenerationFailed."""
     assembler = Assembler(stops, hold_small=router.policy == "cascade")
     started = last_write = time.perf_counter()
     stream = router.stream(prompt, max_new_tokens=max_tokens, sampler_params=sampler_params, seed=seed)
@@ -154,6 +159,10 @@ def generate(router: Any, prompt: Any, *, max_tokens: int, sampler_params: dict,
     try:
         for event in stream:
             now = time.perf_counter()
+            if cancelled is not None and cancelled():
+                raise Cancelled()
+            if client_gone is not None and client_gone():
+                raise ClientGone()
             final = event.kind == "done"
             if final:
                 result = event.result
@@ -167,8 +176,6 @@ def generate(router: Any, prompt: Any, *, max_tokens: int, sampler_params: dict,
                 if not actions and now - last_write > keepalive_s:
                     emit("ping", "")
                     last_write = now
-            elif client_gone is not None and client_gone():
-                raise ClientGone()
             if final or assembler.stopped:
                 break
             if now > deadline:

@@ -1,5 +1,4 @@
-"""Prometheus metrics written by hand: counters, gauges and histograms in the text exposition
-format (version 0.0.4), so a device needs no client library.
+"""Prometheus metrics for ``edgekit serve``, kept and written by ``prometheus_client``.
 
     registry = Registry()
     requests = registry.counter("edgekit_requests_total", "HTTP requests answered.", ("endpoint", "code"))
@@ -7,206 +6,144 @@ format (version 0.0.4), so a device needs no client library.
     ttft = registry.histogram("edgekit_time_to_first_token_seconds", "...", buckets=(0.05, 0.1, 0.5))
     ttft.observe(0.12)
     registry.gauge("edgekit_queue_depth", "...", read=lambda: admission.queued)
-    registry.render()      # the /metrics body
+    registry.render()      # the /metrics body (text format 0.0.4, CONTENT_TYPE)
 
-Every family renders its ``# HELP`` and ``# TYPE`` lines, then one sample per label set
-(label values escaped: backslash, double quote, newline). A histogram renders cumulative
-``_bucket{le="..."}`` samples ending with ``le="+Inf"``, then ``_sum`` and ``_count``. All
-updates take one lock per family, so request threads can update concurrently.
+Each :class:`Registry` owns a ``prometheus_client.CollectorRegistry`` of its own (never the
+process-wide default one), so two servers in one process — the tests start several — keep
+separate counts. The families are prometheus_client's own ``Counter``, ``Gauge`` and
+``Histogram`` (thread-safe updates, label and name validation, escaping, cumulative buckets);
+this module only adds the keyword-label calls the server uses, a ``touch`` that makes a label
+set appear at 0, and leaves out the ``*_created`` timestamp series that prometheus_client adds
+to counters and histograms (the server's start time is not a metric anyone asked for, and
+they would double the page).
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
-#: the exposition format's Content-Type
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Counter as _Counter
+from prometheus_client import Gauge as _Gauge
+from prometheus_client import Histogram as _Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-
-def format_value(value: float) -> str:
-    """A sample value: integers without a fraction, +Inf/-Inf/NaN as Prometheus spells them."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _labels_text(names: Sequence[str], values: Sequence[str], extra: tuple[str, str] | None = None) -> str:
-    pairs = [f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra is not None:
-        pairs.append(f'{extra[0]}="{extra[1]}"')
-    return "{" + ",".join(pairs) + "}" if pairs else ""
+#: the exposition format's Content-Type (text format 0.0.4, what generate_latest writes)
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 
 class _Family:
-    kind = "untyped"
+    def __init__(self, name: str, metric, labels: Sequence[str]):
+        self.name, self._metric, self.labels = name, metric, tuple(labels)
 
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()):
-        self.name, self.help, self.labels = name, help_text, tuple(labels)
-        self._lock = threading.Lock()
-
-    def _key(self, labels: dict[str, object]) -> tuple[str, ...]:
+    def _child(self, labels: dict[str, object]):
         if set(labels) != set(self.labels):
             raise ValueError(f"{self.name} takes labels {self.labels}, got {tuple(sorted(labels))}")
-        return tuple(str(labels[n]) for n in self.labels)
+        if not self.labels:
+            return self._metric
+        return self._metric.labels(**{n: str(labels[n]) for n in self.labels})
 
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
+    def _sample(self, suffix: str, labels: dict[str, object]) -> float:
+        self._child(labels)  # checks the label names
+        want = {n: str(labels[n]) for n in self.labels}
+        for family in self._metric.collect():
+            for s in family.samples:
+                if s.name == family.name + suffix and s.labels == want:
+                    return float(s.value)
+        return 0.0
 
 
 class Counter(_Family):
     """A monotonically increasing count per label set."""
 
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = ()):
-        super().__init__(name, help_text, labels)
-        self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
-
     def inc(self, amount: float = 1.0, **labels: object) -> None:
-        if amount < 0:
-            raise ValueError(f"{self.name}: a counter only goes up (got {amount})")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+        self._child(labels).inc(amount)  # prometheus_client refuses a negative amount (ValueError)
 
     def touch(self, **labels: object) -> None:
         """Make a label set appear (at 0) before its first event, so rates start from 0."""
-        key = self._key(labels)
-        with self._lock:
-            self._values.setdefault(key, 0.0)
+        self._child(labels)
 
     def value(self, **labels: object) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels_text(self.labels, key)} {format_value(v)}" for key, v in items]
+        return self._sample("_total", labels)
 
 
 class Gauge(_Family):
     """A value that goes up and down; ``read`` (no labels) computes it at scrape time."""
 
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, labels: Sequence[str] = (), read: Callable[[], float] | None = None):
-        super().__init__(name, help_text, labels)
-        if read is not None and labels:
-            raise ValueError("a gauge read at scrape time has no labels")
-        self._read = read
-        self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
-
     def set(self, value: float, **labels: object) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
+        self._child(labels).set(float(value))
 
     def value(self, **labels: object) -> float:
-        if self._read is not None:
-            return float(self._read())
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        if self._read is not None:
-            return self.header() + [f"{self.name} {format_value(float(self._read()))}"]
-        with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels_text(self.labels, key)} {format_value(v)}" for key, v in items]
+        return self._sample("", labels)
 
 
 class Histogram(_Family):
     """Observations counted into cumulative buckets (upper bounds ``le``), with their sum."""
 
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float], labels: Sequence[str] = ()):
-        super().__init__(name, help_text, labels)
-        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
-        if not bounds or len(set(bounds)) != len(bounds):
-            raise ValueError(f"{name}: buckets must be distinct finite numbers, got {list(buckets)}")
-        self.bounds = tuple(bounds)
-        # per label set: [count per bucket (non-cumulative, +Inf last)], sum
-        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {} if labels else {(): self._empty()}
-
-    def _empty(self) -> tuple[list[int], list[float]]:
-        return [0] * (len(self.bounds) + 1), [0.0]
-
     def observe(self, value: float, **labels: object) -> None:
         value = float(value)
         if math.isnan(value):
             return  # nothing to count; NaN would poison the sum
-        key = self._key(labels)
-        index = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
-        with self._lock:
-            counts, total = self._series.setdefault(key, self._empty())
-            counts[index] += 1
-            total[0] += value
+        self._child(labels).observe(value)
 
     def count(self, **labels: object) -> int:
-        with self._lock:
-            series = self._series.get(self._key(labels))
-            return sum(series[0]) if series else 0
+        return int(self._sample("_count", labels))
 
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted((key, (list(c), s[0])) for key, (c, s) in self._series.items())
-        lines = self.header()
-        for key, (counts, total) in items:
-            cumulative = 0
-            for bound, n in zip(list(self.bounds) + [math.inf], counts, strict=True):
-                cumulative += n
-                le = format_value(bound) if math.isinf(bound) else repr(bound)
-                lines.append(f"{self.name}_bucket{_labels_text(self.labels, key, ('le', le))} {cumulative}")
-            lines.append(f"{self.name}_sum{_labels_text(self.labels, key)} {format_value(total)}")
-            lines.append(f"{self.name}_count{_labels_text(self.labels, key)} {cumulative}")
-        return lines
+
+class _WithoutCreated:
+    """A collector over metric objects, minus their ``*_created`` samples."""
+
+    def __init__(self) -> None:
+        self.metrics: list = []
+
+    def collect(self) -> Iterable:
+        for metric in self.metrics:
+            for family in metric.collect():
+                family.samples = [s for s in family.samples if s.name != family.name + "_created"]
+                yield family
 
 
 class Registry:
     """The families one /metrics page shows, in registration order."""
 
-    def __init__(self):
+    def __init__(self) -> None:
+        self.collector_registry = CollectorRegistry(auto_describe=False)
+        self._collector = _WithoutCreated()
+        self.collector_registry.register(self._collector)
         self._families: dict[str, _Family] = {}
 
-    def _add(self, family: _Family) -> _Family:
-        if family.name in self._families:
-            raise ValueError(f"metric {family.name} is registered twice")
-        self._families[family.name] = family
+    def _add(self, family: _Family, name: str) -> _Family:
+        if name in self._families:
+            raise ValueError(f"metric {name} is registered twice")
+        self._families[name] = family
+        self._collector.metrics.append(family._metric)
         return family
 
     def counter(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Counter:
-        return self._add(Counter(name, help_text, labels))  # type: ignore[return-value]
+        metric = _Counter(name, help_text, labelnames=tuple(labels), registry=None)
+        return self._add(Counter(name, metric, labels), name)  # type: ignore[return-value]
 
     def gauge(self, name: str, help_text: str, labels: Sequence[str] = (), read: Callable[[], float] | None = None) -> Gauge:
-        return self._add(Gauge(name, help_text, labels, read))  # type: ignore[return-value]
+        if read is not None and labels:
+            raise ValueError("a gauge read at scrape time has no labels")
+        metric = _Gauge(name, help_text, labelnames=tuple(labels), registry=None)
+        if read is not None:
+            metric.set_function(lambda: float(read()))
+        return self._add(Gauge(name, metric, labels), name)  # type: ignore[return-value]
 
     def histogram(self, name: str, help_text: str, buckets: Sequence[float], labels: Sequence[str] = ()) -> Histogram:
-        return self._add(Histogram(name, help_text, buckets, labels))  # type: ignore[return-value]
+        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
+        if not bounds or len(set(bounds)) != len(bounds):
+            raise ValueError(f"{name}: buckets must be distinct finite numbers, got {list(buckets)}")
+        metric = _Histogram(name, help_text, labelnames=tuple(labels), buckets=bounds, registry=None)
+        return self._add(Histogram(name, metric, labels), name)  # type: ignore[return-value]
 
     def get(self, name: str) -> _Family:
         return self._families[name]
 
     def render(self) -> str:
-        lines: list[str] = []
-        for family in self._families.values():
-            lines.extend(family.render())
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.collector_registry).decode("utf-8")
 
 
 # Buckets: TTFT spans a fast local prefill (tens of ms) to a queued request behind a cold remote
@@ -223,9 +160,11 @@ class ServeMetrics:
     ERROR_KINDS = (
         "bad_request", "unauthorized", "not_found", "method_not_allowed", "payload_too_large", "queue_full",
         "unavailable", "queue_timeout", "request_timeout", "generation_failed", "client_disconnected", "internal",
+        "client_timeout", "too_many_connections",
     )
 
-    def __init__(self, *, queue_depth: Callable[[], float], in_flight: Callable[[], float], info: dict[str, str]):
+    def __init__(self, *, queue_depth: Callable[[], float], in_flight: Callable[[], float], info: dict[str, str],
+                 open_connections: Callable[[], float] | None = None):
         r = self.registry = Registry()
         self.info = r.gauge("edgekit_serve_info", "The served bundle and policy (always 1).", tuple(sorted(info)))
         self.info.set(1, **info)
@@ -253,6 +192,8 @@ class ServeMetrics:
                                       QUEUE_BUCKETS)
         self.queue_depth = r.gauge("edgekit_queue_depth", "Requests waiting for a generation slot.", read=queue_depth)
         self.in_flight = r.gauge("edgekit_requests_in_flight", "Requests generating now.", read=in_flight)
+        self.connections = r.gauge("edgekit_open_connections", "Client connections open now (--max-connections caps them).",
+                                   read=open_connections or (lambda: 0))
 
     def render(self) -> str:
         return self.registry.render()

@@ -6,10 +6,17 @@ error object ``{"error": {"message", "type", "param", "code"}}``; ``param`` name
 Fields OpenAI defines but this server does not implement are refused when they ask for
 something (``n`` > 1, ``logprobs``, ``echo``, tools...), accepted when they hold their neutral
 value; unknown fields are refused, as OpenAI refuses them.
+
+Every field is untrusted: :func:`check_json` walks a parsed body before anything reads it
+(nesting depth, numbers finite and within 64 bits, text valid Unicode — no lone UTF-16
+surrogate from a ``\\ud800`` escape — in values and in field names), and the parser bounds
+what it uses (the number of messages and content parts, the length of short strings). Values
+echoed in error messages are shortened.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,6 +45,67 @@ class ApiError(Exception):
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` shortened for an error message (a request may send megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "…" + text[-4:]
+
+
+def printable(text: str) -> str:
+    """``text`` with anything that is not valid Unicode (lone surrogates) as a ``\\uXXXX`` escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# --------------------------------------------------------------------------- untrusted JSON
+
+MAX_JSON_DEPTH = 16  # a chat body needs 5 (body, messages, message, content parts, part)
+MAX_JSON_INT = 2**64  # token ids, seeds and counts all fit; float() of a larger one overflows
+MAX_MESSAGES = 256
+MAX_CONTENT_PARTS = 256
+MAX_SHORT_STRING = 256  # model, user, each stop sequence
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def check_json(body: Any) -> None:
+    """Refuse (400, ``param`` naming the field) what no field may hold: nesting deeper than
+    :data:`MAX_JSON_DEPTH`, NaN/Infinity (also ``1e999``, which parses to infinity), integers
+    beyond ±2^64, and strings or field names that are not valid Unicode (a lone surrogate)."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        where = path or "the request body"
+        if isinstance(value, (dict, list)) and depth > MAX_JSON_DEPTH:
+            raise bad(f"'{where}' nests deeper than {MAX_JSON_DEPTH} levels", path or None)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if len(key) > MAX_SHORT_STRING:
+                    raise bad(f"a field name{f' in {path!r}' if path else ''} is longer than {MAX_SHORT_STRING} characters "
+                              f"({show(key)})", path or None)
+                if not _valid_unicode(key):
+                    name = printable(key)
+                    raise bad(f"the field name '{name}'{f' in {path!r}' if path else ''} is not valid Unicode "
+                              "(a lone UTF-16 surrogate)", f"{path}.{name}" if path else name)
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            if not _valid_unicode(value):
+                raise bad(f"'{where}' is not valid Unicode text (a lone UTF-16 surrogate such as \\ud800)", path or None)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise bad(f"'{where}' must be a finite number (got {value!r}; NaN and Infinity are not JSON numbers)",
+                          path or None)
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_JSON_INT:
+            raise bad(f"'{where}' is out of range (more than 2^64 in magnitude)", path or None)
 
 
 # --------------------------------------------------------------------------- requests
@@ -164,11 +232,13 @@ class RequestParser:
     @staticmethod
     def _neutral(body: dict, name: str, neutral: tuple, message: str) -> None:
         if name in body and body[name] not in neutral:
-            raise bad(f"{message} ({name}={body[name]!r})", name)
+            raise bad(f"{message} ({name}={show(body[name])})", name)
 
     def _messages(self, messages: Any) -> list[dict[str, str]]:
         if not isinstance(messages, list) or not messages:
             raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+        if len(messages) > MAX_MESSAGES:
+            raise bad(f"'messages' has {len(messages)} messages, more than this server takes ({MAX_MESSAGES})", "messages")
         out = []
         for i, message in enumerate(messages):
             where = f"messages[{i}]"
@@ -176,9 +246,12 @@ class RequestParser:
                 raise bad(f"{where} must be an object with 'role' and 'content'", where)
             role = message.get("role")
             if role not in CHAT_ROLES:
-                raise bad(f"{where}.role must be one of {', '.join(CHAT_ROLES)} (got {role!r})", f"{where}.role")
+                raise bad(f"{where}.role must be one of {', '.join(CHAT_ROLES)} (got {show(role)})", f"{where}.role")
             content = message.get("content")
             if isinstance(content, list):  # content parts: text only
+                if len(content) > MAX_CONTENT_PARTS:
+                    raise bad(f"{where}.content has {len(content)} parts, more than this server takes ({MAX_CONTENT_PARTS})",
+                              f"{where}.content")
                 texts = []
                 for j, part in enumerate(content):
                     if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
@@ -210,18 +283,23 @@ class RequestParser:
         from edgekit.runtime import sampling_ref
 
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise bad("'model' must be a string", "model")
+        if "user" in body and not isinstance(body["user"], str):
+            raise bad("'user' must be a string", "user")
+        for name in ("model", "user"):
+            if isinstance(body.get(name), str) and len(body[name]) > MAX_SHORT_STRING:
+                raise bad(f"'{name}' is longer than {MAX_SHORT_STRING} characters", name)
         if model is not None and model != self.model_name:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r} (GET /v1/models)",
                            param="model", code="model_not_found", kind="not_found")
         self._neutral(body, "n", (1, None), "n > 1 is not supported (one choice per request)")
         self._neutral(body, "logit_bias", (None, {}), "logit_bias is not supported")
-        if "user" in body and not isinstance(body["user"], str):
-            raise bad("'user' must be a string", "user")
         max_tokens = body.get(limit_field)
         if max_tokens is None:
             max_tokens = self.default_max_tokens
         elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise bad(f"'{limit_field}' must be an integer >= 1 (got {max_tokens!r})", limit_field)
+            raise bad(f"'{limit_field}' must be an integer >= 1 (got {show(max_tokens)})", limit_field)
         elif max_tokens > self.limits.max_tokens_limit:
             raise bad(f"'{limit_field}' is {max_tokens}, above this server's limit of {self.limits.max_tokens_limit} "
                       "(--max-tokens-limit)", limit_field, "max_tokens_exceeded")
@@ -231,14 +309,14 @@ class RequestParser:
                 continue
             try:
                 sampling_ref.check_params({name: body[name]})
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise bad(f"'{name}': {exc}", name) from None
             params[name] = body[name]
         seed = body.get("seed")
         if seed is not None:
             try:
                 sampling_ref.check_params({"seed": seed})
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise bad(f"'seed': {exc}", "seed") from None
         if self.policy == "speculative":
             from edgekit.errors import EdgekitError
@@ -260,6 +338,8 @@ class RequestParser:
             raise bad("'stop' must be a string or a list of strings", "stop")
         if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
             raise bad(f"'stop' takes up to {MAX_STOP_SEQUENCES} non-empty strings", "stop")
+        if any(len(s) > MAX_SHORT_STRING for s in stops):
+            raise bad(f"a 'stop' sequence is longer than {MAX_SHORT_STRING} characters", "stop")
         stream = body.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
             raise bad("'stream' must be true or false", "stream")

@@ -3,42 +3,45 @@
     server = EdgekitServer("bundles/smollm2", ServeOptions(port=0), config=resolve_config(bundle))
     server.start()          # listening; /healthz says 503 "loading"
     server.load()           # branches loaded; /healthz 200
-    server.url              # http://127.0.0.1:<port>
+    server.url              # http://127.0.0.1:<port> (https:// with TLS)
     server.stop(grace_s=30) # refuse new requests, let the admitted ones finish, close
 
-Stdlib only (``http.server.ThreadingHTTPServer``): one thread per connection, and generation
-runs on that thread once :class:`~edgekit.serve.admission.Admission` grants it a slot (one of
-``max_concurrency`` routers sharing the loaded branches). The model, not the HTTP layer, is
-the bottleneck: a decode step is milliseconds to tens of milliseconds, next to which a
-thread per connection costs nothing, and a Jetson image needs no web framework for it.
-Endpoints and semantics: docs/serve.md.
+The HTTP stack is maintained and pure Python: uvicorn with its h11 protocol (no uvloop or
+httptools to build on a device), extended by :mod:`edgekit.serve.http` (connection cap,
+header and send timeouts, half-close, error answers in the API's shape), running the starlette
+ASGI application of :mod:`edgekit.serve.app`. uvicorn runs on a background thread with its own
+event loop, so the server is embeddable (``start()`` returns); the event loop only moves bytes,
+the model runs on threads (parsing on a small pool, one daemon thread per admitted
+generation, at most ``max_concurrency``; see :mod:`edgekit.serve.app`). TLS, optionally mutual,
+is the standard library's ``ssl`` on uvicorn's listener. /metrics is ``prometheus_client``
+with a registry per server. Endpoints and semantics: docs/serve.md.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 import math
-import select
 import socket
+import ssl
 import sys
 import threading
 import time
-import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
 from edgekit.errors import EdgekitError
 from edgekit.serve import openai_api as oa
 from edgekit.serve.admission import Admission
-from edgekit.serve.generation import ClientGone, GenerationFailed, RequestTimeout, generate
-from edgekit.serve.metrics import CONTENT_TYPE, ServeMetrics
+from edgekit.serve.app import CHAT, COMPLETIONS, GET_PATHS, HEALTH, METRICS, MODELS, POST_PATHS, ServeApp  # noqa: F401
+from edgekit.serve.http import MAX_HEADER_BYTES, ConnectionGuard, protocol_class
+from edgekit.serve.metrics import ServeMetrics
 
-COMPLETIONS, CHAT, MODELS, HEALTH, METRICS = "/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz", "/metrics"
-POST_PATHS, GET_PATHS = (COMPLETIONS, CHAT), (MODELS, HEALTH, METRICS)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+PARSE_THREADS = 2  # JSON, chat template and tokenizing run here, off the event loop
+STOP_FLUSH_S = 3.0  # after the drain: how long answers already decided may take to go out
 
 
 @dataclass
@@ -56,13 +59,21 @@ class ServeOptions:
     grace_period_s: float = 30.0  # on SIGTERM/SIGINT: how long admitted requests may still take
     access_log: bool = True  # one line per request on stderr
     model_name: str | None = None  # the model id clients send (default: the bundle's name)
+    max_connections: int = 64  # open client connections; one more is answered 503 and closed
+    header_timeout_s: float = 10.0  # connection start / previous answer -> end of the request's headers (and body)
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    send_timeout_s: float = 30.0  # an answer the client does not read for this long cuts the connection
+    tls_cert: str | None = None  # PEM certificate (chain) -> HTTPS
+    tls_key: str | None = None  # PEM private key (unencrypted)
+    tls_client_ca: str | None = None  # PEM CA bundle: client certificates required and verified (mutual TLS)
 
     def validate(self) -> None:
         def bad(option: str, why: str, how: str) -> EdgekitError:
             return EdgekitError(f"{option} {why}", where=option, how=how)
 
         integers = (("--max-concurrency", self.max_concurrency, 1), ("--max-queue", self.max_queue, 0),
-                    ("--max-tokens-limit", self.max_tokens_limit, 1), ("--max-body-bytes", self.max_body_bytes, 64))
+                    ("--max-tokens-limit", self.max_tokens_limit, 1), ("--max-body-bytes", self.max_body_bytes, 64),
+                    ("--max-connections", self.max_connections, 1))
         for option, value, low in integers:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise bad(option, f"must be an integer >= {low} (got {value!r})", f"pass e.g. {max(low, 1)}")
@@ -70,28 +81,117 @@ class ServeOptions:
             raise bad("--max-prompt-tokens", f"must be an integer >= 1 (got {self.max_prompt_tokens!r})", "pass e.g. 1024")
         if not (isinstance(self.port, int) and 0 <= self.port <= 65535):
             raise bad("--port", f"must be 0..65535 (got {self.port!r})", "pass e.g. 8000, or 0 for any free port")
-        for option, value in (("--request-timeout", self.request_timeout_s), ("--grace-period", self.grace_period_s)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        seconds = (("--request-timeout", self.request_timeout_s), ("--grace-period", self.grace_period_s),
+                   ("--header-timeout", self.header_timeout_s), ("--keep-alive-timeout", self.keep_alive_timeout_s),
+                   ("send_timeout_s", self.send_timeout_s))
+        for option, value in seconds:
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise bad(option, f"must be a positive number of seconds (got {value!r})", "pass e.g. 30")
         if self.api_key is not None and not self.api_key.strip():
             raise bad("--api-key", "is empty", "pass a non-empty token (or unset EDGEKIT_API_KEY)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("--tls-cert", "--tls-key") if self.tls_key is None else ("--tls-key", "--tls-cert")
+            raise bad(missing, f"is missing ({given} was given)", "pass both --tls-cert FILE and --tls-key FILE")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise bad("--tls-client-ca", "needs TLS", "pass --tls-cert FILE and --tls-key FILE too")
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
 
     @property
     def exposed_without_key(self) -> bool:
         """Listening beyond loopback with no api key: anyone who reaches the port can generate."""
-        return self.api_key is None and self.host not in LOOPBACK_HOSTS and not self.host.startswith("127.")
+        return self.api_key is None and not self.loopback
+
+    def exposure_warnings(self) -> list[str]:
+        """One line per risk of listening beyond loopback: no API key, no TLS."""
+        if self.loopback:
+            return []
+        out = []
+        if self.api_key is None:
+            out.append(f"warning: listening on {self.host} without --api-key: anyone who can reach this port can use the "
+                       "model. Set --api-key (or EDGEKIT_API_KEY), or listen on 127.0.0.1 behind a reverse proxy.")
+        if self.tls_cert is None:
+            out.append(f"warning: listening on {self.host} without TLS: prompts, answers and the API key cross the network "
+                       "in clear text. Pass --tls-cert and --tls-key (and --tls-client-ca for mutual TLS), or terminate "
+                       "TLS in a reverse proxy.")
+        return out
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client must not hold up the process's exit
-    allow_reuse_address = True
-    request_queue_size = 128
+def tls_context(cert: str, key: str, client_ca: str | None = None) -> tuple[ssl.SSLContext, list[str]]:
+    """The server's TLS context (TLS 1.2 at least; 1.3 when the client has it) and warnings
+    about the certificate. Unusable files are an :class:`EdgekitError` naming the option."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    def __init__(self, address: tuple[str, int], app: EdgekitServer):
-        self.app = app
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.address_family = family
-        super().__init__(address, _Handler)
+    def read(option: str, path: str, what: str) -> bytes:
+        p = Path(path)
+        if not p.is_file():
+            raise EdgekitError(f"{option} {path}: no such file", where=option, how=f"pass the path of a PEM {what}")
+        try:
+            return p.read_bytes()
+        except OSError as exc:
+            raise EdgekitError(f"{option} {path}: cannot read it ({exc.strerror or exc})", where=option,
+                               how="check the file's permissions for the user running edgekit serve") from None
+
+    cert_pem, key_pem = read("--tls-cert", cert, "certificate"), read("--tls-key", key, "private key")
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise EdgekitError(f"--tls-cert {cert}: not a PEM certificate", where="--tls-cert",
+                           how="pass the certificate (chain) in PEM form, '-----BEGIN CERTIFICATE-----'") from None
+    try:
+        load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise EdgekitError(f"--tls-key {key}: the key is encrypted with a passphrase", where="--tls-key",
+                           how="give the server an unencrypted key (openssl pkey -in KEY -out KEY.plain; chmod 600)") from None
+    except (ValueError, Exception) as exc:  # cryptography raises ValueError, or UnsupportedAlgorithm
+        raise EdgekitError(f"--tls-key {key}: not a PEM private key ({type(exc).__name__})", where="--tls-key",
+                           how="pass the private key in PEM form, '-----BEGIN PRIVATE KEY-----'") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise EdgekitError(f"--tls-cert/--tls-key: cannot use them together ({exc.reason or exc})", where="--tls-key",
+                           how="pass the private key that belongs to the certificate") from None
+    if client_ca is not None:
+        ca_pem = read("--tls-client-ca", client_ca, "CA certificate")
+        try:
+            x509.load_pem_x509_certificates(ca_pem)
+            context.load_verify_locations(cafile=client_ca)
+        except (ValueError, ssl.SSLError):
+            raise EdgekitError(f"--tls-client-ca {client_ca}: not a PEM certificate", where="--tls-client-ca",
+                               how="pass the CA certificate(s) that sign the clients' certificates, in PEM form") from None
+        context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: no certificate, or one the CA did not sign -> no connection
+    warnings = []
+    leaf = certs[0]
+    now = time.time()
+    if leaf.not_valid_after_utc.timestamp() < now:
+        warnings.append(f"warning: the TLS certificate {cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d}; clients "
+                        "will refuse it")
+    elif leaf.not_valid_before_utc.timestamp() > now:
+        warnings.append(f"warning: the TLS certificate {cert} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} "
+                        "UTC; clients will refuse it until then")
+    return context, warnings
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise EdgekitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", where="--host/--port",
+                           how="pick another --port (0 = any free port) or stop the process using it") from None
+    return sock
 
 
 class EdgekitServer:
@@ -99,6 +199,10 @@ class EdgekitServer:
 
     def __init__(self, bundle: str | Path, options: ServeOptions, *, config: Any, threads: int | None = None,
                  log: Callable[[str], None] | None = None):
+        import uvicorn
+
+        from edgekit import __version__
+
         options.validate()
         self.bundle, self.options, self.config, self.threads = Path(bundle), options, config, threads
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -109,28 +213,67 @@ class EdgekitServer:
         self.parser: oa.RequestParser | None = None
         self.branches: dict[str, Any] = {}
         self.policy = config.policy
+        self.ssl: ssl.SSLContext | None = None
+        if options.tls_cert is not None:
+            self.ssl, warnings = tls_context(options.tls_cert, options.tls_key, options.tls_client_ca)
+            for line in warnings:
+                self.log(line)
+        self.guard = ConnectionGuard(max_connections=options.max_connections, header_timeout_s=options.header_timeout_s,
+                                     send_timeout_s=options.send_timeout_s, count=self._count_connection_event,
+                                     log=self.log, quiet=not options.access_log)
         self.metrics = ServeMetrics(queue_depth=lambda: self.admission.queued if self.admission else 0,
                                     in_flight=lambda: self.admission.running if self.admission else 0,
-                                    info={"model": self.model_name, "policy": self.policy})
+                                    info={"model": self.model_name, "policy": self.policy},
+                                    open_connections=lambda: self.guard.open)
         self._duration_ewma: float | None = None
         self._ewma_lock = threading.Lock()
-        try:
-            self.httpd = _HTTPServer((options.host, options.port), self)
-        except OSError as exc:
-            raise EdgekitError(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}", where="--host/--port",
-                               how="pick another --port (0 = any free port) or stop the process using it") from None
+        self.unfinished = 0  # requests still running or queued when the grace period ended
+        self.aborting = threading.Event()  # the grace period is over: running generations stop, queued ones get 503
+        self.exchanges: set = set()  # requests being answered (touched on the event loop only)
+        self._parse_pool = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="edgekit-parse")
+        self.sock = _listen(options.host, options.port)
+        self.port = self.sock.getsockname()[1]
+        uv_config = uvicorn.Config(
+            ServeApp(self), http=protocol_class(self.guard), ws="none", lifespan="off", interface="asgi3", loop="none",
+            log_config=None, access_log=False, proxy_headers=False, server_header=False, date_header=True,
+            headers=[("server", f"edgekit/{__version__}")], timeout_keep_alive=options.keep_alive_timeout_s,  # type: ignore[arg-type]
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES, timeout_graceful_shutdown=int(math.ceil(STOP_FLUSH_S)),
+        )
+        uv_config.load()
+        uv_config.ssl = self.ssl  # our context (TLS floor, mutual TLS), not one uvicorn builds from file names
+        self._uvicorn = uvicorn.Server(uv_config)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        port = self.httpd.server_address[1]
+        port = self.port
         host = self.options.host
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return f"{'https' if self.ssl else 'http'}://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
-                                        name="edgekit-serve")
+        """Serve on a background thread (its own event loop); returns once listening."""
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._uvicorn.serve(sockets=[self.sock]))
+            except BaseException as exc:  # noqa: BLE001 — reported by start()
+                failed.append(exc)
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="edgekit-serve")
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self._uvicorn.started:
+            raise EdgekitError(f"the HTTP server did not start: {failed[0] if failed else 'timed out'}", where="edgekit serve",
+                               how="see the log above")
 
     def load(self) -> None:
         """Load the branches (the slow part) and open for requests."""
@@ -164,7 +307,9 @@ class EdgekitServer:
 
     def stop(self, grace_s: float | None = None, *, force: threading.Event | None = None) -> bool:
         """Refuse new requests (503), wait up to ``grace_s`` for admitted ones (or until
-        ``force`` is set), then close. True when everything admitted finished."""
+        ``force`` is set), then answer what is left 503 — queued requests, and running ones,
+        whose generation stops at its next token — and close. True when everything admitted
+        finished."""
         grace = self.options.grace_period_s if grace_s is None else grace_s
         self.state = "draining"
         drained = True
@@ -174,14 +319,68 @@ class EdgekitServer:
             drained = self.admission.wait_idle(0)
             while not drained and time.monotonic() < deadline and not (force is not None and force.is_set()):
                 drained = self.admission.wait_idle(min(0.2, max(0.0, deadline - time.monotonic())))
+            if not drained:
+                self.unfinished = self.admission.running + self.admission.queued
+                self.aborting.set()
+                self.admission.cancel_waiting()
+                self._in_loop(self._abort_exchanges)
         self.state = "stopped"
-        if self._thread is not None:  # shutdown() waits for serve_forever, which must have started
-            self.httpd.shutdown()
+        flush_until = time.monotonic() + STOP_FLUSH_S  # answers already decided (and the 503s above) go out
+        while self.exchanges and time.monotonic() < flush_until and self._thread is not None and self._thread.is_alive():
+            time.sleep(0.02)
+        if self._thread is not None:
+            # Idle and closing connections go now (uvicorn would wait for their clients to close);
+            # then uvicorn closes the listener and ends its loop.
+            self._in_loop(self._close_connections)
+            close_until = time.monotonic() + STOP_FLUSH_S
+            while self.guard.open > 0 and time.monotonic() < close_until and self._thread.is_alive():
+                time.sleep(0.02)
+            self._uvicorn.should_exit = True
+            self._thread.join(STOP_FLUSH_S + 10)
             self._thread = None
-        self.httpd.server_close()
+        else:
+            self.sock.close()
+        self._parse_pool.shutdown(wait=False)
         return drained
 
-    # -- bookkeeping shared by the handlers
+    def _in_loop(self, fn: Callable[[], None]) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(fn)
+            except RuntimeError:  # the loop has closed
+                pass
+
+    def _close_connections(self) -> None:
+        for protocol in list(self._uvicorn.server_state.connections):
+            close_now = getattr(protocol, "close_now", None)
+            if close_now is not None:
+                close_now()
+
+    def _abort_exchanges(self) -> None:
+        for exchange in list(self.exchanges):
+            exchange._deliver(("abort", None))
+
+    # -- bookkeeping shared by the requests
+
+    async def parse(self, path: str, raw: bytes) -> Any:
+        """The validated request for ``raw`` (JSON decoding, the untrusted-JSON checks, the
+        chat template and tokenizing: on the parse threads)."""
+        return await asyncio.get_running_loop().run_in_executor(self._parse_pool, self._parse, path, raw)
+
+    def _parse(self, path: str, raw: bytes) -> Any:
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise oa.bad(f"the request body is not valid JSON: {oa.printable(str(exc))}", code="invalid_json") from None
+        oa.check_json(body)
+        parser = self.parser
+        return parser.completion(body) if path == COMPLETIONS else parser.chat(body)
+
+    def _count_connection_event(self, status: int | None, kind: str | None) -> None:
+        if status is not None:
+            self.metrics.requests.inc(endpoint="other", code=str(status))
+        if kind is not None:
+            self.metrics.errors.inc(kind=kind)
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: the recent mean request time, 1..60."""
@@ -216,341 +415,14 @@ def _describe_branch(branch: Any) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- HTTP
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive; streams use chunked transfer encoding
-    timeout = 60  # seconds a connection may sit idle or stall mid-request (slow clients)
-    server: _HTTPServer
-
-    @property
-    def app(self) -> EdgekitServer:
-        return self.server.app
-
-    def version_string(self) -> str:
-        from edgekit import __version__
-
-        return f"edgekit/{__version__}"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        if self.app.options.access_log:
-            self.app.log(f"{self.address_string()} - {format % args}")
-
-    # -- routing
-
-    def do_GET(self) -> None:
-        self._route("GET")
-
-    def do_POST(self) -> None:
-        self._route("POST")
-
-    def _route(self, method: str) -> None:
-        path = self.path.split("?", 1)[0]
-        endpoint = path if path in POST_PATHS + GET_PATHS else "other"
-        self._endpoint, self._streaming, self._counted = endpoint, False, False
-        try:
-            if path in POST_PATHS and method == "POST":
-                self._generate(path)
-            elif path in GET_PATHS and method == "GET":
-                self._get(path)
-            elif path in POST_PATHS + GET_PATHS:
-                allowed = "POST" if path in POST_PATHS else "GET"
-                raise oa.ApiError(405, f"{method} is not allowed on {path}; use {allowed}", code="method_not_allowed",
-                                  kind="method_not_allowed", headers={"Allow": allowed})
-            else:
-                raise oa.ApiError(404, f"no endpoint {path}; this server has {', '.join(POST_PATHS + GET_PATHS)}",
-                                  code="not_found", kind="not_found")
-        except oa.ApiError as exc:
-            self._send_error(exc)
-        except ClientGone:
-            if self._counted:  # the answer was complete and counted; the client left during its last bytes
-                self.app.metrics.errors.inc(kind="client_disconnected")
-            else:
-                self._count(499, "client_disconnected")
-            self.close_connection = True
-        except Exception as exc:  # a bug: answer 500, keep serving, keep the trace in the log
-            self.app.log(f"internal error on {method} {path}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-            if not self._streaming and not self._counted:
-                self._send_error(oa.ApiError(500, f"internal error: {type(exc).__name__}", type=oa.SERVER_ERROR,
-                                             code="internal_error", kind="internal"))
-            else:  # an answer already under way: cut it (a stream's client sees no [DONE])
-                if not self._counted:
-                    self._count(500, "internal")
-                else:
-                    self.app.metrics.errors.inc(kind="internal")
-                self.close_connection = True
-
-    # -- plain answers
-
-    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        self._send_bytes(status, data, "application/json", headers)
-
-    def _send_bytes(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        # counted before writing: the status is decided, and whoever reads /metrics after the
-        # answer arrived sees it
-        self._count(status)
-        try:
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:  # the client left as the answer went out
-            self.app.metrics.errors.inc(kind="client_disconnected")
-            self.close_connection = True
-
-    def _send_error(self, exc: oa.ApiError) -> None:
-        headers = dict(exc.headers)
-        if exc.status in (429, 503) and "Retry-After" not in headers:
-            headers["Retry-After"] = str(self.app.retry_after())
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="edgekit"'
-        self.app.metrics.errors.inc(kind=exc.kind)
-        self._send_json(exc.status, exc.body(), headers)
-
-    def _count(self, status: int, error_kind: str | None = None) -> None:
-        self._counted = True
-        self.app.metrics.requests.inc(endpoint=self._endpoint, code=str(status))
-        if error_kind:
-            self.app.metrics.errors.inc(kind=error_kind)
-
-    def _authorize(self, path: str) -> None:
-        key = self.app.options.api_key
-        if key is None or (path in (HEALTH, METRICS) and not self.app.options.auth_metrics):
-            return
-        header = self.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        # compare_digest: the time taken does not depend on how much of the key matched
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8"), key.encode("utf-8")):
-            self.close_connection = True  # an unread body may follow; do not parse it as a request
-            raise oa.ApiError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
-                              code="invalid_api_key", kind="unauthorized")
-
-    def _get(self, path: str) -> None:
-        self._authorize(path)
-        app = self.app
-        if path == HEALTH:
-            self._send_json(200 if app.state == "ready" else 503, app.health(),
-                            {} if app.state == "ready" else {"Retry-After": str(app.retry_after())})
-        elif path == METRICS:
-            self._send_bytes(200, app.metrics.render().encode("utf-8"), CONTENT_TYPE)
-        else:
-            self._send_json(200, {"object": "list", "data": [
-                {"id": app.model_name, "object": "model", "created": app.created, "owned_by": "edgekit"}]})
-
-    # -- generation
-
-    def _read_json(self) -> Any:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            raise oa.ApiError(411, "send the body with a Content-Length (chunked request bodies are not supported)",
-                              code="length_required")
-        length_text = self.headers.get("Content-Length")
-        try:
-            length = int(length_text) if length_text is not None else 0
-        except ValueError:
-            self.close_connection = True
-            raise oa.bad(f"Content-Length {length_text!r} is not a number") from None
-        limit = self.app.options.max_body_bytes
-        if length > limit:
-            self.close_connection = True  # the body stays unread
-            raise oa.ApiError(413, f"the request body has {length} bytes, more than this server's limit of {limit} "
-                              "(--max-body-bytes)", code="payload_too_large", kind="payload_too_large")
-        if length <= 0:
-            raise oa.bad("the request has no body; send a JSON object")
-        raw = self.rfile.read(length)
-        if len(raw) < length:
-            self.close_connection = True
-            raise oa.bad(f"the request body ended after {len(raw)} of {length} bytes")
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            raise oa.bad(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-
-    def _client_gone(self) -> bool:
-        """The client closed its end (a readable socket with nothing to read)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    def _unavailable(self, code: str, message: str) -> oa.ApiError:
-        return oa.ApiError(503, message, type=oa.UNAVAILABLE, code=code, kind="unavailable")
-
-    def _generate(self, path: str) -> None:
-        app = self.app
-        arrival = time.perf_counter()
-        self._authorize(path)
-        if app.state == "loading":
-            self.close_connection = True
-            raise self._unavailable("loading", "the model is still loading; retry shortly")
-        if app.state != "ready":
-            self.close_connection = True
-            raise self._unavailable("draining", "the server is shutting down and takes no new requests")
-        body = self._read_json()
-        parser = app.parser
-        request = parser.completion(body) if path == COMPLETIONS else parser.chat(body)
-        ticket = app.admission.admit()
-        if ticket.status == "full":
-            raise oa.ApiError(429, f"the server is at capacity ({app.admission.max_concurrency} generating, "
-                              f"{app.admission.max_queue} waiting); retry after the Retry-After seconds",
-                              type=oa.RATE_LIMIT, code="queue_full", kind="queue_full")
-        if ticket.status == "draining":
-            raise self._unavailable("draining", "the server is shutting down and takes no new requests")
-        deadline = arrival + app.options.request_timeout_s
-        router = ticket.router
-        if router is None:
-            router = app.admission.wait(ticket, max(0.0, deadline - time.perf_counter()), abandon=self._client_gone)
-            if router is None:
-                if self._client_gone():
-                    raise ClientGone()
-                raise oa.ApiError(503, f"no generation slot became free within the request timeout "
-                                  f"({app.options.request_timeout_s:g} s, --request-timeout)", type=oa.UNAVAILABLE,
-                                  code="queue_timeout", kind="queue_timeout")
-        admitted = time.perf_counter()
-        app.metrics.queue_wait.observe(admitted - arrival)
-        try:
-            if request.stream:
-                self._stream(request, router, arrival, admitted, deadline)
-            else:
-                self._complete(request, router, arrival, admitted, deadline)
-        finally:
-            app.admission.release(router)
-            app.record_duration(time.perf_counter() - admitted)
-
-    def _edgekit_field(self, outcome: Any, queue_s: float) -> dict[str, Any]:
-        app = self.app
-        out = {
-            "branch": outcome.branch, "answered_by": outcome.answered_by, "policy": app.policy, "fell_back": outcome.fell_back,
-            "escalated": outcome.escalated, "reason": outcome.reason,
-            "ttft_ms": round(outcome.ttft_s * 1000, 1) if outcome.ttft_s is not None else None,
-            "tokens_per_s": round(1.0 / outcome.tpot_s, 2) if outcome.tpot_s else None,
-            "queue_ms": round(queue_s * 1000, 1),
-        }
-        if outcome.result is not None and outcome.result.score is not None:
-            out.update(score=outcome.result.score, threshold=outcome.result.threshold)
-        if outcome.result is not None and outcome.result.acceptance_rate is not None:
-            out["acceptance_rate"] = outcome.result.acceptance_rate
-        return out
-
-    def _record_answer(self, request: Any, outcome: Any, arrival: float, admitted: float) -> None:
-        m = self.app.metrics
-        m.prompt_tokens.inc(request.prompt_tokens)
-        m.generated_tokens.inc(outcome.completion_tokens)
-        fell_back = "unknown" if outcome.fell_back is None else str(bool(outcome.fell_back)).lower()
-        m.answers.inc(branch=outcome.branch or "none", fell_back=fell_back)
-        if outcome.escalated:
-            m.escalations.inc()
-        if outcome.result is not None:
-            for attempt in outcome.result.attempts:
-                if not attempt.get("ok"):
-                    m.branch_failures.inc(branch=attempt.get("branch", "?"))
-        if outcome.ttft_s is not None:
-            m.ttft.observe((admitted - arrival) + outcome.ttft_s)
-        if outcome.tpot_s is not None:
-            m.tpot.observe(outcome.tpot_s)
-        m.duration.observe(time.perf_counter() - arrival)
-
-    def _run(self, request: Any, router: Any, deadline: float, emit=None):
-        parser = self.app.parser
-        return generate(router, request.prompt, max_tokens=request.max_tokens, sampler_params=request.sampler_params,
-                        seed=request.seed, stops=request.stop, deadline=deadline, emit=emit,
-                        client_gone=None if emit else self._client_gone,
-                        count_tokens=lambda text: len(parser.tokenizer.encode(text, add_special_tokens=False)))
-
-    def _complete(self, request: Any, router: Any, arrival: float, admitted: float, deadline: float) -> None:
-        try:
-            outcome = self._run(request, router, deadline)
-        except RequestTimeout:
-            raise self._timed_out() from None
-        except GenerationFailed as exc:
-            raise self._generation_failed(str(exc)) from None
-        rid = oa.new_id(request.endpoint)
-        reason = oa.finish_reason(outcome.finish_reason, outcome.stopped)
-        use = oa.usage(request.prompt_tokens, outcome.completion_tokens)
-        body = oa.response(request.endpoint, rid, self.app.model_name, outcome.text, reason, use,
-                           self._edgekit_field(outcome, admitted - arrival))
-        self._record_answer(request, outcome, arrival, admitted)
-        self._send_json(200, body)
-
-    def _timed_out(self) -> oa.ApiError:
-        return oa.ApiError(504, f"the answer took longer than the request timeout ({self.app.options.request_timeout_s:g} s, "
-                           "--request-timeout)", type=oa.SERVER_ERROR, code="request_timeout", kind="request_timeout")
-
-    def _generation_failed(self, message: str) -> oa.ApiError:
-        return oa.ApiError(503, f"no branch could answer: {message}", type=oa.SERVER_ERROR, code="branches_unavailable",
-                           kind="generation_failed")
-
-    # -- streaming (server-sent events over chunked transfer encoding)
-
-    def _write_chunk(self, data: bytes) -> None:
-        try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        except OSError:  # BrokenPipe, ConnectionReset, a send timeout: the client is gone
-            raise ClientGone() from None
-
-    def _event(self, obj: Any) -> None:
-        self._write_chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n")
-
-    def _stream(self, request: Any, router: Any, arrival: float, admitted: float, deadline: float) -> None:
-        app = self.app
-        rid, model, endpoint = oa.new_id(request.endpoint), app.model_name, request.endpoint
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")  # nginx: pass events through as they come
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self._streaming = True
-        if endpoint == "chat":
-            self._event(oa.chunk(endpoint, rid, model, role=True))
-
-        def emit(kind: str, text: str) -> None:
-            if kind == "text":
-                self._event(oa.chunk(endpoint, rid, model, text=text))
-            elif kind == "reset":  # the text of this choice so far is void; the new answer follows from its start
-                self._event(oa.chunk(endpoint, rid, model, edgekit={"event": "reset", "reason": text}))
-            else:
-                self._write_chunk(b": keep-alive\n\n")
-
-        error: oa.ApiError | None = None
-        try:
-            outcome = self._run(request, router, deadline, emit)
-        except RequestTimeout:
-            error = self._timed_out()
-        except GenerationFailed as exc:
-            error = self._generation_failed(str(exc))
-        if error is not None:  # the status line is sent: the error travels as an event, then [DONE]
-            self._count(error.status, error.kind)  # the status the error would have had
-            self._event(error.body())
-            self._write_chunk(b"data: [DONE]\n\n")
-            self._write_chunk(b"")
-            return
-        reason = oa.finish_reason(outcome.finish_reason, outcome.stopped)
-        use = oa.usage(request.prompt_tokens, outcome.completion_tokens)
-        self._event(oa.chunk(endpoint, rid, model, reason=reason, edgekit=self._edgekit_field(outcome, admitted - arrival)))
-        if request.include_usage:
-            self._event(oa.chunk(endpoint, rid, model, use=use, no_choices=True))
-        self._record_answer(request, outcome, arrival, admitted)
-        self._count(200)  # the answer is complete; only the end-of-stream marker is left
-        self._write_chunk(b"data: [DONE]\n\n")
-        self._write_chunk(b"")  # the last chunk of the chunked body
-
-
 # --------------------------------------------------------------------------- the command
 
 
 def serve(bundle: str | Path, options: ServeOptions, *, config: Any, threads: int | None = None,
           on_ready: Callable[[EdgekitServer], None] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Serve until SIGINT/SIGTERM, then drain: new requests get 503, admitted ones have
-    ``grace_period_s`` to finish (a second signal stops at once). Blocks; returns a summary."""
+    ``grace_period_s`` to finish (a second signal stops at once), what is left then gets 503.
+    Blocks; returns a summary."""
     import signal
 
     server = EdgekitServer(bundle, options, config=config, threads=threads, log=log)
@@ -580,7 +452,7 @@ def serve(bundle: str | Path, options: ServeOptions, *, config: Any, threads: in
                    f"(up to {options.grace_period_s:g} s; a second signal stops at once)")
         running = server.admission.running + server.admission.queued if server.admission else 0
         drained = server.stop(force=force)
-        left = server.admission.running + server.admission.queued if server.admission else 0
+        left = server.unfinished
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
