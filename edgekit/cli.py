@@ -580,7 +580,7 @@ def unpack_cmd(archive: str, dest: str | None) -> None:
 @main.command("serve")
 @click.argument("bundle", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--port", type=int, default=8000, show_default=True, help="Port; 0 picks a free one (printed).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port; 0 picks a free one (printed).")
 @click.option("--policy", type=click.Choice(["small_only", "large_only", "input_complexity", "cascade", "speculative"]),
               help="Routing policy (default: the bundle's runtime.json).")
 @click.option("--large", metavar="BUNDLE_OR_URL", help="The large branch: a bundle directory or an OpenAI-compatible endpoint.")
@@ -588,22 +588,22 @@ def unpack_cmd(archive: str, dest: str | None) -> None:
 @click.option("--api-key", envvar="EDGEKIT_API_KEY", show_envvar=True, metavar="TOKEN",
               help="Require 'Authorization: Bearer TOKEN' on /v1/*.")
 @click.option("--auth-metrics", is_flag=True, help="Require the key on /healthz and /metrics too.")
-@click.option("--max-concurrency", type=int, default=1, show_default=True, help="Generations at once.")
-@click.option("--max-queue", type=int, default=16, show_default=True, help="Requests waiting for a slot; beyond: 429.")
-@click.option("--max-tokens-limit", type=int, default=512, show_default=True, help="Largest max_tokens a request may ask for.")
-@click.option("--max-prompt-tokens", type=int, help="Longest prompt in tokens (default: the context length - 1).")
-@click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body; beyond: 413.")
-@click.option("--request-timeout", type=float, default=300.0, show_default=True, help="Seconds per request, queue wait included.")
-@click.option("--grace-period", type=float, default=30.0, show_default=True,
+@click.option("--max-concurrency", type=click.IntRange(1, MAX_STREAMS), default=1, show_default=True, help="Generations at once.")
+@click.option("--max-queue", type=click.IntRange(0, 100_000), default=16, show_default=True, help="Requests waiting for a slot; beyond: 429.")
+@click.option("--max-tokens-limit", type=click.IntRange(1, MAX_TOKENS), default=512, show_default=True, help="Largest max_tokens a request may ask for.")
+@click.option("--max-prompt-tokens", type=click.IntRange(1, MAX_TOKENS), help="Longest prompt in tokens (default: the context length - 1).")
+@click.option("--max-body-bytes", type=click.IntRange(1024, 1 << 30), default=1 << 20, show_default=True, help="Largest request body; beyond: 413.")
+@click.option("--request-timeout", type=_Finite(0, 86_400, min_open=True), default=300.0, show_default=True, help="Seconds per request, queue wait included.")
+@click.option("--grace-period", type=_Finite(0, 86_400), default=30.0, show_default=True,
               help="On SIGINT/SIGTERM: seconds admitted requests may still take.")
-@click.option("--branch-timeout", type=float, metavar="S",
+@click.option("--branch-timeout", type=_Finite(0, 86_400, min_open=True), metavar="S",
               help="A branch slower than this per request counts as failed (default: the bundle's timeout_s).")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads per branch (default: one per core).")
-@click.option("--max-connections", type=int, default=64, show_default=True,
+@click.option("--threads", type=click.IntRange(1, 1024), help="ONNX Runtime intra-op threads per branch (default: one per core).")
+@click.option("--max-connections", type=click.IntRange(1, 100_000), default=64, show_default=True,
               help="Open client connections; one more is answered 503 and closed.")
-@click.option("--header-timeout", type=float, default=10.0, show_default=True,
+@click.option("--header-timeout", type=_Finite(0, 3600, min_open=True), default=10.0, show_default=True,
               help="Seconds a client has to send a request's headers (and then its body).")
-@click.option("--keep-alive-timeout", type=float, default=5.0, show_default=True,
+@click.option("--keep-alive-timeout", type=_Finite(0, 3600, min_open=True), default=5.0, show_default=True,
               help="Seconds an idle keep-alive connection stays open.")
 @click.option("--tls-cert", type=click.Path(), metavar="FILE", help="PEM certificate (chain): serve HTTPS (TLS 1.2+).")
 @click.option("--tls-key", type=click.Path(), metavar="FILE", help="PEM private key of --tls-cert (unencrypted).")

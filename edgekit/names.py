@@ -190,5 +190,60 @@ def rename_inside(src: Path | str, dst: Path | str, *, root: Path | str) -> None
     os.rename(src, dst)
 
 
-__all__ = ["MAX_PATH_CHARS", "MAX_PATH_DEPTH", "check_relative_path", "path_inside", "relative_path_problem",
+STALE_AFTER_S = 24 * 3600  # a temp folder whose process still runs is left alone this long
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    except OSError:
+        return False
+    return True
+
+
+def clean_stale_temp_dirs(base: Path | str, prefix: str, *, now: float | None = None,
+                          stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temp folders that killed edgekit processes left in ``base``: only folders
+    named ``<prefix><pid>-<random>`` (no link), owned by this user, whose process is gone or
+    that are older than ``stale_after_s``; never this process's own. Nothing else is touched.
+    Returns what was removed."""
+    import re
+    import shutil
+    import time
+
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-[a-z0-9_]+")
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                continue
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        pid = int(match.group(1))
+        if info.st_uid != os.getuid() or pid == os.getpid():
+            continue
+        if _pid_alive(pid) and now - info.st_mtime < stale_after_s:
+            continue
+        path = require_inside(Path(entry.path), base, what="a stale temp folder")
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+__all__ = ["STALE_AFTER_S", "clean_stale_temp_dirs", "MAX_PATH_CHARS", "MAX_PATH_DEPTH", "check_relative_path", "path_inside", "relative_path_problem",
            "remove_tree", "rename_inside", "SAFE_NAME_MAX", "SAFE_NAME_RULE", "SafeName", "check_name", "is_inside", "name_problem", "require_inside"]

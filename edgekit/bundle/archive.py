@@ -45,12 +45,11 @@ import re
 import shutil
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 from edgekit.errors import EdgekitError, OutputError
-from edgekit.names import MAX_PATH_DEPTH, check_relative_path, name_problem, relative_path_problem, require_inside
+from edgekit.names import MAX_PATH_DEPTH, STALE_AFTER_S, check_relative_path, clean_stale_temp_dirs, name_problem, relative_path_problem, require_inside
 
 _HOW_ARCHIVE = "use the .tar written by `edgekit compress` (or re-create it from the bundle directory); do not unpack this file"
 
@@ -64,8 +63,6 @@ MAX_DEPTH = MAX_PATH_DEPTH
 _MAX_HEADER_READ = 8 * 2**20  # the largest single read tarfile may make (pax / GNU long-name headers)
 _CHUNK = 1 << 20
 UNPACK_TEMP_PREFIX = ".edgekit-unpack-"
-STALE_AFTER_S = 24 * 3600
-_UNPACK_TEMP = re.compile(re.escape(UNPACK_TEMP_PREFIX) + r"(\d+)-[a-z0-9_]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -313,49 +310,11 @@ def plan_members(members: list[tarfile.TarInfo], top: str, files: dict[str, dict
 # --------------------------------------------------------------------------- temporary directories
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    except OSError:
-        return False
-    return True
-
-
 def clean_stale_unpack_dirs(dest_dir: Path, *, now: float | None = None) -> list[Path]:
     """Remove the temporary directories that killed unpacks left in ``dest_dir``: only
-    directories named ``.edgekit-unpack-<pid>-<random>``, owned by this user, whose process is
-    gone (or that are older than :data:`STALE_AFTER_S`). Nothing else is touched. Returns them."""
-    removed: list[Path] = []
-    now = time.time() if now is None else now
-    try:
-        entries = list(os.scandir(dest_dir))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = _UNPACK_TEMP.fullmatch(entry.name)
-        if match is None:
-            continue
-        try:
-            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
-                continue
-            info = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if info.st_uid != os.getuid():
-            continue
-        pid = int(match.group(1))
-        if pid == os.getpid() or (_pid_alive(pid) and now - info.st_mtime < STALE_AFTER_S):
-            continue
-        path = require_inside(Path(entry.path), dest_dir, what="a stale unpack directory")
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
+    ``.edgekit-unpack-<pid>-<random>`` ones of this user whose process is gone (or older than
+    :data:`STALE_AFTER_S`); nothing else is touched (:func:`edgekit.names.clean_stale_temp_dirs`)."""
+    return clean_stale_temp_dirs(dest_dir, UNPACK_TEMP_PREFIX, now=now, stale_after_s=STALE_AFTER_S)
 
 
 # --------------------------------------------------------------------------- extraction

@@ -39,7 +39,6 @@ AGENT_RESULT = "edgekit-agent-result "
 # The master connection's control socket lives in <tmp>/ek-ssh-<pid>-<random>/ (short: a unix
 # socket path is limited to ~100 bytes); a killed edgekit leaves it, the next one removes it.
 CONTROL_PREFIX = "ek-ssh-"
-_CONTROL_DIR = re.compile(re.escape(CONTROL_PREFIX) + r"(\d+)-[a-z0-9_]+")
 STALE_CONTROL_AFTER_S = 24 * 3600
 
 
@@ -116,48 +115,14 @@ def classify_failure(stderr: str, host: HostSpec, options: SshOptions, *, step: 
                        how="run the same ssh command by hand to see why (ssh -v)")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
 def clean_stale_control_dirs(tmp_dir: str | None = None) -> list[str]:
     """Remove control-socket directories of edgekit processes that are gone (killed): only
-    ``ek-ssh-<pid>-<random>`` directories owned by this user whose process is not alive (or
-    older than a day). Nothing else in the temp directory is touched."""
-    from edgekit.names import require_inside
+    ``ek-ssh-<pid>-<random>`` directories of this user whose process is not alive (or older
+    than a day); nothing else in the temp directory is touched."""
+    from edgekit.names import clean_stale_temp_dirs
 
     base = tmp_dir or tempfile.gettempdir()
-    removed = []
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return removed
-    for entry in entries:
-        match = _CONTROL_DIR.fullmatch(entry.name)
-        if match is None:
-            continue
-        try:
-            if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
-                continue
-            info = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        pid = int(match.group(1))
-        if info.st_uid != os.getuid() or pid == os.getpid():
-            continue
-        if _pid_alive(pid) and time.time() - info.st_mtime < STALE_CONTROL_AFTER_S:
-            continue
-        shutil.rmtree(require_inside(entry.path, base, what="a stale ssh control directory"), ignore_errors=True)
-        removed.append(entry.path)
-    return removed
+    return [str(path) for path in clean_stale_temp_dirs(base, CONTROL_PREFIX, stale_after_s=STALE_CONTROL_AFTER_S)]
 
 
 _open_connections: set[Connection] = set()
