@@ -705,7 +705,8 @@ def test_bad_options_are_one_line_errors(bundle, tmp_path):
     from conftest import run_cli
 
     result = run_cli("serve", str(bundle), "--max-concurrency", "0")
-    assert result.returncode == 2 and result.stderr.startswith("error: --max-concurrency must be an integer >= 1")
+    assert result.returncode == 2 and result.stderr.startswith("error: Invalid value for '--max-concurrency': 0 is not in")
+    assert len(result.stderr.strip().splitlines()) == 1 and "To resolve" in result.stderr
     result = run_cli("serve", str(tmp_path), "--port", "0")
     assert result.returncode == 2 and "not a bundle" in result.stderr
 
