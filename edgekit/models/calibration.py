@@ -21,4 +21,8 @@ def calibration_samples(ids: Sequence[int], *, samples: int, sequence_length: in
     span = len(ids) - sequence_length
     count = min(samples, max(1, len(ids) // sequence_length))  # never more windows than fit without overlap
     starts = [round(i * span / max(count - 1, 1)) for i in range(count)] if count > 1 else [0]
+    if hasattr(ids, "dtype"):  # a numpy array / memmap of token ids (edgekit.models.text.tokenize_to_file)
+        import numpy as np
+
+        return [torch.from_numpy(np.asarray(ids[s : s + sequence_length], dtype=np.int64)).unsqueeze(0) for s in starts]
     return [torch.tensor([ids[s : s + sequence_length]], dtype=torch.long) for s in starts]
