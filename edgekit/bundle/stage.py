@@ -18,7 +18,7 @@ class BundleConfig(StageConfig):
 def run_bundle(ctx) -> dict:
     from edgekit import __version__
     from edgekit.bundle.writer import BUNDLE_FORMAT, MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME, bundle_files, collect_model_files, package_versions, write_tar
-    from edgekit.yamlio import dump_yaml
+    from edgekit.yamlio import atomic_write_json, dump_yaml
 
     recipe = ctx.recipe
     name = ctx.config.name or recipe.name
@@ -27,9 +27,9 @@ def run_bundle(ctx) -> dict:
     collect_model_files(ctx.inputs[ONNX], bundle_dir)
     (bundle_dir / "recipe.yaml").write_text(dump_yaml(recipe.portable_dict()))
     (bundle_dir / "target.yaml").write_text(dump_yaml(ctx.target.model_dump(mode="json")))
-    # How the bundle answers prompts (edgekit run / calibrate-router read and update it).
-    runtime = {"format": RUNTIME_FORMAT, **recipe.runtime.model_dump(mode="json")}
-    (bundle_dir / RUNTIME_NAME).write_text(json.dumps(runtime, indent=2) + "\n")
+    # How the bundle answers prompts (edgekit run / calibrate-router read and update it), with
+    # what the recipe leaves unset taken from the model's generation_config.json.
+    atomic_write_json(bundle_dir / RUNTIME_NAME, _runtime_json(recipe, bundle_dir, RUNTIME_FORMAT))
     export = next((r for r in reversed(ctx.history) if r.produces == ONNX), None)
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -56,6 +56,27 @@ def run_bundle(ctx) -> dict:
         write_tar(bundle_dir, ctx.output_dir / f"{name}.tar")
     size = sum(meta["size"] for meta in manifest["files"].values())
     return {"bundle": name, "files": len(manifest["files"]) + 1, "bundle_bytes": size, "tar": ctx.config.tar}
+
+
+def _runtime_json(recipe, bundle_dir, runtime_format: str) -> dict:
+    """runtime.json: the recipe's runtime section, its unset sampling fields and max_new_tokens
+    resolved (recipe > the model's generation_config.json > default;
+    edgekit.runtime.generation_config), and ``sources`` saying where each value came from."""
+    from edgekit.errors import ModelError
+    from edgekit.recipe import RuntimeConfig
+    from edgekit.runtime.generation_config import GENERATION_CONFIG, read_generation_config, resolve_runtime
+    from edgekit.runtime.reasoning import reasoning_enabled
+    from edgekit.runtime.tokenizer import BundleTokenizer
+
+    runtime = recipe.runtime
+    gen = read_generation_config(bundle_dir / GENERATION_CONFIG, error_cls=ModelError)
+    tokenizer = BundleTokenizer.from_dir(bundle_dir) if (bundle_dir / "tokenizer.json").is_file() else None
+    split = reasoning_enabled(runtime.reasoning, tokenizer, where="recipe: runtime.reasoning")
+    resolved, sources = resolve_runtime(runtime.model_dump(mode="json"), gen, reasoning_model=split,
+                                        context_length=recipe.context_length)
+    RuntimeConfig.model_validate(resolved)  # what the runtime will read back
+    sources["reasoning"] = f"{runtime.reasoning}: {'split' if split else 'off'} for this tokenizer"
+    return {"format": runtime_format, **resolved, "sources": sources}
 
 
 def _variants(onnx_dir) -> dict:

@@ -130,8 +130,47 @@ def write_checkpoint(source: ModelSource, out_dir: Path, *, cache_dir: Path, dty
                 shutil.copyfile(path, out_dir / path.name)
         return
     model, tokenizer = _load_from_source(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    savable_generation_config(model, where=source.spec)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+# generation_config.json flags that only act when sampling / beam searching
+_SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+_BEAM_ONLY = ("early_stopping", "num_beam_groups", "diversity_penalty", "length_penalty", "constrained_beam_search")
+
+
+def savable_generation_config(model: Any, *, where: str) -> None:
+    """Make the model's generation config one transformers agrees to save, so the model's
+    generation_config.json travels to the bundle (edgekit.runtime.generation_config reads it).
+    transformers loads a file whose flags contradict each other (temperature with do_sample
+    unset, say) but refuses to save it; such flags have no effect in transformers (it decodes
+    greedily) nor in edgekit (do_sample unset: greedy), so they are reset to their defaults."""
+    generation = getattr(model, "generation_config", None)
+    if generation is None:
+        return
+    try:
+        generation.validate(strict=True)
+        return
+    except ValueError:
+        pass
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    if not getattr(generation, "do_sample", False):
+        for key in _SAMPLING_ONLY:
+            if hasattr(default, key):
+                setattr(generation, key, getattr(default, key))
+    if getattr(generation, "num_beams", 1) == 1:
+        for key in _BEAM_ONLY:
+            if hasattr(default, key):
+                setattr(generation, key, getattr(default, key))
+    try:
+        generation.validate(strict=True)
+    except ValueError as exc:
+        first = next((line.strip("- ") for line in str(exc).splitlines()[1:] if line.strip()), str(exc).splitlines()[0])
+        raise ModelError(f"the model's generation_config.json is inconsistent: {first}", where=where,
+                         how="fix generation_config.json in the model directory") from None
 
 
 def load_checkpoint(path: Path, *, dtype: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:

@@ -35,7 +35,7 @@ def read_runtime_config(bundle_dir: Path) -> Any:
                            how="pass a bundle directory written by `edgekit compress` (runs/<name>/stages/NN-bundle/<name>)")
     path = bundle_dir / RUNTIME_NAME
     if not path.is_file():
-        return RuntimeConfig()
+        return complete_config(bundle_dir, RuntimeConfig())
     try:
         data = json.loads(path.read_text())
     except ValueError:
@@ -44,14 +44,55 @@ def read_runtime_config(bundle_dir: Path) -> Any:
         raise EdgekitError("runtime.json is not a JSON object", where=str(path), how="rebuild the bundle")
     data.pop("format", None)
     data.pop("calibration", None)
+    data.pop("sources", None)  # where the bundle stage took each value from (a record, not a setting)
     if data.get("large") is not None:
         check_bundle_large(bundle_dir, data["large"], where=f"{path}: large")
     try:
-        return RuntimeConfig.model_validate(data)
+        config = RuntimeConfig.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise EdgekitError(f"runtime.json: {'.'.join(map(str, first['loc'])) or 'value'}: {first['msg']}", where=str(path),
                            how="fix the file or rebuild the bundle from its recipe") from None
+    return complete_config(bundle_dir, config)
+
+
+def complete_config(bundle_dir: Path, config: Any) -> Any:
+    """``config`` with the values it leaves unset (sampling, ``max_new_tokens``: a runtime.json
+    written by hand, or no runtime.json) filled in as the bundle stage fills them: the bundle's
+    generation_config.json, else the defaults (edgekit.runtime.generation_config)."""
+    from edgekit.recipe import RuntimeConfig
+    from edgekit.runtime.generation_config import GENERATION_CONFIG, needs_resolving, read_generation_config, resolve_runtime
+
+    data = config.model_dump()
+    if not needs_resolving(data):
+        return config
+    bundle_dir = Path(bundle_dir)
+    gen = read_generation_config(bundle_dir / GENERATION_CONFIG)
+    reasoning_model = False
+    if data.get("max_new_tokens") is None and "max_new_tokens" not in gen and config.reasoning != "off":
+        reasoning_model = _bundle_reasons(bundle_dir, config.reasoning)
+    context = _manifest_context(bundle_dir)
+    resolved, _ = resolve_runtime(data, gen, reasoning_model=reasoning_model, context_length=context)
+    return RuntimeConfig.model_validate(resolved)
+
+
+def _bundle_reasons(bundle_dir: Path, mode: str) -> bool:
+    from edgekit.runtime.reasoning import reasoning_enabled
+    from edgekit.runtime.tokenizer import BundleTokenizer
+
+    try:
+        tokenizer = BundleTokenizer.from_dir(bundle_dir)
+    except EdgekitError:
+        return mode == "split"  # the branch's own load reports the tokenizer's problem
+    return reasoning_enabled(mode, tokenizer, where=f"{bundle_dir / 'runtime.json'}: reasoning")
+
+
+def _manifest_context(bundle_dir: Path) -> int:
+    from edgekit.runtime.backends import _read_manifest
+
+    manifest = _read_manifest(Path(bundle_dir))
+    value = manifest.get("context_length") if isinstance(manifest, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1_048_576 else 2048
 
 
 def resolve_config(bundle_dir: Path, **overrides: Any) -> Any:
@@ -72,6 +113,14 @@ def resolve_config(bundle_dir: Path, **overrides: Any) -> Any:
         field = ".".join(map(str, first["loc"])) or "runtime"
         raise EdgekitError(f"{field}: {first['msg'].removeprefix('Value error, ')}", where=f"--{field.replace('_', '-')}",
                            how="fix the option (see edgekit run --help)") from None
+
+
+def _recorded_sources(path: Path) -> dict | None:
+    try:
+        sources = json.loads(path.read_text()).get("sources")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sources if isinstance(sources, dict) else None
 
 
 _URL_MAX = 2048
@@ -179,6 +228,9 @@ def write_calibration(bundle_dir: Path, config: Any, calibration: dict[str, Any]
     policy = calibration["policy"] if stored is config else stored.policy
     data = {"format": RUNTIME_FORMAT, **stored.model_dump(mode="json"), "policy": policy, "thresholds": thresholds,
             "calibration": {k: v for k, v in calibration.items() if k != "scores"}}
+    sources = _recorded_sources(bundle_dir / RUNTIME_NAME)
+    if sources is not None:  # where the bundle stage took each value from stays on record
+        data["sources"] = sources
     atomic_write_json(bundle_dir / RUNTIME_NAME, data)
     manifest_path = bundle_dir / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())

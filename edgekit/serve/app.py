@@ -339,16 +339,30 @@ class _Exchange:
         server, halt, abort = self.server, self.halt, self.server.aborting
         parser = server.parser
         emit = None
+        thinking = _reasoning_parser(server, request)  # chat on a reasoning model: <think> goes to reasoning_content
         if credits is not None:
             rid, model, endpoint = self.rid, server.model_name, request.endpoint
 
             def emit(kind: str, text: str) -> None:
+                if thinking is not None and kind == "text":
+                    for part, piece in thinking.push(text):
+                        send(_piece_event(endpoint, rid, model, part, piece))
+                    return
                 if kind == "text":
                     data = _event(oa.chunk(endpoint, rid, model, text=text))
                 elif kind == "reset":  # the text of this choice so far is void; the new answer follows from its start
+                    if thinking is not None:
+                        thinking.reset()
                     data = _event(oa.chunk(endpoint, rid, model, edgekit={"event": "reset", "reason": text}))
+                elif kind == "end":  # the answer is complete: what the reasoning parser held back
+                    for part, piece in thinking.finish() if thinking is not None else ():
+                        send(_piece_event(endpoint, rid, model, part, piece))
+                    return
                 else:
                     data = b": keep-alive\n\n"
+                send(data)
+
+            def send(data: bytes) -> None:
                 while not credits.acquire(timeout=0.1):  # the client reads slower than the model writes
                     if halt.is_set():
                         raise ClientGone()
@@ -365,6 +379,8 @@ class _Exchange:
                                    seed=request.seed, stops=request.stop, deadline=deadline, emit=emit,
                                    client_gone=halt.is_set, cancelled=abort.is_set,
                                    count_tokens=lambda text: len(parser.tokenizer.encode(text, add_special_tokens=False)))
+                if emit is not None and thinking is not None:
+                    emit("end", "")
                 message: tuple[str, Any] = ("done", outcome)
             except BaseException as exc:  # noqa: BLE001 — handed to the request's coroutine
                 message = ("error", exc)
@@ -442,8 +458,12 @@ class _Exchange:
         rid = oa.new_id(request.endpoint)
         reason = oa.finish_reason(outcome.finish_reason, outcome.stopped)
         use = oa.usage(request.prompt_tokens, outcome.completion_tokens)
-        body = oa.response(request.endpoint, rid, self.server.model_name, outcome.text, reason, use,
-                           self._edgekit_field(outcome, admitted - arrival))
+        text, thought, thinking = outcome.text, None, _reasoning_parser(self.server, request)
+        if thinking is not None:
+            thought, text = thinking.split(outcome.text)
+            thought = thought if thinking.saw_reasoning else None
+        body = oa.response(request.endpoint, rid, self.server.model_name, text, reason, use,
+                           self._edgekit_field(outcome, admitted - arrival), reasoning=thought, split=thinking is not None)
         self._record_answer(request, outcome, arrival, admitted)
         await self._send_json(200, body)
 
@@ -506,3 +526,37 @@ class _Exchange:
 
 def _event(obj: Any) -> bytes:
     return b"data: " + dump_json(obj) + b"\n\n"
+
+
+def _piece_event(endpoint: str, rid: str, model: str, part: str, piece: str) -> bytes:
+    if part == "reasoning":
+        return _event(oa.chunk(endpoint, rid, model, reasoning=piece))
+    return _event(oa.chunk(endpoint, rid, model, text=piece))
+
+
+def reasoning_split(server: Any) -> bool:
+    """Whether this server splits a reasoning model's <think> block off chat answers
+    (runtime.reasoning and the tokenizer; edgekit.runtime.reasoning), decided once. A bundle that
+    asks for split with a tokenizer that drops the tags is served unsplit, with one log line."""
+    decided = getattr(server, "reasoning_split", None)
+    if decided is None:
+        from edgekit.errors import EdgekitError
+        from edgekit.runtime.reasoning import reasoning_enabled
+
+        mode = getattr(getattr(server, "config", None), "reasoning", "off")
+        try:
+            decided = reasoning_enabled(mode, getattr(server.parser, "tokenizer", None))
+        except EdgekitError as exc:
+            server.log(f"reasoning is not split: {exc.one_line()}")
+            decided = False
+        server.reasoning_split = decided
+    return decided
+
+
+def _reasoning_parser(server: Any, request: Any) -> Any:
+    """A parser for this request's answer when it is a chat answer to split, else None."""
+    if request.endpoint != "chat" or not reasoning_split(server):
+        return None
+    from edgekit.runtime.reasoning import ReasoningParser, prompt_opens_reasoning
+
+    return ReasoningParser(in_reasoning=prompt_opens_reasoning(request.prompt))

@@ -375,10 +375,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response(endpoint: str, rid: str, model: str, text: str, reason: str, use: dict, edgekit: dict) -> dict[str, Any]:
+def response(endpoint: str, rid: str, model: str, text: str, reason: str, use: dict, edgekit: dict, *,
+             reasoning: str | None = None, split: bool = False) -> dict[str, Any]:
+    """The answer object. ``split`` (chat, a reasoning model's block split off): the message has
+    ``reasoning_content`` (the block, or null) next to ``content`` (the answer), as vLLM's
+    OpenAI-compatible server writes it."""
     created = int(time.time())
     if endpoint == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if split:
+            message["reasoning_content"] = reasoning
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
@@ -387,13 +394,17 @@ def response(endpoint: str, rid: str, model: str, text: str, reason: str, use: d
 
 
 def chunk(endpoint: str, rid: str, model: str, *, text: str | None = None, reason: str | None = None, role: bool = False,
-          edgekit: dict | None = None, use: dict | None = None, no_choices: bool = False) -> dict[str, Any]:
-    """One stream chunk: a text piece, the opening role (chat), the finish, or the usage chunk."""
+          edgekit: dict | None = None, use: dict | None = None, no_choices: bool = False,
+          reasoning: str | None = None) -> dict[str, Any]:
+    """One stream chunk: a text piece, a reasoning piece (chat: ``delta.reasoning_content``), the
+    opening role (chat), the finish, or the usage chunk."""
     created = int(time.time())
     if endpoint == "chat":
         delta: dict[str, Any] = {}
         if role:
             delta = {"role": "assistant", "content": ""}
+        elif reasoning is not None:
+            delta = {"reasoning_content": reasoning}
         elif text is not None:
             delta = {"content": text}
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
