@@ -1,4 +1,9 @@
-"""Target rules checked when a recipe is validated, before any work starts."""
+"""Target rules checked when a recipe is validated, before any work starts.
+
+The fp8 and TensorRT-symmetry rules, then the shape chain (:mod:`edgekit.planning.chain`):
+the recipe walked stage by stage from the model's config — pruned shape, distillation
+memory per GPU, quantize group sizes after pruning, the deployed model and its engine
+profiles against the target's memory (decimal GB, one allowance: :mod:`edgekit.sizing`)."""
 
 from __future__ import annotations
 
@@ -82,19 +87,9 @@ def check_target_rules(loaded: Any, target: Any, source: Any) -> None:
                 how="use method gptq with bits 4 or 8",
             )
     _check_tensorrt_weights(loaded, quantize)
-    shape = _source_shape(source)
-    if shape is not None:
-        shape = pruned_shape(loaded, shape)
-    _check_memory_fit(loaded, target, shape)
+    from edgekit.planning.chain import check_chain
 
-
-def _source_shape(source: Any) -> Any:
-    from edgekit.sizing import model_shape
-
-    try:
-        return model_shape(source)
-    except (KeyError, ValueError, OSError):
-        return None  # the load stage reports unreadable models; these checks need a readable shape
+    check_chain(loaded, target, source)
 
 
 def pruned_shape(loaded: Any, shape: Any) -> Any:
@@ -131,29 +126,3 @@ def _check_tensorrt_weights(loaded: Any, quantize: list) -> None:
                     where=loaded.where("stages", q_index, "symmetric"),
                     how="set 'symmetric: true' in the quantize stage, or export with format: onnxruntime",
                 )
-
-
-def _check_memory_fit(loaded: Any, target: Any, shape: Any) -> None:
-    """``shape``: the model's shape after pruning (None: a hub model without a cached config,
-    checked once it is loaded)."""
-    from edgekit.sizing import estimate_memory_gb
-
-    recipe = loaded.recipe
-    if shape is None:
-        return
-    weights = recipe_weights(recipe, shape)
-    precision = weights.label
-    estimate = estimate_memory_gb(
-        shape, linear_bits=weights.linear_bits,
-        other_bits=min(weights.float_bits, 16) if weights.quantized else weights.float_bits,
-        context_length=recipe.context_length,
-    )
-    usable = target.memory.usable_gb
-    if estimate["total_gb"] > usable:
-        raise RecipeError(
-            f"the model will not fit {target.name}: predicted {estimate['total_gb']:.2f} GB "
-            f"(weights {estimate['weights_gb']:.2f} GB at {precision} + KV cache {estimate['kv_cache_gb']:.2f} GB "
-            f"at context {recipe.context_length} + {estimate['overhead_gb']} GB runtime) > {usable} GB usable",
-            where=loaded.where("target"),
-            how="add or tighten quantize (bits 4), prune the model, lower context_length, or pick a larger target",
-        )

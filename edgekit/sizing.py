@@ -1,6 +1,11 @@
 """Memory arithmetic from a model's config alone (no weights): used by recipe validation to
 refuse a model that cannot fit the target, and by `edgekit plan` (:mod:`edgekit.planning`,
 which adds activations, decode and prefill time). Every number here is a *prediction*.
+
+Units (the one memory model, shared by ``plan``, recipe validation's rules and shape chain,
+and the TensorRT readiness check): memory in **decimal GB** (``GB`` = 10^9 bytes), as the
+target profiles and datasheets state it. ``GIB`` only converts values that are GiB by
+definition (TensorRT's workspace pool limit, ``build_engine.workspace_gb``).
 """
 
 from __future__ import annotations
@@ -9,10 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-GIB = 1024**3
-# CUDA context, TensorRT/ORT workspaces and activations of a batch-1 decoder: a planning
-# allowance, not a measurement.
-RUNTIME_OVERHEAD_GB = 0.5
+GB = 1e9  # decimal: target profiles, datasheets and every edgekit memory estimate
+GIB = 1024**3  # only for quantities defined in GiB (TensorRT's workspace pool limit)
+#: The one runtime allowance (decimal GB): what an inference engine's execution context
+#: allocates beyond its weights, KV cache, activations and workspace (tactic state, scratch).
+#: A target's ``usable_gb`` already excludes the OS, the CUDA context and library workspaces
+#: (its "reserve"), so this covers only the engine's own allocations. A planning estimate.
+RUNTIME_ALLOWANCE_GB = 0.25
+#: The former name (it was 0.5 GiB here and 0.25 GB in the readiness check).
+RUNTIME_OVERHEAD_GB = RUNTIME_ALLOWANCE_GB
 
 
 @dataclass(frozen=True)
@@ -25,11 +35,20 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     tie_word_embeddings: bool
+    #: biases on the q/k/v projections (Qwen2) and on o_proj (Llama's attention_bias)
+    qkv_bias: bool = False
+    o_bias: bool = False
 
     @property
     def linear_parameters(self) -> int:
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
+        return self.num_layers * per_layer
+
+    @property
+    def bias_parameters(self) -> int:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = (q + 2 * kv if self.qkv_bias else 0) + (self.hidden_size if self.o_bias else 0)
         return self.num_layers * per_layer
 
     @property
@@ -39,6 +58,10 @@ class ModelShape:
 
 def shape_from_config(config: dict[str, Any]) -> ModelShape:
     heads = config["num_attention_heads"]
+    # Qwen2's attention always has q/k/v biases (its config has no switch); Llama-style
+    # configs say attention_bias (q, k, v and o).
+    attention_bias = bool(config.get("attention_bias", False))
+    qwen2 = config.get("model_type") == "qwen2"
     return ModelShape(
         vocab_size=config["vocab_size"],
         hidden_size=config["hidden_size"],
@@ -48,6 +71,8 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         num_kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=qwen2 or attention_bias,
+        o_bias=attention_bias and not qwen2,
     )
 
 
@@ -149,26 +174,70 @@ def shape_from_gguf(path: Path) -> ModelShape:
         num_kv_heads=metadata.get(f"{arch}.attention.head_count_kv", heads),
         head_dim=hidden // heads,
         tie_word_embeddings="output.weight" not in set(names),
+        qkv_bias="blk.0.attn_q.bias" in set(names),
+        o_bias="blk.0.attn_output.bias" in set(names),
     )
 
 
-def model_shape(source: Any) -> ModelShape | None:
-    """The shape of a resolved ModelSource, or None when only the hub has its config."""
-    from edgekit.models.source import read_model_config
+#: Published config.json files of the hub models the shipped recipes name (one folder per
+#: hub id, "/" written "--"): configs are facts, and they let validation run offline.
+PUBLISHED_CONFIGS = Path(__file__).resolve().parent / "models" / "published"
 
-    if source.is_gguf:
-        return shape_from_gguf(source.path)
-    if source.kind == "dir":
-        return shape_from_config(read_model_config(source.path / "config.json"))
-    try:  # a hub id: only a config already in the local hub cache (no download here)
+
+def published_config(spec: str) -> Path | None:
+    """The config.json kept in the repo for hub id ``spec`` (``org/name``), or None."""
+    if spec.count("/") != 1:
+        return None
+    org, name = spec.split("/")
+    path = PUBLISHED_CONFIGS / f"{org}--{name}" / "config.json"
+    return path if path.is_file() else None
+
+
+def locate_config(source: Any) -> tuple[Path, str] | None:
+    """Where a hub model's config.json is found offline, and what that place is: the local
+    Hugging Face cache (never a download), else the published copy in the repo. None when
+    neither has it."""
+    try:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(source.spec, "config.json", revision=source.revision)
-    except Exception:
-        return None
+    except Exception:  # no huggingface_hub, an odd id or revision: fall through
+        cached = None
     if isinstance(cached, str):
-        return shape_from_config(read_model_config(Path(cached)))
+        return Path(cached), "config.json in the local Hugging Face cache"
+    published = published_config(source.spec)
+    if published is not None:
+        return published, f"published config.json kept in edgekit ({published.parent.name})"
     return None
+
+
+def model_shape_with_origin(source: Any) -> tuple[ModelShape, str] | None:
+    """(shape, where its config came from) of a resolved ModelSource; None for a hub id
+    whose config is neither cached nor published. Raises ModelError / KeyError / ValueError
+    for an unreadable or incomplete config."""
+    from edgekit.models.source import read_model_config
+
+    if source.is_gguf:
+        return shape_from_gguf(source.path), "GGUF header"
+    if source.kind == "dir":
+        return shape_from_config(read_model_config(source.path / "config.json")), "config.json"
+    if source.kind == "proxy":  # the tiny model of the same family the load stage builds (edgekit.models.proxy)
+        from edgekit.models.proxy import proxy_source_config
+
+        return shape_from_config(proxy_source_config(source)), f"proxy of {source.inner.spec}"
+    found = locate_config(source)
+    if found is None:
+        return None
+    path, origin = found
+    return shape_from_config(read_model_config(path)), origin
+
+
+def model_shape(source: Any) -> ModelShape | None:
+    """The shape of a resolved ModelSource: local directory, GGUF header, or for a hub id the
+    local Hugging Face cache, then the published configs kept in the repo; None when none
+    has the config (nothing is downloaded)."""
+    found = model_shape_with_origin(source)
+    return found[0] if found else None
 
 
 def estimate_memory_gb(
@@ -180,14 +249,16 @@ def estimate_memory_gb(
     batch: int = 1,
     kv_bytes: int = 2,
 ) -> dict[str, float]:
-    """Predicted device memory: weights + KV cache (fp16 by default) + runtime allowance."""
+    """Predicted device memory in decimal GB: weights + KV cache (fp16 by default) + the
+    runtime allowance. (``edgekit plan`` and recipe validation use the fuller
+    :func:`edgekit.planning.roofline.memory_breakdown`, which adds activations.)"""
     linear = shape.linear_parameters * linear_bits / 8
     other = shape.embedding_parameters * other_bits / 8
     kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * context_length * batch * kv_bytes
-    weights_gb, kv_gb = (linear + other) / GIB, kv / GIB
+    weights_gb, kv_gb = (linear + other) / GB, kv / GB
     return {
         "weights_gb": round(weights_gb, 3),
         "kv_cache_gb": round(kv_gb, 3),
-        "overhead_gb": RUNTIME_OVERHEAD_GB,
-        "total_gb": round(weights_gb + kv_gb + RUNTIME_OVERHEAD_GB, 3),
+        "overhead_gb": RUNTIME_ALLOWANCE_GB,
+        "total_gb": round(weights_gb + kv_gb + RUNTIME_ALLOWANCE_GB, 3),
     }

@@ -102,7 +102,7 @@ def test_memory_fit_flips_at_the_boundary(llama_dir):
     usable = load_target("jetson-orin-nano-8gb").memory.usable_gb
     base = rf.memory_breakdown(shape, fmt, rf.Workload(context_length=512, prefill_chunk=512))
     fixed = base["total_gb"] - base["kv_cache_gb"]
-    boundary = math.floor((usable - fixed) * rf.GIB / rf.kv_bytes_per_token(shape))
+    boundary = math.floor((usable - fixed) * rf.GB / rf.kv_bytes_per_token(shape))  # decimal GB, as targets state it
     assert boundary > 512
     for context, fits in ((boundary, True), (boundary + 1, False)):
         plan = api.plan(str(llama_dir), target="jetson-orin-nano-8gb", precision="int4", context_length=context,
@@ -111,9 +111,9 @@ def test_memory_fit_flips_at_the_boundary(llama_dir):
         assert entry["predicted_fits"] is fits, (context, entry["predicted_memory_gb"])
         assert (entry["predicted_headroom_gb"] >= 0) is fits or abs(entry["predicted_headroom_gb"]) < 1e-3
     assert rf.fits(5.5, 5.5) and not rf.fits(5.5 + 1e-9, 5.5)
-    # fp16 weights alone (12.55 GiB) overflow the Orin Nano; int4 fits
+    # fp16 weights alone (13.48 GB = 12.55 GiB) overflow the Orin Nano; int4 fits
     fp16 = api.plan(str(llama_dir), target="jetson-orin-nano-8gb")["targets"][0]
-    assert fp16["predicted_fits"] is False and fp16["predicted_memory_gb"]["weights"] == pytest.approx(12.551, abs=1e-3)
+    assert fp16["predicted_fits"] is False and fp16["predicted_memory_gb"]["weights"] == pytest.approx(13.477, abs=1e-3)
 
 
 def test_recipe_supplies_pruned_shape_precision_target_and_budgets():
@@ -140,7 +140,8 @@ def test_recipe_supplies_pruned_shape_precision_target_and_budgets():
     assert [t["target"] for t in plan["targets"]] == ["jetson-orin-nano-8gb"]
     entry = plan["targets"][0]
     assert entry["predicted_within_budgets"]["latency_p99_ms"]["meets"] is True
-    assert entry["predicted_largest_shape"]["memory_cap_gb"] == 2.0  # the recipe's memory budget caps it
+    # the recipe's memory budget (2 GiB, as validate measures it) caps it: 2.147 GB
+    assert entry["predicted_largest_shape"]["memory_cap_gb"] == round(2 * 1024**3 / 1e9, 3)
     # options override the recipe
     plan = api.plan(RECIPE, precision="int8", context_length=1024, target="jetson-orin-nx-16gb")
     assert plan["inputs"]["precision"] == "int8" and plan["inputs"]["weight_format"]["group_size"] == 64

@@ -53,7 +53,9 @@ def test_model_that_does_not_fit_is_refused_with_numbers(tmp_path):
     result = run_cli("recipe", "validate", str(path))
     assert result.returncode == 2
     line = result.stderr.strip()
-    assert "will not fit jetson-orin-nano-8gb" in line and "KV cache 21.46 GB at context 1000000" in line
+    # decimal GB, as the target states its memory: 2 x 30 layers x 3 kv heads x 64 x 2 bytes x 1e6 tokens = 23.04e9
+    # bytes (21.46 GiB before the units were unified)
+    assert "will not fit jetson-orin-nano-8gb" in line and "KV cache 23.04 GB at context 1000000" in line
     assert "> 5.5 GB usable" in line and "To resolve, " in line
     # 4-bit weights do not rescue a KV cache that size, but a shorter context does
     path.write_text(recipe_text("jetson-orin-nano-8gb", "  - type: quantize\n    method: gptq\n", context=1_000_000))
@@ -72,9 +74,9 @@ def test_memory_arithmetic_on_known_configs():
     total = qwen7b.linear_parameters + qwen7b.embedding_parameters
     assert 7.6e9 < total < 7.62e9  # the published 7.61B (norms and biases are ~1M more)
     fp16 = estimate_memory_gb(qwen7b, linear_bits=16, other_bits=16, context_length=4096)
-    # KV: 2 (K,V) x 28 layers x 4 heads x 128 dims x 4096 tokens x 2 bytes = 224 MiB
-    assert fp16["kv_cache_gb"] == pytest.approx(0.219, abs=1e-3)
-    assert fp16["weights_gb"] == pytest.approx(total * 2 / 1024**3, rel=1e-3)
+    # KV: 2 (K,V) x 28 layers x 4 heads x 128 dims x 4096 tokens x 2 bytes = 235 MB (224 MiB): decimal GB
+    assert fp16["kv_cache_gb"] == pytest.approx(0.235, abs=1e-3)
+    assert fp16["weights_gb"] == pytest.approx(total * 2 / 1e9, rel=1e-3)
     int4 = estimate_memory_gb(qwen7b, linear_bits=4 + 20 / 128, other_bits=16, context_length=4096)
     assert int4["weights_gb"] < fp16["weights_gb"] / 2.5
 

@@ -51,14 +51,14 @@ Severity = Literal["error", "warning", "info"]
 Shape = tuple[int, ...]
 ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]
 
-GIB = 1024**3
-GB = 1e9  # target profiles state memory in decimal GB
+# One memory model (edgekit.sizing): decimal GB as target profiles state memory, GiB only for
+# TensorRT's workspace pool limit; RUNTIME_ALLOWANCE_GB is the execution context's own
+# allocations beyond weights, I/O buffers and workspace (the targets' usable_gb already
+# excludes the CUDA context and the OS), the same allowance plan and recipe validation use.
+from edgekit.sizing import GB, GIB, RUNTIME_ALLOWANCE_GB  # noqa: E402
+
 #: protobuf refuses messages of 2 GiB or more: bigger models must keep weights in external data
 PROTOBUF_LIMIT = 2**31
-#: Device memory a TensorRT execution context needs beyond weights, I/O buffers and the
-#: workspace (activation scratch, tactic state). The targets' usable_gb already excludes the
-#: CUDA context and the OS, so this covers only the engine's own allocations (an estimate).
-RUNTIME_ALLOWANCE_GB = 0.25
 #: warn when the estimate passes this fraction of the target's usable memory
 MEMORY_WARNING_FRACTION = 0.9
 
@@ -1390,7 +1390,7 @@ def _typing_notes(g: _Graph, support: support_data.ParserSupport, quant: _Quanti
 
     float_io = [spec for spec in (*g.inputs, *g.outputs) if spec.elem_type == onnx.TensorProto.FLOAT]
     if not float_io:
-        return []
+        return _half_notes(g)
     trt = f"TensorRT {support.version}"
     example = float_io[0].name
     if support.major >= 11:
@@ -1406,3 +1406,38 @@ def _typing_notes(g: _Graph, support: support_data.ParserSupport, quant: _Quanti
                    "the FP16 flag, so TensorRT may run layers in FP16; TensorRT 11 removed that flag (strong typing only)")
         fix = "none needed on TensorRT 10; for TensorRT 11 convert the graph to FP16 with ModelOpt AutoCast first"
     return [Finding("info", "fp32-activations", message, fix)]
+
+
+def graph_float_types(g: _Graph) -> dict[str, Any]:
+    """The float types the graph really has: KV cache (past/present), logits, initializers (by
+    type), and the Casts to FLOAT inside a half-precision graph (the float32 islands PyTorch
+    keeps: RMSNorm's variance, softmax, the rotary tables)."""
+    import onnx
+
+    def names(specs: Iterable[_Input]) -> list[str]:
+        return sorted({_type_name(s.elem_type) for s in specs})
+
+    kv = [s for s in (*g.inputs, *g.outputs) if s.name.startswith(("past_key_values", "present"))]
+    inits = Counter(_type_name(t.data_type) for t in g.inits.values())
+    casts = sum(1 for node in g.graph.node if node.op_type == "Cast"
+                and _attr(node, "to", 0) == onnx.TensorProto.FLOAT)
+    return {"kv_cache": names(kv), "logits": names(s for s in g.outputs if s.name == "logits"),
+            "initializers": dict(sorted(inits.items())), "casts_to_fp32": casts}
+
+
+def _half_notes(g: _Graph) -> list[Finding]:
+    import onnx
+
+    half = {onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16"}
+    io = [half[s.elem_type] for s in (*g.inputs, *g.outputs) if s.elem_type in half]
+    if not io:
+        return []
+    types = graph_float_types(g)
+    fp32_inits = types["initializers"].get("FP32", 0)
+    message = (f"the graph computes in {'/'.join(sorted(set(io)))}: KV cache {'/'.join(types['kv_cache']) or '-'}, logits "
+               f"{'/'.join(types['logits']) or '-'}, initializers {types['initializers']}; {types['casts_to_fp32']} Cast "
+               "to FP32 inside (norm variance, softmax, rotary tables, as PyTorch computes them), which a strongly typed "
+               "engine keeps")
+    fix = "none needed" if not fp32_inits else (
+        f"{fp32_inits} FP32 initializer(s) remain: check that no weight MatMul runs in FP32 (edgekit check --json lists them)")
+    return [Finding("info", "half-precision", message, fix)]

@@ -691,7 +691,9 @@ def predictions(bundle_dir: Path, manifest: dict[str, Any], *, host_target: str 
         comparisons = []
         quantities = (("decode ms/token (mean TPOT)", decode["ms_per_token"], measured.get("tpot_mean_ms")),
                       (f"TTFT ms (mean, {prompt_tokens}-token prompt)", prefill["ttft_ms"], measured.get("ttft_mean_ms")),
-                      ("peak memory GiB", entry["predicted_memory_gb"]["total"], measured.get("memory_gb")))
+                      # the plan predicts decimal GB (as targets state memory); peak memory is measured in GiB
+                      ("peak memory GiB", round(entry["predicted_memory_gb"]["total"] * 1e9 / 1024**3, 4),
+                       measured.get("memory_gb")))
         for name, predicted, got in quantities:
             comparisons.append({"quantity": name, "predicted": predicted, "measured": round(got, 4) if got is not None else None,
                                 "measured_over_predicted": round(got / predicted, 3) if got is not None and predicted else None})

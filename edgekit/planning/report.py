@@ -63,7 +63,9 @@ def inputs_dict(request: PlanRequest) -> dict[str, Any]:
         "prompt_tokens": w.prompt_tokens,
         "prefill_chunk": min(w.prefill_chunk, w.context_length),
         "prompt_logits": w.logits,
-        "runtime_overhead_gb": rf.RUNTIME_OVERHEAD_GB,
+        "runtime_overhead_gb": rf.RUNTIME_ALLOWANCE_GB,
+        "memory_unit": "GB = 10^9 bytes (as target profiles state memory); budgets.memory_gb is GiB (as validate "
+                       "measures it) and is converted",
         "budgets": {
             "latency_p99_ms": request.latency_budget_ms,
             "ttft_p99_ms": request.ttft_budget_ms,
@@ -114,7 +116,9 @@ def plan_target(request: PlanRequest, target: Any) -> dict[str, Any]:
     entry["calibration"] = {"decode": decode_fit.to_dict(), "prefill": prefill_fit.to_dict()}
 
     memory = rf.memory_breakdown(shape, fmt, workload)
-    cap = min(usable, request.memory_budget_gb) if request.memory_budget_gb else usable
+    # the recipe's memory budget is GiB (edgekit validate measures peak memory in GiB)
+    budget_gb = request.memory_budget_gb * rf.GIB / rf.GB if request.memory_budget_gb else None
+    cap = min(usable, budget_gb) if budget_gb else usable
     entry["predicted_memory_gb"] = {k.removesuffix("_gb"): _round(v) for k, v in memory.items()}
     entry["predicted_fits"] = rf.fits(memory["total_gb"], usable)
     entry["predicted_headroom_gb"] = _round(usable - memory["total_gb"])
@@ -151,8 +155,9 @@ def plan_target(request: PlanRequest, target: Any) -> dict[str, Any]:
         budgets["ttft_p99_ms"] = {"budget": request.ttft_budget_ms, "predicted": _round(ttft),
                                   "meets": ttft <= request.ttft_budget_ms}
     if request.memory_budget_gb:
-        budgets["memory_gb"] = {"budget": request.memory_budget_gb, "predicted": _round(memory["total_gb"]),
-                                "meets": memory["total_gb"] <= request.memory_budget_gb}
+        budgets["memory_gb"] = {"budget": request.memory_budget_gb, "budget_unit": "GiB",
+                                "predicted": _round(memory["total_gb"] * rf.GB / rf.GIB),
+                                "meets": memory["total_gb"] <= budget_gb}
     entry["predicted_within_budgets"] = budgets
     entry["predicted_largest_shape"] = (
         largest_shape(request, hw, decode_fit, cap) if request.latency_budget_ms else None)

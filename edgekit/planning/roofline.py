@@ -5,8 +5,8 @@ a weight format, a workload and two hardware figures (memory bandwidth, peak mat
 The formulas, and why each term is there, are written out in ``docs/planning.md``.
 
 Units: bytes and FLOPs as plain numbers; bandwidth in decimal GB/s and peak compute in
-TFLOPS (as datasheets quote them); memory results in GiB (``GIB``), like the rest of edgekit;
-times in milliseconds.
+TFLOPS (as datasheets quote them); memory results in decimal GB (``GB`` = 10^9 bytes), like
+the target profiles and the rest of edgekit (:mod:`edgekit.sizing`); times in milliseconds.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from edgekit.sizing import RUNTIME_OVERHEAD_GB, ModelShape
+from edgekit.sizing import GB, GIB, RUNTIME_ALLOWANCE_GB, ModelShape
 
-GIB = 1024**3
+#: The former name of the runtime allowance (one constant: :data:`edgekit.sizing.RUNTIME_ALLOWANCE_GB`).
+RUNTIME_OVERHEAD_GB = RUNTIME_ALLOWANCE_GB
 
 #: Weight precisions ``edgekit plan`` predicts for. int8 and int4 are *weight-only* (what
 #: edgekit's GPTQ/RTN/AWQ export writes: integer weights dequantized in front of an fp16
@@ -163,18 +164,21 @@ def activation_bytes(shape: ModelShape, workload: Workload) -> dict[str, float]:
 
 
 def memory_breakdown(shape: ModelShape, fmt: WeightFormat, workload: Workload,
-                     *, runtime_overhead_gb: float = RUNTIME_OVERHEAD_GB) -> dict[str, float]:
-    """Predicted device memory in GiB: weights + KV cache for the full context of every
-    sequence + activation workspace of the largest prefill + a runtime allowance."""
-    weights = weight_bytes(shape, fmt)["total"] / GIB
-    kv = kv_bytes_per_token(shape, workload.kv_bytes) * workload.context_length * workload.batch / GIB
-    activations = activation_bytes(shape, workload)["total"] / GIB
+                     *, runtime_overhead_gb: float = RUNTIME_ALLOWANCE_GB, workspace_gb: float = 0.0) -> dict[str, float]:
+    """Predicted device memory in decimal GB: weights + KV cache for the full context of
+    every sequence + activations of the largest prefill + the TensorRT workspace pool
+    (``workspace_gb``, in GB; 0 unless an engine's is known) + the runtime allowance.
+    Recipe validation, ``edgekit plan`` and the readiness check all count memory this way."""
+    weights = weight_bytes(shape, fmt)["total"] / GB
+    kv = kv_bytes_per_token(shape, workload.kv_bytes) * workload.context_length * workload.batch / GB
+    activations = activation_bytes(shape, workload)["total"] / GB
     return {
         "weights_gb": weights,
         "kv_cache_gb": kv,
         "activations_gb": activations,
+        "workspace_gb": workspace_gb,
         "runtime_overhead_gb": runtime_overhead_gb,
-        "total_gb": weights + kv + activations + runtime_overhead_gb,
+        "total_gb": weights + kv + activations + workspace_gb + runtime_overhead_gb,
     }
 
 
@@ -325,7 +329,7 @@ def largest_depth(shape: ModelShape, ok: Callable[[ModelShape], bool], *, limit:
 
 
 __all__ = [
-    "ACTIVATION_BYTES", "COMPUTE_PRECISION", "GIB", "LOGIT_BYTES", "PRECISIONS", "TARGET_PRECISION",
+    "ACTIVATION_BYTES", "COMPUTE_PRECISION", "GB", "GIB", "RUNTIME_ALLOWANCE_GB", "LOGIT_BYTES", "PRECISIONS", "TARGET_PRECISION",
     "Efficiency", "Hardware", "WeightFormat", "Workload",
     "activation_bytes", "decode_ms", "decode_roofline_ms", "decode_step_bytes", "decode_step_flops", "fits",
     "group_quant_bits", "kv_bytes_per_token", "largest_depth", "lm_head_parameters", "memory_breakdown",

@@ -14,6 +14,13 @@ A budget (``params``: fraction of the teacher's parameters, embeddings included,
 weights counted once) is met by shrinking the chosen axes (``axes``; the default follows
 Minitron's width recipe: MLP and hidden size together) as evenly as the sizes' granularity
 allows: among shapes within 3% under the budget, the one whose most-shrunk axis loses least.
+
+Granularity: widths stay multiples of :data:`WIDTH_MULTIPLE` (64) where the teacher's are.
+A prune stage's ``width_multiple`` (read by :func:`plan_shape` when its config has one) asks
+for a coarser multiple: every width the solver picks — hidden size, MLP width and the
+attention width (query heads x head_dim) — is then a multiple of it, so a later quantize
+stage whose ``group_size`` divides it (and TensorRT's INT4 block sizes 32/64/128) divides
+every quantized layer's input. Recipe validation refuses a group size that would not.
 """
 
 from __future__ import annotations
@@ -39,9 +46,10 @@ class ShapeError(ValueError):
 
 
 def total_parameters(shape: ModelShape) -> int:
-    """Weights of a Llama-style decoder: linears + embeddings (+ untied head) + norms."""
+    """Weights of a Llama-style decoder: linears + embeddings (+ untied head) + norms (+ the
+    attention biases of Qwen2-style models)."""
     norms = shape.hidden_size * (2 * shape.num_layers + 1)
-    return shape.linear_parameters + shape.embedding_parameters + norms
+    return shape.linear_parameters + shape.embedding_parameters + norms + shape.bias_parameters
 
 
 def describe(shape: ModelShape) -> str:
@@ -63,13 +71,20 @@ def shape_dict(shape: ModelShape) -> dict[str, int]:
     }
 
 
-def valid_head_layouts(teacher: ModelShape) -> list[tuple[int, int]]:
-    """(query heads, key/value heads) layouts reachable from the teacher by removing heads."""
+def valid_head_layouts(teacher: ModelShape, multiple: int | None = None) -> list[tuple[int, int]]:
+    """(query heads, key/value heads) layouts reachable from the teacher by removing heads
+    (with ``multiple``: only those whose attention width, heads x head_dim, it divides)."""
     per_group = teacher.num_heads // teacher.num_kv_heads
-    return sorted({(kv * q, kv) for kv in range(1, teacher.num_kv_heads + 1) for q in range(1, per_group + 1)})
+    layouts = {(kv * q, kv) for kv in range(1, teacher.num_kv_heads + 1) for q in range(1, per_group + 1)}
+    if multiple:
+        layouts = {(h, k) for h, k in layouts if (h * teacher.head_dim) % multiple == 0}
+    return sorted(layouts)
 
 
-def _size_choices(full: int, minimum: int = 1) -> list[int]:
+def _size_choices(full: int, minimum: int = 1, multiple: int | None = None) -> list[int]:
+    if multiple:
+        # an explicit multiple: every choice is one (none when the teacher's size is under it)
+        return list(range(max(multiple, (minimum + multiple - 1) // multiple * multiple), full + 1, multiple))
     # Small widths (test models) would have too few choices at 64: use 8 there.
     step = next((m for m in (WIDTH_MULTIPLE, 8) if full % m == 0 and full >= 8 * m), 1)
     return list(range(max(step, minimum), full + 1, step))
@@ -121,12 +136,12 @@ def check_explicit(teacher: ModelShape, *, hidden_size=None, intermediate_size=N
     )
 
 
-def _axis_choices(teacher: ModelShape, axes: tuple[str, ...]) -> dict[str, list]:
+def _axis_choices(teacher: ModelShape, axes: tuple[str, ...], multiple: int | None = None) -> dict[str, list]:
     return {
-        "hidden": _size_choices(teacher.hidden_size) if "hidden" in axes else [teacher.hidden_size],
-        "mlp": _size_choices(teacher.intermediate_size) if "mlp" in axes else [teacher.intermediate_size],
+        "hidden": _size_choices(teacher.hidden_size, multiple=multiple) if "hidden" in axes else [teacher.hidden_size],
+        "mlp": _size_choices(teacher.intermediate_size, multiple=multiple) if "mlp" in axes else [teacher.intermediate_size],
         "depth": list(range(1, teacher.num_layers + 1)) if "depth" in axes else [teacher.num_layers],
-        "heads": valid_head_layouts(teacher) if "heads" in axes else [(teacher.num_heads, teacher.num_kv_heads)],
+        "heads": valid_head_layouts(teacher, multiple) if "heads" in axes else [(teacher.num_heads, teacher.num_kv_heads)],
     }
 
 
@@ -134,8 +149,8 @@ def _build(teacher: ModelShape, hidden: int, mlp: int, depth: int, heads: tuple[
     return replace(teacher, hidden_size=hidden, intermediate_size=mlp, num_layers=depth, num_heads=heads[0], num_kv_heads=heads[1])
 
 
-def smallest_shape(teacher: ModelShape, axes: tuple[str, ...]) -> ModelShape:
-    choices = _axis_choices(teacher, axes)
+def smallest_shape(teacher: ModelShape, axes: tuple[str, ...], multiple: int | None = None) -> ModelShape:
+    choices = _axis_choices(teacher, axes, multiple)
     return _build(teacher, choices["hidden"][0], choices["mlp"][0], choices["depth"][0], min(choices["heads"]))
 
 
@@ -150,16 +165,19 @@ def _shrink(teacher: ModelShape, shape: ModelShape, axes: tuple[str, ...]) -> fl
     return max(1 - keep[a] for a in axes)
 
 
-def solve_budget(teacher: ModelShape, fraction: float, axes: tuple[str, ...]) -> ModelShape:
+def solve_budget(teacher: ModelShape, fraction: float, axes: tuple[str, ...], multiple: int | None = None) -> ModelShape:
     """The most even shrink of the chosen axes whose parameter count lands within 3% (of
-    the teacher) under ``fraction`` of the teacher's parameters."""
+    the teacher) under ``fraction`` of the teacher's parameters; with ``multiple``, every
+    width the chosen axes get is a multiple of it (see the module docstring)."""
     unknown = [a for a in axes if a not in AXES]
     if unknown or not axes:
         raise ShapeError(f"unknown pruning axes {unknown}" if unknown else "no pruning axes given",
                          how=f"choose from {', '.join(AXES)}", field="axes")
+    if multiple:
+        _check_multiple(teacher, axes, multiple)
     full = total_parameters(teacher)
     budget = fraction * full
-    floor = smallest_shape(teacher, axes)
+    floor = smallest_shape(teacher, axes, multiple)
     if total_parameters(floor) > budget:
         reachable = total_parameters(floor) / full
         more = [a for a in AXES if a not in axes]
@@ -170,7 +188,7 @@ def solve_budget(teacher: ModelShape, fraction: float, axes: tuple[str, ...]) ->
             + (f", or also prune {' / '.join(more)} (axes)" if more else ""),
             field="params",
         )
-    choices = _axis_choices(teacher, axes)
+    choices = _axis_choices(teacher, axes, multiple)
     candidates = []
     for hidden, depth, heads in itertools.product(choices["hidden"], choices["depth"], choices["heads"]):
         # Parameters grow linearly with intermediate_size: take the largest that fits.
@@ -184,10 +202,31 @@ def solve_budget(teacher: ModelShape, fraction: float, axes: tuple[str, ...]) ->
     return min(close, key=lambda c: (round(_shrink(teacher, c, axes), 6), -total_parameters(c)))
 
 
-def plan_shape(teacher: ModelShape, config) -> ModelShape:
-    """The student shape a PruneConfig asks for (ShapeError when impossible)."""
+def _check_multiple(teacher: ModelShape, axes: tuple[str, ...], multiple: int) -> None:
+    """A width multiple the teacher's own widths on the pruned axes allow (else no width of
+    that axis could be one)."""
+    widths = {"hidden": ("hidden_size", teacher.hidden_size), "mlp": ("intermediate_size", teacher.intermediate_size),
+              "heads": ("query heads x head_dim", teacher.num_heads * teacher.head_dim)}
+    for axis in axes:
+        if axis in widths:
+            name, full = widths[axis]
+            if full < multiple or (axis == "heads" and not valid_head_layouts(teacher, multiple)):
+                raise ShapeError(
+                    f"width_multiple {multiple} leaves no choice for the {axis} axis: the teacher's {name} is {full}",
+                    how=f"use a width_multiple of at most {full} that divides it (e.g. 32 or 64), or drop '{axis}' from axes",
+                    field="width_multiple",
+                )
+
+
+def plan_shape(teacher: ModelShape, config, multiple: int | None = None) -> ModelShape:
+    """The student shape a PruneConfig asks for (ShapeError when impossible). ``multiple``
+    (default: the config's ``width_multiple`` when it has that field) rounds the widths a
+    ``params`` budget solves to multiples of it; explicit sizes are taken as written (recipe
+    validation checks them against the quantize stage's group size)."""
+    if multiple is None:
+        multiple = getattr(config, "width_multiple", None)
     if config.params is not None:
-        return solve_budget(teacher, config.params, tuple(config.axes))
+        return solve_budget(teacher, config.params, tuple(config.axes), multiple)
     return check_explicit(
         teacher,
         hidden_size=config.hidden_size,
