@@ -535,3 +535,175 @@ def test_fp8_weight_that_is_not_fp8_is_refused(fp8_variant, tmp_path):
     entries = dict(fp8, **{name: dict(fp8[name], weight_scale=fp8[name]["weight_scale"] * 1.37)})
     with pytest.raises(StageError, match=rf"'{name}' is not float8_e4m3fn.*To resolve, "):
         to_fp8_qdq(float_onnx, tmp_path / "model.onnx", entries)
+
+
+# --------------------------------------------------------------------------- half-precision TensorRT graph
+
+HALF_STAGES = """\
+stages:
+  - type: load
+  - type: quantize
+    method: rtn
+    group_size: 64
+    symmetric: true
+  - type: export_onnx
+    format: {format}
+    tensorrt_dtype: {dtype}
+  - type: bundle
+"""
+
+
+def build_tiny_qwen2(path: Path, tokenizer_dir: Path) -> Path:
+    """A 2-layer Qwen2 (qkv bias, GQA 4:2, untied embeddings) with the tiny Llama's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # visible biases (zero at init)
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def half_bundles(tmp_path_factory, tiny_model_dir):
+    """name -> (bundle dir, export.json): compress runs of the tiny Llama and a tiny Qwen2."""
+    import json
+
+    from conftest import write_recipe
+    from edgekit import api
+
+    qwen = build_tiny_qwen2(tmp_path_factory.mktemp("qwen2") / "tiny-qwen2", tiny_model_dir)
+    runs = {
+        "llama-auto": (tiny_model_dir, "both", "auto"),
+        "llama-float32": (tiny_model_dir, "tensorrt", "float32"),
+        "qwen2-auto": (qwen, "tensorrt", "auto"),
+        "qwen2-bfloat16": (qwen, "tensorrt", "bfloat16"),
+    }
+    out = {}
+    for name, (model, fmt, dtype) in runs.items():
+        root = tmp_path_factory.mktemp(name)
+        recipe = write_recipe(root / "r.yaml", model, stages=HALF_STAGES.format(format=fmt, dtype=dtype), output=root / "run")
+        manifest = api.compress(recipe, quiet=True)
+        export_dir = root / "run" / manifest["stages"][2]["dir"]
+        out[name] = (root / "run" / manifest["stages"][-1]["dir"] / "tiny", json.loads((export_dir / "export.json").read_text()))
+    return out
+
+
+def _graph(bundle: Path, variant: str = "tensorrt"):
+    import json
+
+    import onnx
+
+    rel = json.loads((bundle / "manifest.json").read_text())["onnx"]["variants"][variant]
+    return onnx.load(str(bundle / rel), load_external_data=False)
+
+
+@pytest.mark.parametrize("name, dtype", [("llama-auto", "FLOAT16"), ("qwen2-auto", "FLOAT16"), ("qwen2-bfloat16", "BFLOAT16")])
+def test_half_tensorrt_graph_types(half_bundles, name, dtype):
+    """Inputs/outputs (KV cache, logits), every float initializer (embeddings, norms, lm_head,
+    biases) and the Q/DQ scales are in the half type; weights stay INT4."""
+    from onnx import TensorProto
+
+    bundle, record = half_bundles[name]
+    half = getattr(TensorProto, dtype)
+    model = _graph(bundle)
+    io = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+    assert io["logits"] == half
+    kv = {n: t for n, t in io.items() if n.startswith(("past_key_values", "present"))}
+    assert len(kv) == 8 and set(kv.values()) == {half}
+    inits = {t.name: t for t in model.graph.initializer}
+    float_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    assert {t.data_type for t in inits.values() if t.data_type in float_types} == {half}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 14
+    for node in dq:
+        assert inits[node.input[0]].data_type == TensorProto.INT4 and inits[node.input[1]].data_type == half
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    lm_head = [n for n in matmuls if "lm_head" in n.name]
+    assert lm_head and all(inits.get(n.input[1]) is None or inits[n.input[1]].data_type == half for n in matmuls)
+    if name.startswith("qwen2"):  # the q/k/v biases are half precision too
+        assert sum(1 for t in inits.values() if "bias" in t.name and t.data_type == half) == 6
+    assert record["rewrites"]["tensorrt"]["float_dtype"] == dtype.lower()
+    assert record["rewrites"]["tensorrt"]["scale_dtypes"] == [dtype]
+    # softmax runs in float32, as PyTorch's eager attention computes it
+    for node in (n for n in model.graph.node if n.op_type == "Softmax"):
+        producer = next(p for p in model.graph.node if node.input[0] in p.output)
+        assert producer.op_type == "Cast" and producer.attribute[0].i == TensorProto.FLOAT
+
+
+@pytest.mark.parametrize("name", ["llama-auto", "qwen2-auto", "qwen2-bfloat16"])
+def test_half_tensorrt_parity_within_the_measured_tolerance(half_bundles, name):
+    bundle, record = half_bundles[name]
+    precision = record["tensorrt_precision"]
+    gap = precision["pytorch_half_vs_float32"]
+    assert gap["finite"] and 0 < gap["logits_max_abs_diff"] < 0.05
+    assert precision["tolerance"] >= 2 * gap["logits_max_abs_diff"] and precision["tolerance_basis"].startswith("measured")
+    parity = record["parity"]["tensorrt"]
+    assert 0 < parity["logits_max_abs_diff"] <= parity["tolerance"] == precision["tolerance"]
+    assert parity["greedy_agreement"] == 1.0
+    assert ("ran_as" in parity) is (name == "qwen2-bfloat16")
+    if name == "llama-auto":  # the ONNX Runtime variant is unchanged: float32 MatMulNBits, near-exact
+        assert record["parity"]["onnxruntime"]["logits_max_abs_diff"] < 1e-4
+        from onnx import TensorProto
+
+        ort_graph = _graph(bundle, "onnxruntime")
+        assert {v.type.tensor_type.elem_type for v in ort_graph.graph.input if v.name.startswith("past")} == {TensorProto.FLOAT}
+        assert any(n.op_type == "MatMulNBits" for n in ort_graph.graph.node)
+
+
+def test_half_tensorrt_graph_fails_parity_against_a_different_model(half_bundles, tiny_model_dir, tmp_path):
+    """The check can fail: the fp16 graph against a differently seeded half model."""
+    from conftest import build_tiny_model
+    from edgekit.export.parity import check_parity
+    from edgekit.models.checkpoint import load_checkpoint
+
+    bundle, record = half_bundles["llama-auto"]
+    other, tokenizer = load_checkpoint(build_tiny_model(tmp_path / "other", seed=3), dtype="float16")
+    parity = check_parity(other, tokenizer, bundle / "tensorrt" / "model.onnx")
+    assert parity["logits_max_abs_diff"] > 10 * record["tensorrt_precision"]["tolerance"]
+
+
+def test_float32_tensorrt_graph_on_request(half_bundles):
+    from onnx import TensorProto
+
+    bundle, record = half_bundles["llama-float32"]
+    assert "tensorrt_precision" not in record and record["rewrites"]["tensorrt"]["scale_dtypes"] == ["FLOAT"]
+    model = _graph(bundle)
+    assert {v.type.tensor_type.elem_type for v in model.graph.output} == {TensorProto.FLOAT}
+
+
+def test_readiness_of_the_half_graph(half_bundles):
+    from edgekit.engine.readiness import check_bundle
+
+    for name, fp32 in (("llama-auto", False), ("qwen2-auto", False), ("llama-float32", True)):
+        bundle, _ = half_bundles[name]
+        report = check_bundle(bundle, target="workstation-h100", workspace_gb=0)
+        codes = {f["code"] for f in report["findings"]}
+        assert report["passed"], report["findings"]
+        assert ("fp32-activations" in codes) is fp32 and ("half-precision" in codes) is (not fp32)
+        if not fp32:
+            note = next(f for f in report["findings"] if f["code"] == "half-precision")
+            assert "KV cache FP16, logits FP16" in note["message"] and "'FP32'" not in note["message"]
+
+
+def test_plan_reads_the_kv_cache_type_from_the_graph(half_bundles):
+    from edgekit import api
+
+    plans = {name: api.plan(half_bundles[name][0], target="jetson-orin-nano-8gb", context_length=32768, batch=16)
+             for name in ("llama-auto", "llama-float32")}
+    half, full = plans["llama-auto"], plans["llama-float32"]
+    assert half["inputs"]["kv_cache_bytes_per_value"] == 2.0 and full["inputs"]["kv_cache_bytes_per_value"] == 4.0
+    assert half["model"]["kv_cache_dtype"] == "float16 (tensorrt/model.onnx)"
+    kv = lambda p: p["targets"][0]["predicted_memory_gb"]["kv_cache"]  # noqa: E731
+    assert kv(half) > 0.1 and kv(half) == pytest.approx(kv(full) / 2, rel=0.01)

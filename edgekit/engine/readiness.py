@@ -17,7 +17,8 @@ for a target:
 * ``external-data``: the weight files are inside the model's directory and complete;
 * ``engine-memory``: weights + I/O buffers (KV cache, logits) + workspace + a runtime allowance
   against the target's usable memory;
-* ``fp32-activations`` / ``quantization``: information about typing and the Q/DQ found.
+* ``fp32-activations`` / ``half-precision`` / ``quantization``: information about typing (the
+  graph's real float types: KV cache, logits, initializers) and the Q/DQ found.
 
 Findings are data (:class:`Finding`); only an unreadable input raises
 :class:`~edgekit.errors.EngineError`. What the parser supports per version lives in
@@ -1400,7 +1401,8 @@ def _typing_notes(g: _Graph, support: support_data.ParserSupport, quant: _Quanti
     elif quant.quantized:
         message = (f"the graph computes in float32 ('{example}' is FP32) with Q/DQ: edgekit builds Q/DQ graphs strongly "
                    f"typed on {trt}, which keeps the non-quantized layers and activations in FP32")
-        fix = "none needed; for half-precision activations convert the graph to FP16 with ModelOpt AutoCast first"
+        fix = ("none needed; for half-precision activations and KV cache re-export with export_onnx tensorrt_dtype: auto "
+               "(float16) or bfloat16")
     else:
         message = (f"the graph computes in float32 ('{example}' is FP32): on {trt} edgekit builds it weakly typed with "
                    "the FP16 flag, so TensorRT may run layers in FP16; TensorRT 11 removed that flag (strong typing only)")

@@ -266,7 +266,8 @@ def resolve_typing(options: BuildOptions, graph: GraphInfo, tensorrt_major: int)
     if strong and graph.float_dtype == "float32":
         notes.append(
             "strongly typed build of a float32 graph: non-quantized layers and activations run in fp32 "
-            "(convert the graph to fp16, e.g. with ModelOpt AutoCast, for half-precision activations)"
+            "(export it with export_onnx tensorrt_dtype: auto/float16/bfloat16, or convert it to fp16 with ModelOpt "
+            "AutoCast, for half-precision activations)"
         )
     return strong, fp16, notes
 

@@ -16,7 +16,9 @@ Three rewrites, each written as ``dst`` + one ``model.onnx_data`` next to it:
 - :func:`to_matmulnbits` — ONNX Runtime: ``com.microsoft.MatMulNBits`` (4- or 8-bit codes,
   block = group).
 - :func:`to_blockwise_dq` — TensorRT weight-only: ``DequantizeLinear(axis=0, block_size)``
-  on an [in, out] INT4/UINT4/INT8/UINT8 code initializer feeding the MatMul (opset >= 21).
+  on an [in, out] INT4/UINT4/INT8/UINT8 code initializer feeding the MatMul (opset >= 21);
+  the scales take the graph's float type (float16/bfloat16 in a half-precision export:
+  opset 21's DequantizeLinear outputs its scale's type, so the MatMul stays half).
 - :func:`to_fp8_qdq` — TensorRT FP8: FLOAT8E4M3FN weight + per-output-channel
   ``DequantizeLinear``, optionally a per-tensor FP8 ``QuantizeLinear``/``DequantizeLinear``
   pair on the activation.
@@ -724,6 +726,8 @@ def to_blockwise_dq(src: Path, dst: Path, weights: dict[str, Any], *, opset: int
     A weight that reached the MatMul through a Transpose is stored pre-transposed; the
     Transpose is dropped when nothing else reads it.
     """
+    from onnx import TensorProto
+
     src, dst = Path(src), Path(dst)
     if opset < 21:
         raise StageError(
@@ -764,6 +768,8 @@ def to_blockwise_dq(src: Path, dst: Path, weights: dict[str, Any], *, opset: int
     asymmetric = sorted({"INT4" if "UINT4" in form else "INT8" for form in forms if "asymmetric" in form})
     tensorrt_ok = not asymmetric
     notes += [f"{count} MatMul <- DequantizeLinear {form}, block_size = group_size" for form, count in sorted(forms.items())]
+    scale_types = sorted({TensorProto.DataType.Name(t.data_type) for t in new_inits if t.name.endswith("_scale")})
+    notes.append(f"scales: {', '.join(scale_types)} (the graph's float type: DequantizeLinear outputs its scale's type)")
     for kind in asymmetric:
         notes.append(
             f"TensorRT will reject this model: asymmetric {kind} needs zero points, which TensorRT's DequantizeLinear "
@@ -780,7 +786,7 @@ def to_blockwise_dq(src: Path, dst: Path, weights: dict[str, Any], *, opset: int
         _check(dst, notes)
     return _report(
         "qdq-blockwise", replaced, opset, _bits_field(bits_used), nbytes, notes,
-        tensorrt_compatible=tensorrt_ok, matches=_matches_json(public),
+        tensorrt_compatible=tensorrt_ok, scale_dtypes=scale_types, matches=_matches_json(public),
     )
 
 

@@ -6,7 +6,10 @@ per runtime from *our* integer weights (not re-derived by another quantizer):
 
 * ``onnxruntime``: INT4/INT8 ``MatMulNBits`` (ONNX Runtime's fast weight-only kernels);
 * ``tensorrt``: block-wise ``DequantizeLinear`` (opset 21) feeding the MatMul, the pattern
-  TensorRT 10 fuses for weight-only quantization; FP8 as FLOAT8E4M3FN Q/DQ.
+  TensorRT 10 fuses for weight-only quantization; FP8 as FLOAT8E4M3FN Q/DQ. Integer graphs are
+  traced in half precision (``tensorrt_dtype``: float16 by default, bfloat16 when the model
+  overflows float16, float32 on request) with half scales, and checked against the PyTorch
+  model in that precision with a measured tolerance (docs/quantization.md).
 
 The primary variant (onnxruntime when asked for, else tensorrt) is ``model.onnx``; the
 other lives in ``<format>/model.onnx``; ``export.json`` lists them. Every variant is run in
@@ -68,6 +71,17 @@ class ExportOnnxConfig(StageConfig):
     draft_parity_tolerance: float = Field(
         3.0, gt=0, description="max |logits - PyTorch| of the draft graph (int8 activations move single logits by ~1)"
     )
+    tensorrt_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="float type of the tensorrt graph of a quantized model (activations, KV cache, logits, "
+        "embeddings, norms' weights, lm_head and the Q/DQ scales): auto = float16 where the target supports it, "
+        "bfloat16 (where supported) when the model overflows float16 on the parity prompts, else float32; "
+        "docs/quantization.md"
+    )
+    half_parity_tolerance: float | None = Field(
+        None, gt=0, description="max |logits - PyTorch in the same half precision| of a float16/bfloat16 tensorrt graph; "
+        "default: measured, max(quantized_parity_tolerance, 2 x |PyTorch half - PyTorch float32| + half a unit in the "
+        "last place of the largest logit) on the parity prompts"
+    )
 
     @model_validator(mode="after")
     def _fused_options(self):
@@ -97,6 +111,7 @@ def run_export_onnx(ctx) -> dict:
     record: dict = {"quantization": method, "variants": {}, "parity": {}}
     fused = config.onnxruntime_graph == "fused"
     references: dict = {}  # variant -> the parity reference when it is not `model` itself
+    models: dict = {}  # variant -> its parity reference model when it is another model (half precision)
     if fused:
         record["onnxruntime_graph"] = "fused"
         if method not in (None, "gptq"):
@@ -121,7 +136,10 @@ def run_export_onnx(ctx) -> dict:
     else:
         formats = ["onnxruntime", "tensorrt"] if config.format == "both" else [config.format]
         traced = [fmt for fmt in formats if not (fused and fmt == "onnxruntime")]
-        staging = float_dir = None
+        staging: dict[str, object] = {}  # float dtype of a traced graph -> its optimum export
+        float_dir = None
+        dtypes = {fmt: "float32" for fmt in traced}
+        tolerances = {fmt: config.quantized_parity_tolerance for fmt in formats}
         if traced:
             weights = _quantized_weights(model, method)
             if method == "fp8" and any(w["input_scale"] is None for w in weights.values()):
@@ -132,33 +150,47 @@ def run_export_onnx(ctx) -> dict:
                     where=f"stage {ctx.name}",
                     how="quantize with fp8_activations: static for an ONNX/TensorRT export (dynamic stays a PyTorch evaluation)",
                 )
-            float_dir, staging = ctx.output_dir / ".float-checkpoint", ctx.output_dir / ".float-onnx"
+            float_dir = ctx.output_dir / ".float-checkpoint"
             _write_float_twin(model, tokenizer, float_dir)  # turns `model` into the float twin...
             # ...so reload the quantized model as the parity reference: for FP8 with static
             # activation scales it quantizes activations, as the exported graph does.
             model, tokenizer = load_checkpoint(checkpoint, dtype="float32", trust_remote_code=trust)
-            with ctx.progress(None, "optimum-onnx export of the dequantized twin"):
-                export_decoder(float_dir, staging, opset=config.opset, trust_remote_code=trust)
+            if "tensorrt" in traced and method != "fp8":
+                half = _half_reference(ctx, config, checkpoint, model, tokenizer, prompts, trust)
+                if half is not None:
+                    dtypes["tensorrt"] = half["dtype"]
+                    models["tensorrt"] = half.pop("model")
+                    tolerances["tensorrt"] = half["tolerance"]
+                    record["tensorrt_precision"] = half
+            for dtype in sorted(set(dtypes.values())):
+                staging[dtype] = ctx.output_dir / f".{dtype}-onnx"
+                with ctx.progress(None, f"optimum-onnx export of the dequantized twin ({dtype})"):
+                    export_decoder(float_dir, staging[dtype], opset=config.opset, trust_remote_code=trust, dtype=dtype)
         for index, fmt in enumerate(formats):
             target_dir = ctx.output_dir if index == 0 else ctx.output_dir / fmt
             target_dir.mkdir(exist_ok=True)
             if fmt in traced:
-                with ctx.progress(None, f"{fmt} graph ({method})"):
-                    report = _rewrite(fmt, method, staging / MODEL_FILE, target_dir / MODEL_FILE, weights, config.accuracy_level)
+                with ctx.progress(None, f"{fmt} graph ({method}, {dtypes[fmt]})"):
+                    src = staging[dtypes[fmt]] / MODEL_FILE
+                    report = _rewrite(fmt, method, src, target_dir / MODEL_FILE, weights, config.accuracy_level)
+                report["float_dtype"] = dtypes[fmt]
             else:
                 report = _build_fused(ctx, config, model, target_dir, references)
             record["variants"][fmt] = (target_dir / MODEL_FILE).relative_to(ctx.output_dir).as_posix()
             record.setdefault("rewrites", {})[fmt] = report
         record["primary"] = formats[0]
-        if staging is not None:
-            for path in sorted(staging.iterdir()):  # tokenizer + configs next to the primary graph
+        if staging:
+            # tokenizer + configs next to the primary graph (float32's when there is one: its
+            # config.json describes the float twin as the other exports do)
+            side = staging[dtypes[formats[0]]] if formats[0] in dtypes else staging[min(staging)]
+            for path in sorted(side.iterdir()):
                 if path.is_file() and not path.name.startswith("model.onnx"):
                     shutil.move(str(path), ctx.output_dir / path.name)
-            shutil.rmtree(staging)
+            for path in staging.values():
+                shutil.rmtree(path)
             shutil.rmtree(float_dir)
         else:  # no traced graph: the configs and tokenizer optimum would have written
             _write_side_files(model, tokenizer, ctx.output_dir)
-        tolerances = {fmt: config.quantized_parity_tolerance for fmt in formats}
         # transformers would refuse the quantization_config without its GPTQ backends; the
         # ONNX graphs carry the quantization, so configs next to them describe the float twin.
     if config.draft_graph:
@@ -167,7 +199,7 @@ def run_export_onnx(ctx) -> dict:
         record.setdefault("rewrites", {})[DRAFT_VARIANT] = _build_draft(ctx, model, target_dir, references)
         record["variants"][DRAFT_VARIANT] = f"onnxruntime-draft/{MODEL_FILE}"
         tolerances[DRAFT_VARIANT] = config.draft_parity_tolerance
-    metrics = _check_variants(ctx, model, tokenizer, record, tolerances, prompts, references)
+    metrics = _check_variants(ctx, model, tokenizer, record, tolerances, prompts, references, models)
     (ctx.output_dir / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     info = describe(ctx.output_dir / MODEL_FILE)
     metrics.update({
@@ -178,6 +210,80 @@ def run_export_onnx(ctx) -> dict:
         "onnx_bytes": sum(p.stat().st_size for p in ctx.output_dir.glob("model.onnx*")),
     })
     return metrics
+
+
+#: target precision names of the half float types
+_TARGET_PRECISION = {"float16": "fp16", "bfloat16": "bf16"}
+#: mantissa bits of the half float types (for half a unit in the last place of a logit)
+_MANTISSA_BITS = {"float16": 10, "bfloat16": 7}
+
+
+def half_ulp(value: float, dtype: str) -> float:
+    """Half a unit in the last place of ``value`` in ``dtype``: the rounding error of storing
+    it (logits leave a half-precision graph in that type)."""
+    import math
+
+    value = abs(value)
+    if value == 0 or not math.isfinite(value):
+        return 0.0
+    return 2.0 ** (math.floor(math.log2(value)) - _MANTISSA_BITS[dtype]) / 2
+
+
+def _half_reference(ctx, config, checkpoint, model, tokenizer, prompts, trust) -> dict | None:
+    """The tensorrt graph's half float type, its parity reference (the quantized model loaded in
+    that type) and the tolerance, or None for a float32 graph.
+
+    ``auto``: float16 where the target supports it, unless PyTorch itself overflows float16 on
+    the parity prompts (non-finite logits), then bfloat16 where supported; float32 otherwise.
+    The measured tolerance is max(quantized_parity_tolerance, 2 x the logits' max |PyTorch half -
+    PyTorch float32| + half an ulp of the largest logit): two implementations of the model in
+    the same half precision differ by about as much as either differs from float32 (ONNX Runtime
+    on CPU runs most half ops in float32, docs/quantization.md), plus the logits' own rounding."""
+    from edgekit.errors import StageError
+    from edgekit.export.parity import precision_gap
+    from edgekit.models.checkpoint import load_checkpoint
+
+    setting, target = config.tensorrt_dtype, ctx.target
+    if setting == "float32":
+        return None
+    if setting == "auto":
+        candidates = [d for d in ("float16", "bfloat16") if target.supports(_TARGET_PRECISION[d])]
+        if not candidates:
+            return None
+    else:
+        if not target.supports(_TARGET_PRECISION[setting]):
+            raise StageError(
+                f"export_onnx.tensorrt_dtype {setting}: {target.name} does not list {_TARGET_PRECISION[setting]} "
+                f"(supported: {', '.join(target.supported_precisions)})",
+                where=f"stage {ctx.name}", how="set tensorrt_dtype: auto (the target's half type, else float32) or float32",
+            )
+        candidates = [setting]
+    overflowed: dict = {}
+    for dtype in candidates:
+        with ctx.progress(None, f"PyTorch reference in {dtype} (parity of the {dtype} TensorRT graph)"):
+            half_model, _ = load_checkpoint(checkpoint, dtype=dtype, trust_remote_code=trust)
+            gap = precision_gap(model, half_model, tokenizer, prompts=prompts)
+        if gap["finite"]:
+            break
+        overflowed[dtype] = gap
+        del half_model
+    else:
+        others = [d for d in ("bfloat16", "float32") if d not in overflowed]
+        raise StageError(
+            f"the model overflows {' and '.join(overflowed)} on the parity prompts (PyTorch's own logits are not finite), "
+            "so a TensorRT graph in that precision would produce garbage",
+            where=f"stage {ctx.name}", how=f"set export_onnx.tensorrt_dtype: {' or '.join(others)}",
+        )
+    measured = max(config.quantized_parity_tolerance,
+                   2 * gap["logits_max_abs_diff"] + half_ulp(gap["max_abs_logit"], dtype))
+    tolerance = config.half_parity_tolerance or measured
+    basis = ("configured (half_parity_tolerance)" if config.half_parity_tolerance else
+             f"measured: max(quantized_parity_tolerance {config.quantized_parity_tolerance:g}, 2 x |PyTorch {dtype} - "
+             f"PyTorch float32| {gap['logits_max_abs_diff']:.4g} + half an ulp of the largest logit "
+             f"{gap['max_abs_logit']:.4g} in {dtype})")
+    return {"dtype": dtype, "setting": setting, "target": target.name, "model": half_model, "tolerance": tolerance,
+            "tolerance_basis": basis, "pytorch_half_vs_float32": gap,
+            "overflowed": sorted(overflowed) or None}
 
 
 def _quant_method(checkpoint) -> str | None:
@@ -285,9 +391,11 @@ def _rewrite(fmt: str, method: str, src, dst, weights, accuracy_level: int) -> d
     return quantized.to_blockwise_dq(src, dst, weights, opset=21)
 
 
-def _check_variants(ctx, model, tokenizer, record, tolerances, prompts, references: dict | None = None) -> dict:
+def _check_variants(ctx, model, tokenizer, record, tolerances, prompts, references: dict | None = None,
+                    models: dict | None = None) -> dict:
     """``references``: variant -> a context manager that makes ``model`` that variant's
-    reference for the duration of its check (the fused graph's quantized lm_head)."""
+    reference for the duration of its check (the fused graph's quantized lm_head); ``models``:
+    variant -> another reference model (the model in the half precision of that graph)."""
     import contextlib
     import json
 
@@ -298,9 +406,11 @@ def _check_variants(ctx, model, tokenizer, record, tolerances, prompts, referenc
     for fmt, rel in record["variants"].items():
         with ctx.progress(None, f"parity of the {fmt} graph vs PyTorch on {len(prompts)} prompts"):
             with (references or {}).get(fmt) or contextlib.nullcontext():
-                parity = check_parity(model, tokenizer, ctx.output_dir / rel, prompts=prompts)
+                parity = check_parity((models or {}).get(fmt, model), tokenizer, ctx.output_dir / rel, prompts=prompts)
         parity["tolerance"] = tolerances[fmt]
         record["parity"][fmt] = {k: parity[k] for k in ("logits_max_abs_diff", "present_max_abs_diff", "greedy_agreement", "tolerance")}
+        if "ran_as" in parity:
+            record["parity"][fmt]["ran_as"] = parity["ran_as"]
         name = "parity.json" if fmt == record["primary"] else f"parity-{fmt}.json"
         (ctx.output_dir / name).write_text(json.dumps(parity, indent=2) + "\n")
         suffix = "" if fmt == record["primary"] else f"_{fmt}"
@@ -312,8 +422,9 @@ def _check_variants(ctx, model, tokenizer, record, tolerances, prompts, referenc
                 f"the {fmt} ONNX graph's logits differ from PyTorch by {parity['logits_max_abs_diff']:.3g} "
                 f"(tolerance {tolerances[fmt]:g}; per-output diffs in {name})",
                 where=f"stage {ctx.name}",
-                how="raise export_onnx.parity_tolerance (float) or quantized_parity_tolerance if the difference "
-                "is expected, or report the model's architecture as an export bug",
+                how="raise export_onnx.parity_tolerance (float), quantized_parity_tolerance or half_parity_tolerance "
+                "(a float16/bfloat16 tensorrt graph; or tensorrt_dtype: float32) if the difference is expected, or report "
+                "the model's architecture as an export bug",
             )
     metrics["parity_tolerance"] = tolerances[record["primary"]]
     return metrics

@@ -70,6 +70,49 @@ def _targets(target: str | None, all_targets: bool, default: str | None) -> list
     return [load_target(target or default)]
 
 
+def graph_kv_bytes(bundle_dir: Path) -> tuple[float, str] | None:
+    """KV cache bytes per value of a bundle's deployed graph (the manifest's ``tensorrt``
+    variant, else ``float``, else its primary graph), read from the graph's input types; None
+    when ``bundle_dir`` is not a bundle."""
+    import json
+
+    from edgekit.runtime.onnx_graph import kv_cache_dtype  # the wire format: no onnx import on the runtime path
+    from edgekit.yamlio import load_json_file
+
+    manifest_path = Path(bundle_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    try:
+        onnx_section = (load_json_file(manifest_path, error_cls=ModelError, what="bundle manifest") or {}).get("onnx") or {}
+    except (EdgekitError, json.JSONDecodeError, OSError, AttributeError):
+        return None
+    if not isinstance(onnx_section, dict):
+        return None
+    variants = onnx_section.get("variants") or {}
+    if not isinstance(variants, dict):
+        return None
+    rel = next((variants[k] for k in ("tensorrt", "float") if k in variants), onnx_section.get("file") or "model.onnx")
+    graph = (Path(bundle_dir) / str(rel)).resolve()
+    if not graph.is_file() or not graph.is_relative_to(Path(bundle_dir).resolve()):
+        return None
+    try:
+        found = kv_cache_dtype(graph)
+    except Exception:  # a damaged graph: plan from the config alone (edgekit check reports the file)
+        return None
+    return (float(found[1]), f"{found[0]} ({rel})") if found else None
+
+
+def _recipe_kv_bytes(recipe: Any) -> float | None:
+    """A recipe whose TensorRT graph stays float32 (export_onnx tensorrt_dtype: float32 after
+    quantization) deploys a float32 KV cache: 4 bytes per value; None = the default (half)."""
+    for index, stage in enumerate(recipe.stages):
+        if stage.type == "export_onnx":
+            config = recipe.stage_config(index)
+            if getattr(config, "tensorrt_dtype", "auto") == "float32" and config.format != "onnxruntime":
+                return 4.0
+    return None
+
+
 def _is_recipe(source: str | Path) -> bool:
     return str(source).lower().endswith(_RECIPE_SUFFIXES)
 
@@ -95,6 +138,7 @@ def plan_request(
 
     budgets: dict[str, float | None] = {"latency": None, "ttft": None, "memory": None}
     recipe_info: dict[str, Any] = {}
+    graph_info: dict[str, Any] = {}  # a bundle's graph: its real KV cache type
     if _is_recipe(source):
         from edgekit.models.source import resolve_model_source
         from edgekit.recipe import load_recipe
@@ -130,6 +174,9 @@ def plan_request(
                                                             if weights.method is None else "")}
         shape_origin = "recipe: the model's config, then the recipe's prune stages" if shape != teacher else \
             "recipe: the model's config"
+        kv_bytes = _recipe_kv_bytes(recipe)
+        if kv_bytes is not None:
+            recipe_info["kv_cache_dtype"] = "float32 (export_onnx tensorrt_dtype: float32)"
     else:
         from edgekit.models.source import resolve_model_source
 
@@ -141,6 +188,11 @@ def plan_request(
         default_chunk = DEFAULT_PREFILL_CHUNK
         shape_origin = {"builtin": "GGUF header (embedded default model)", "gguf": "GGUF header",
                         "dir": "config.json", "hub": "config.json in the local Hugging Face cache"}[model.kind]
+        kv_bytes = None
+        graph_kv = graph_kv_bytes(Path(model_spec)) if model.kind == "dir" else None
+        if graph_kv is not None:  # a bundle: its graph's real KV cache type
+            kv_bytes = graph_kv[0]
+            graph_info = {"kv_cache_dtype": graph_kv[1]}
 
     chosen = precision or default_precision
     if chosen in ("int8", "int4"):
@@ -156,6 +208,7 @@ def plan_request(
                         how="pass a shorter prompt or a longer --context")
     workload = rf.Workload(
         context_length=context, batch=batch or default_batch, kv_fill=kv_fill, prompt_tokens=prompt_tokens,
+        **({"kv_bytes": kv_bytes} if kv_bytes is not None else {}),
         prefill_chunk=min(prefill_chunk or default_chunk, context),
     )
     try:
@@ -177,7 +230,8 @@ def plan_request(
     from edgekit.prune.shapes import total_parameters
 
     model_info = {"spec": model_spec, "source_kind": model.kind, "shape_from": shape_origin,
-                  "shape": shape_dict(shape), "parameters": total_parameters(shape), **recipe_info}
+                  "shape": shape_dict(shape), "parameters": total_parameters(shape), **recipe_info,
+                  **graph_info}
     request = PlanRequest(
         model=model_info, shape=shape, fmt=fmt, workload=workload,
         latency_budget_ms=budget_ms if budget_ms is not None else budgets["latency"],

@@ -88,4 +88,68 @@ def read_graph_nodes(path: str | Path) -> list[tuple[str, list[str]]]:
     return graph_nodes(Path(path).read_bytes())
 
 
-__all__ = ["MalformedGraph", "graph_nodes", "read_graph_nodes"]
+_GRAPH_INPUT, _GRAPH_OUTPUT = 11, 12  # GraphProto.input / .output (ValueInfoProto)
+_VALUE_NAME, _VALUE_TYPE = 1, 2  # ValueInfoProto.name / .type (TypeProto)
+_TYPE_TENSOR, _TENSOR_ELEM_TYPE = 1, 1  # TypeProto.tensor_type / TypeProto.Tensor.elem_type
+FLOAT_TYPES = {1: ("float32", 4), 10: ("float16", 2), 16: ("bfloat16", 2), 11: ("float64", 8)}
+
+
+def graph_io_types(data: bytes | memoryview) -> tuple[dict[str, int], dict[str, int]]:
+    """``({input name: elem_type}, {output name: elem_type})`` of the main graph (TensorProto
+    data-type codes: 1 float32, 10 float16, 16 bfloat16, ...); 0 where a value has no tensor type."""
+    view = memoryview(data)
+    inputs: dict[str, int] = {}
+    outputs: dict[str, int] = {}
+    for number, wire, span in _fields(view, 0, len(view)):
+        if number != _MODEL_GRAPH or wire != 2:
+            continue
+        for g_number, g_wire, g_span in _fields(view, *span):
+            if g_wire != 2 or g_number not in (_GRAPH_INPUT, _GRAPH_OUTPUT):
+                continue
+            name, elem_type = "", 0
+            for v_number, v_wire, v_span in _fields(view, *g_span):
+                if v_wire != 2:
+                    continue
+                if v_number == _VALUE_NAME:
+                    name = bytes(view[v_span[0] : v_span[1]]).decode("utf-8", "replace")
+                elif v_number == _VALUE_TYPE:
+                    for t_number, t_wire, t_span in _fields(view, *v_span):
+                        if t_number == _TYPE_TENSOR and t_wire == 2:
+                            elem_type = _elem_type(view, t_span)
+            (inputs if g_number == _GRAPH_INPUT else outputs)[name] = elem_type
+    return inputs, outputs
+
+
+def _elem_type(view: memoryview, span: tuple[int, int]) -> int:
+    pos, end = span
+    while pos < end:
+        key, pos = _varint(view, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(view, pos, end)
+            if number == _TENSOR_ELEM_TYPE:
+                return value
+        elif wire == 2:
+            length, pos = _varint(view, pos, end)
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise MalformedGraph(f"unexpected wire type {wire}")
+    return 0
+
+
+def kv_cache_dtype(path: str | Path) -> tuple[str, int] | None:
+    """(type name, bytes per value) of a decoder graph's KV cache, from its ``past_key_values.*``
+    inputs (else ``present.*`` outputs), without the onnx package or the weights; None when the
+    graph has no float KV cache."""
+    inputs, outputs = graph_io_types(Path(path).read_bytes())
+    codes = [t for n, t in inputs.items() if n.startswith("past_key_values")] or \
+        [t for n, t in outputs.items() if n.startswith("present")]
+    found = {FLOAT_TYPES.get(code) for code in codes} - {None}
+    return max(found, key=lambda item: item[1]) if found else None
+
+
+__all__ = ["FLOAT_TYPES", "MalformedGraph", "graph_io_types", "graph_nodes", "kv_cache_dtype", "read_graph_nodes"]
