@@ -515,3 +515,261 @@ def test_config_needs_some_loss():
     with pytest.raises(ValidationError, match="give at least one a positive weight"):
         DistillConfig(kl_weight=0)
     assert DistillConfig(kl_weight=0, hidden_weight=1.0).hidden_weight == 1.0
+
+
+# -- FSDP: sharded, resumable checkpoints ------------------------------------------------------
+
+FSDP_SCRIPT = r'''
+import shutil, sys, functools
+from pathlib import Path
+import torch, torch.distributed as dist
+from safetensors.torch import save_file
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, FullStateDictConfig, StateDictType
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from edgekit.distill import state as saved
+from edgekit.distill.train import local_training_state, restore_local_state
+
+work, out, total, stop = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, attention_dropout=0.2, max_position_embeddings=64)
+model = LlamaForCausalLM(config).train()
+named = [(n, p) for n, p in model.named_parameters()]
+decay, no_decay = [(n, p) for n, p in named if p.ndim >= 2], [(n, p) for n, p in named if p.ndim < 2]
+names = [n for n, _ in decay] + [n for n, _ in no_decay]
+optimizer = torch.optim.AdamW([{"params": [p for _, p in decay], "weight_decay": 0.1},
+                               {"params": [p for _, p in no_decay], "weight_decay": 0.0}], lr=3e-3)
+# What accelerate builds from recipes/accelerate/fsdp_8gpu.yaml (FULL_SHARD, per-layer wrap, orig params),
+# on the CPU: accelerate itself only enables FSDP on accelerators.
+model = FSDP(model, auto_wrap_policy=functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer}),
+             use_orig_params=True, device_id=torch.device("cpu"))
+start = 0
+shard = saved.load_state(work, names, rank=rank)
+if shard is not None:
+    restore_local_state(names, optimizer, shard, where=str(shard.path))
+    saved.set_rng_state(shard.rng)
+    start = shard.step
+    print(f"rank {rank} resumed from {start}", flush=True)
+data = torch.randint(0, 64, (total * world * 2, 16), generator=torch.Generator().manual_seed(1))
+for step in range(start, stop):
+    first = (step * world + rank) * 2
+    batch = data[first:first + 2]
+    model(input_ids=batch, labels=batch).loss.backward()
+    model.clip_grad_norm_(1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if (step + 1) % 2 == 0 and step + 1 < total:
+        tmp = saved.sharded_tmp_dir(work, step + 1)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        saved.save_shard(tmp, rank, local_training_state(names, optimizer, step + 1, {"setup": "test"}), names)
+        dist.barrier()
+        if rank == 0:
+            saved.seal_sharded(work, step + 1, world, {"setup": "test"})
+        dist.barrier()
+# (offload_to_cpu is for GPU ranks: on the CPU it crashes torch's state_dict hook)
+with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=False)):
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+if rank == 0:
+    save_file({k: v.contiguous() for k, v in full.items()}, str(out))
+dist.destroy_process_group()
+'''
+
+
+def _fsdp_run(tmp: Path, work: Path, out: Path, total: int, stop: int) -> subprocess.CompletedProcess:
+    script = tmp / "fsdp_train.py"
+    script.write_text(FSDP_SCRIPT)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(script), str(work), str(out), str(total), str(stop)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, **ONE_THREAD))
+
+
+def test_fsdp_sharded_checkpoint_resumes_bit_identical(tmp_path):
+    """Two processes, torch FSDP (FULL_SHARD, one unit per decoder layer, use_orig_params, gloo on
+    the CPU) with dropout, AdamW with two parameter groups and gradient clipping: a run resumed
+    from the sharded checkpoint another run wrote at step 4 (as a preempted job restarted with
+    the same command would) ends with exactly the weights of the uninterrupted run. The
+    save/restore functions are the ones the distill loop calls under accelerate's FSDP on GPUs."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from edgekit.distill import state as saved
+
+    straight = _fsdp_run(tmp_path, tmp_path / "work-a", tmp_path / "a.safetensors", 6, 6)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    found = saved.latest_checkpoint(tmp_path / "work-a")
+    assert found is not None and found[1]["format"] == saved.SHARDED_FORMAT and found[1]["step"] == 4
+    assert found[1]["world"] == 2 and (found[0] / "rank-00001" / "optimizer.safetensors").is_file()
+    a = load_file(tmp_path / "a.safetensors")
+    # each shard holds about half of every flat parameter (some pieces empty), never the whole model
+    for rank in range(2):
+        pieces = load_file(found[0] / f"rank-{rank:05d}" / "model.safetensors")
+        assert sum(t.numel() for t in pieces.values()) < 0.75 * sum(t.numel() for t in a.values())
+        assert all(t.dim() == 1 for t in pieces.values())
+    assert saved.load_state(tmp_path / "work-a", ["x"], rank=None) is None  # not a whole-model checkpoint
+    shutil.copytree(tmp_path / "work-a", tmp_path / "work-b")
+    resumed = _fsdp_run(tmp_path, tmp_path / "work-b", tmp_path / "b.safetensors", 6, 6)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "rank 0 resumed from 4" in resumed.stdout and "rank 1 resumed from 4" in resumed.stdout
+    b = load_file(tmp_path / "b.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sharded_checkpoint_with_a_missing_shard_is_ignored(tmp_path):
+    """A shard whose file is short (a kill during the write) makes the whole step invisible;
+    the previous complete checkpoint is what resumes."""
+    import torch
+
+    from edgekit.distill import state as saved
+
+    work = tmp_path / "work"
+    names = ["w"]
+    for step in (2, 4):
+        tmp = saved.sharded_tmp_dir(work, step)
+        for rank in range(2):
+            w = torch.nn.Parameter(torch.full((3,), float(step + rank)))
+            opt = torch.optim.AdamW([w])
+            w.grad = torch.ones(3)
+            opt.step()
+            saved.save_shard(tmp, rank, saved.TrainingState(step, {"w": w.detach()}, opt.state_dict(), saved.rng_state()), names)
+        if step == 2:
+            saved.seal_sharded(work, step, 2, {"k": 1})
+    with pytest.raises(ValueError, match="incomplete"):
+        (saved.rank_dir(saved.sharded_tmp_dir(work, 4), 1) / "optimizer.safetensors").write_bytes(b"x")
+        saved.seal_sharded(work, 4, 2, {"k": 1})
+    state = saved.load_state(work, names, rank=1)
+    assert state.step == 2 and float(state.model["w"][0]) < 3.0 and state.scalars == {"k": 1}
+    final = work / "step-00000002"
+    (final / "rank-00001" / "model.safetensors").write_bytes(b"short")
+    assert saved.latest_checkpoint(work) is None and saved.load_state(work, names, rank=0) is None
+
+
+# -- on a CUDA GPU (scripts/gpu_check.sh) --------------------------------------------------------
+
+FSDP_1GPU = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+mixed_precision: bf16
+num_machines: 1
+num_processes: 1
+machine_rank: 0
+main_training_function: main
+use_cpu: false
+fsdp_config:
+  fsdp_version: 1
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_use_orig_params: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_sync_module_states: true
+  fsdp_cpu_ram_efficient_loading: true
+  fsdp_activation_checkpointing: true
+  fsdp_offload_params: false
+"""
+
+
+@pytest.mark.gpu
+def test_distill_on_cuda_in_bf16(tmp_path, pair):
+    """device auto on a GPU host: CUDA, precision auto = bf16 where the GPU has it; KL falls."""
+    import torch
+
+    from edgekit.distill.stage import run_distill
+
+    teacher, student = pair
+    metrics = run_distill(make_ctx(tmp_path, teacher, student))
+    assert metrics["device"] == "cuda"
+    assert metrics["precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    assert metrics["kl_end"] < 0.5 * metrics["kl_start"]
+
+
+@pytest.mark.gpu
+def test_fsdp_on_cuda_checkpoints_and_resumes(tmp_path, pair):
+    """The 7B recipe's FSDP setup (accelerate config: FULL_SHARD, bf16, per-layer wrap, activation
+    checkpointing, RAM-efficient loading) on one GPU: a run writes sharded checkpoints; a second
+    run in the same work dir resumes from the last one and ends where the first did."""
+    from edgekit.distill import state as saved
+    from edgekit.distill.stage import run_distill
+
+    teacher, student = pair
+    params = dict(steps=12, checkpoint_every=4, eval_every=4, accelerate_config="fsdp.yaml")
+    first_ctx = make_ctx(tmp_path / "a", teacher, student, **params)
+    (tmp_path / "a" / "fsdp.yaml").write_text(FSDP_1GPU)  # accelerate_config is relative to the recipe dir
+    first = run_distill(first_ctx)
+    assert first["device"] == "cuda" and first["steps"] == 12 and first["kl_end"] < first["kl_start"]
+    found = saved.latest_checkpoint(first_ctx.work_dir)
+    assert found is not None and found[1]["format"] == saved.SHARDED_FORMAT and found[1]["step"] == 8
+    import dataclasses
+
+    out2 = tmp_path / "a" / "out2"
+    out2.mkdir()
+    ctx2 = dataclasses.replace(first_ctx, output_dir=out2)  # same work dir: what a restarted job finds
+    second = run_distill(ctx2)
+    assert second["resumed_from"] == 8 and second["steps"] == 12
+    assert second["perplexity_end"] == pytest.approx(first["perplexity_end"], rel=0.02)
+
+
+# -- the accelerate config, checked before any process starts -----------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_FSDP = REPO / "recipes" / "accelerate" / "fsdp_8gpu.yaml"
+
+
+def test_shipped_fsdp_config_is_standard_accelerate_yaml():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(str(SHIPPED_FSDP))
+    assert config.distributed_type == DistributedType.FSDP and config.num_processes == 8 and config.mixed_precision == "bf16"
+    fsdp = config.fsdp_config
+    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_version"] == 1
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "Qwen2DecoderLayer"
+    assert fsdp["fsdp_use_orig_params"] is True and fsdp["fsdp_activation_checkpointing"] is True
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_sync_module_states"] is True
+
+
+def test_fsdp_config_refused_up_front_where_it_cannot_run(tmp_path, pair, monkeypatch):
+    """On this CPU-only machine the 7B recipe's FSDP config is one error before any process
+    starts (accelerate would silently fall back to CPU DDP); with a (pretended) GPU, the checks
+    behind it: too few GPUs, FSDP2, use_orig_params false."""
+    import torch
+
+    from edgekit import devices
+    from edgekit.distill.stage import run_distill
+    from edgekit.distill.train import check_accelerate_config
+
+    teacher, student = pair
+    if not torch.cuda.is_available():
+        ctx = make_ctx(tmp_path / "cpu", teacher, student, accelerate_config=str(SHIPPED_FSDP))
+        with pytest.raises(StageError, match="asks for FSDP, which accelerate runs only on GPUs") as caught:
+            run_distill(ctx)
+        assert "processes: N (DDP over gloo)" in caught.value.how and not (ctx.work_dir / "SPEC.json").exists()
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    config = make_ctx(tmp_path / "gpu", teacher, student, accelerate_config=str(SHIPPED_FSDP)).config
+    with pytest.raises(StageError, match="starts 8 processes, one per GPU, but torch sees 2"):
+        check_accelerate_config(config, tmp_path, "stage distill")
+    for change, message in (("fsdp_version: 1", "fsdp_version 2"), ("fsdp_use_orig_params: true", "fsdp_use_orig_params: false")):
+        bad = tmp_path / f"bad-{len(message)}.yaml"
+        text = SHIPPED_FSDP.read_text().replace("num_processes: 8", "num_processes: 2")
+        bad.write_text(text.replace(change, "fsdp_version: 2" if "version" in change else "fsdp_use_orig_params: false"))
+        config = config.model_copy(update={"accelerate_config": str(bad)})
+        with pytest.raises(StageError, match=message):
+            check_accelerate_config(config, tmp_path, "stage distill")
+    good = tmp_path / "good.yaml"
+    good.write_text(SHIPPED_FSDP.read_text().replace("num_processes: 8", "num_processes: 2"))
+    facts = check_accelerate_config(config.model_copy(update={"accelerate_config": str(good)}), tmp_path, "stage distill")
+    assert facts == {"distributed_type": "FSDP", "num_processes": 2, "fsdp": True}

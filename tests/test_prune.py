@@ -277,3 +277,122 @@ def test_prune_then_distill_with_the_auto_teacher(tmp_path, tiny_model_dir):
     assert record["teacher"]["hidden_size"] == 64 and record["student"]["hidden_size"] == 48
     again = api.compress(recipe, quiet=True)
     assert [s["status"] for s in again["stages"]] == ["cached"] * 4
+
+
+# -- device and dtype (GPU paths, tested here up to the device boundary) -----------------------
+
+
+def test_device_rules(monkeypatch):
+    """auto -> CPU here; EDGEKIT_DEVICE replaces auto (never an explicit setting); cuda without
+    a GPU is one line naming the stage; dtype auto is float32 on the CPU, half on a GPU."""
+    from edgekit import devices
+    from edgekit.errors import StageError
+
+    monkeypatch.delenv("EDGEKIT_DEVICE", raising=False)
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
+    assert devices.resolve_device("auto", stage="prune") == "cpu"
+    assert devices.resolve_device("cpu", stage="prune") == "cpu"
+    with pytest.raises(StageError) as caught:
+        devices.resolve_device("cuda", stage="prune")
+    assert "device cuda" in caught.value.what and caught.value.where == "stage prune"
+    assert "device: auto or cpu" in caught.value.how and "\n" not in caught.value.one_line()
+    monkeypatch.setenv("EDGEKIT_DEVICE", "cuda")
+    with pytest.raises(StageError, match="EDGEKIT_DEVICE=cuda"):
+        devices.resolve_device("auto", stage="prune")
+    assert devices.resolve_device("cpu", stage="prune") == "cpu"  # explicit wins
+    monkeypatch.setenv("EDGEKIT_DEVICE", "tpu")
+    with pytest.raises(StageError, match="not a device"):
+        devices.resolve_device("auto", stage="prune")
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)
+    monkeypatch.setenv("EDGEKIT_DEVICE", "cpu")
+    assert devices.resolve_device("auto", stage="prune") == "cpu"
+    monkeypatch.delenv("EDGEKIT_DEVICE")
+    assert devices.resolve_device("auto", stage="prune") == "cuda"
+
+    assert devices.compute_dtype("auto", device="cpu", checkpoint_dtype="bfloat16") == "float32"
+    assert devices.compute_dtype("bfloat16", device="cpu") == "bfloat16"
+    for half, ckpt, expected in (("bfloat16", "bfloat16", "bfloat16"), ("bfloat16", "float32", "bfloat16"),
+                                 ("float16", "bfloat16", "float16"), ("bfloat16", "float16", "float16")):
+        monkeypatch.setattr(devices, "half_dtype", lambda half=half: half)
+        assert devices.compute_dtype("auto", device="cuda", checkpoint_dtype=ckpt) == expected
+    with pytest.raises(StageError, match="float16 needs a CUDA GPU"):
+        devices.check_dtype_on_device("float16", device="cpu", stage="prune")
+
+
+def test_half_precision_importance_selects_nearly_the_same_units():
+    """The GPU path measures importance with the teacher in bf16 (statistics in float32): run
+    here on the CPU in bf16, it keeps nearly the units the float32 measurement keeps, and the
+    scores come back on the CPU in float32."""
+    import torch
+
+    from edgekit.prune.importance import activation_importance
+
+    model = _model(layers=2, intermediate=128)
+    samples = [torch.randint(0, 97, (1, 48), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    full = activation_importance(model, samples)
+    half = activation_importance(model.to(torch.bfloat16), samples)
+    assert half.channels[0].dtype == torch.float32 and half.channels[0].device.type == "cpu"
+    for layer in range(2):
+        top_full = set(torch.topk(full.channels[layer], 64).indices.tolist())
+        top_half = set(torch.topk(half.channels[layer], 64).indices.tolist())
+        assert len(top_full & top_half) >= 58  # >= 90 % of the kept MLP channels agree
+        assert torch.corrcoef(torch.stack([full.heads[layer], half.heads[layer]]))[0, 1] > 0.99
+    hidden_full = set(torch.topk(full.hidden, 48).indices.tolist())
+    assert len(hidden_full & set(torch.topk(half.hidden, 48).indices.tolist())) >= 44
+    assert torch.allclose(full.layers, half.layers, atol=0.02)
+
+
+def test_prune_device_cuda_without_a_gpu_is_one_line(tmp_path, tiny_model_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    stages = "stages:\n  - type: load\n  - type: prune\n    params: 0.75\n    device: cuda\n"
+    recipe = write_recipe(tmp_path / "cuda.yaml", tiny_model_dir, stages=stages, output=tmp_path / "run")
+    result = run_cli("compress", str(recipe), "-q")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "device cuda was requested" in lines[0] and "stage prune" in lines[0]
+    assert "set device: auto or cpu" in lines[0]
+
+
+def test_prune_in_bfloat16_writes_the_checkpoints_dtype(tmp_path, tiny_model_dir):
+    """dtype: bfloat16 (what auto picks on a GPU) on a float32 checkpoint: importance in bf16,
+    the pruned weights sliced from the float32 teacher (exactly its values), recorded."""
+    import torch
+    from safetensors.torch import load_file
+
+    from edgekit import api
+
+    stages = ("stages:\n  - type: load\n  - type: prune\n    params: 0.75\n    axes: [mlp]\n    dtype: bfloat16\n"
+              "    calibration_samples: 2\n    sequence_length: 64\n")
+    recipe = write_recipe(tmp_path / "bf16.yaml", tiny_model_dir, stages=stages, output=tmp_path / "run")
+    manifest = api.compress(recipe, quiet=True)
+    metrics = manifest["stages"][1]["metrics"]
+    assert metrics["device"] == "cpu" and metrics["dtype"] == "bfloat16"
+    pruned = tmp_path / "run" / "stages" / "02-prune"
+    record = json.loads((pruned / "pruning.json").read_text())
+    assert record["importance_dtype"] == "bfloat16"
+    weights = load_file(pruned / "model.safetensors")
+    teacher = load_file(tiny_model_dir / "model.safetensors")
+    assert weights["model.layers.0.mlp.gate_proj.weight"].dtype == torch.float32
+    kept = record["kept"]["channels"][0]
+    assert torch.equal(weights["model.layers.0.mlp.gate_proj.weight"], teacher["model.layers.0.mlp.gate_proj.weight"][kept])
+
+
+def test_width_multiple_rounds_the_solved_widths():
+    """width_multiple: 128 (the 7B recipe's quantize group size) makes every solved width a
+    multiple of 128; a value that is not a multiple of 16 is refused in the config."""
+    from pydantic import ValidationError
+
+    from edgekit.prune.shapes import plan_shape
+    from edgekit.prune.stage import PruneConfig
+    from edgekit.sizing import shape_from_config
+
+    teacher = shape_from_config({"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                                 "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                                 "tie_word_embeddings": False})
+    shape = plan_shape(teacher, PruneConfig(params=0.67, axes=["mlp", "hidden"], width_multiple=128))
+    assert shape.hidden_size % 128 == 0 and shape.intermediate_size % 128 == 0
+    with pytest.raises(ValidationError, match="not a multiple of 16"):
+        PruneConfig(params=0.67, width_multiple=100)

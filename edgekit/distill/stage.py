@@ -34,7 +34,7 @@ class DistillConfig(StageConfig):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on a GPU that has it, else fp16 on GPU; on CPU bf16 where oneDNN has native bf16 (AVX512-BF16/AMX), else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory, more compute)")
     freeze_embeddings: bool = Field(False, description="keep embeddings / lm_head fixed (faster, fewer optimizer states)")
-    checkpoint_every: int = Field(100, ge=1, description="save resumable state every N steps (not under FSDP: its optimizer state is sharded)")
+    checkpoint_every: int = Field(100, ge=1, description="save resumable state every N steps (under FSDP: one shard per process; resume with the same process count)")
     eval_every: int = Field(100, ge=1, description="held-out perplexity every K steps (into the manifest and the curve)")
     eval_windows: int | None = Field(None, ge=1, description="held-out windows per periodic evaluation (null: all); the first (step 0) and the last use all")
     seed: int = Field(0, description="seeds the order of the training windows (permuted per epoch)")

@@ -12,6 +12,16 @@ It is written into ``.tmp-step-…`` first (every file fsynced, state.json last)
 into place, then older checkpoints are removed: a kill -9 at any moment leaves the previous
 complete checkpoint or the new complete one. Loading takes the newest directory whose
 state.json parses and whose files have their recorded sizes.
+
+Under FSDP no process holds the whole model or optimizer: each rank writes its own shard
+(the local pieces of its parameters and their optimizer tensors, exactly as they are in
+memory, plus its RNG state) into ``rank-NNNNN/`` of the same temporary directory; once every
+rank is done, rank 0 writes ``state.json`` (format ``…sharded/1``: the world size and every
+shard's file sizes) and renames the directory into place. Resuming needs the same number of
+processes and the same FSDP wrapping (the setup check in the training loop), which is what a
+preempted job restarted with the same command has. The work dir must be on a filesystem every
+rank sees (one node: any local disk). No pickle and no torch.distributed.checkpoint (whose
+metadata is a pickle) either way.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 STATE_FORMAT = "edgekit.distill.state/1"
+SHARDED_FORMAT = "edgekit.distill.state.sharded/1"
 PREFIX = "step-"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
@@ -159,18 +170,35 @@ def save_state(work_dir: Path, state: TrainingState, names: list[str]) -> Path:
     return final
 
 
+def _files_complete(path: Path, sizes: Any) -> bool:
+    if not isinstance(sizes, dict):
+        return False
+    for name in FILES:
+        file = path / name
+        if not file.is_file() or file.stat().st_size != sizes.get(name):
+            return False
+    return True
+
+
 def _read_record(path: Path) -> dict[str, Any] | None:
     try:
         record = json.loads((path / "state.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
+    if not isinstance(record, dict):
         return None
-    for name in FILES:
-        file = path / name
-        if not file.is_file() or file.stat().st_size != record.get("files", {}).get(name):
+    if record.get("format") == STATE_FORMAT:
+        return record if _files_complete(path, record.get("files")) else None
+    if record.get("format") == SHARDED_FORMAT:
+        shards = record.get("shards")
+        world = record.get("world")
+        if not isinstance(world, int) or not isinstance(shards, list) or len(shards) != world or world < 1:
             return None
-    return record
+        for rank, shard in enumerate(shards):
+            if not isinstance(shard, dict) or not _files_complete(rank_dir(path, rank), shard.get("files")):
+                return None
+        return record
+    return None
 
 
 def latest_checkpoint(work_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -185,14 +213,32 @@ def latest_checkpoint(work_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def load_state(work_dir: Path, names: list[str]) -> TrainingState | None:
-    """The newest complete checkpoint in ``work_dir`` (tensors on CPU), or None."""
+def load_state(work_dir: Path, names: list[str], *, rank: int | None = None) -> TrainingState | None:
+    """The newest complete checkpoint in ``work_dir`` (tensors on CPU), or None.
+
+    ``rank`` None reads a whole-model checkpoint (a sharded one is skipped: None); a rank
+    number reads that rank's shard of a sharded checkpoint (a whole-model one: None)."""
     from safetensors.torch import load_file
 
     found = latest_checkpoint(work_dir)
     if found is None:
         return None
     path, record = found
+    if (record["format"] == SHARDED_FORMAT) != (rank is not None):
+        return None
+    if rank is not None:
+        if rank >= record["world"]:
+            return None
+        shard = rank_dir(path, rank)
+        meta = record["shards"][rank]
+        return TrainingState(
+            step=int(record["step"]),
+            model=load_file(shard / "model.safetensors"),
+            optimizer=optimizer_from_files(load_file(shard / "optimizer.safetensors"), meta["optimizer"], names),
+            rng=load_file(shard / "rng.safetensors"),
+            scalars=record.get("scalars", {}),
+            path=path,
+        )
     optimizer = optimizer_from_files(load_file(path / "optimizer.safetensors"), record["optimizer"], names)
     return TrainingState(
         step=int(record["step"]),
@@ -202,6 +248,68 @@ def load_state(work_dir: Path, names: list[str]) -> TrainingState | None:
         scalars=record.get("scalars", {}),
         path=path,
     )
+
+
+# -- sharded (FSDP): every rank writes its shard, rank 0 seals the checkpoint ------------------
+
+
+def rank_dir(path: Path, rank: int) -> Path:
+    return path / f"rank-{rank:05d}"
+
+
+def sharded_tmp_dir(work_dir: Path, step: int) -> Path:
+    """The directory every rank writes step ``step``'s shard into (one name for all ranks)."""
+    return work_dir / f".tmp-{checkpoint_name(step)}-sharded"
+
+
+def save_shard(tmp: Path, rank: int, state: TrainingState, names: list[str]) -> None:
+    """Rank ``rank``'s part of a sharded checkpoint: its local parameter pieces, optimizer
+    tensors and RNG, fsynced, then ``shard.json`` (optimizer metadata and the file sizes)."""
+    from safetensors.torch import save_file
+
+    directory = rank_dir(tmp, rank)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    model = {k: v.detach().contiguous().cpu() for k, v in state.model.items()}
+    opt_tensors, opt_meta = optimizer_to_files(state.optimizer, names)
+    save_file(model, directory / "model.safetensors", metadata={"format": "pt"})
+    save_file(opt_tensors, directory / "optimizer.safetensors", metadata={"format": "pt"})
+    save_file({k: v.contiguous().cpu() for k, v in state.rng.items()}, directory / "rng.safetensors")
+    shard = {"rank": rank, "optimizer": opt_meta, "files": {name: (directory / name).stat().st_size for name in FILES}}
+    (directory / "shard.json").write_text(json.dumps(shard, indent=1) + "\n")
+    for name in (*FILES, "shard.json"):
+        _fsync(directory / name)
+    _fsync(directory)
+
+
+def seal_sharded(work_dir: Path, step: int, world: int, scalars: dict[str, Any]) -> Path:
+    """Rank 0, after every rank's :func:`save_shard` returned: write state.json, rename the
+    directory into place, remove older checkpoints. Raises ValueError for a missing shard."""
+    tmp = sharded_tmp_dir(work_dir, step)
+    shards = []
+    for rank in range(world):
+        try:
+            shard = json.loads((rank_dir(tmp, rank) / "shard.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"rank {rank} wrote no complete shard into {tmp} ({exc}); is the work dir shared by every rank?") from None
+        if not _files_complete(rank_dir(tmp, rank), shard.get("files")):
+            raise ValueError(f"rank {rank}'s shard in {tmp} is incomplete")
+        shards.append({"optimizer": shard["optimizer"], "files": shard["files"]})
+    record = {"format": SHARDED_FORMAT, "step": step, "world": world, "shards": shards, "scalars": scalars}
+    (tmp / "state.json").write_text(json.dumps(record, indent=1) + "\n")
+    _fsync(tmp / "state.json")
+    _fsync(tmp)
+    final = work_dir / checkpoint_name(step)
+    if final.exists():
+        old = work_dir / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, final)
+    _fsync(work_dir)
+    for other in work_dir.glob(f"{PREFIX}*"):
+        if other != final:
+            shutil.rmtree(other, ignore_errors=True)
+    return final
 
 
 def clean_temporaries(work_dir: Path) -> None:

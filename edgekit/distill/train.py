@@ -276,24 +276,76 @@ class EventReporter:
 # -- the loop ----------------------------------------------------------------------------------
 
 
-def _resolve_device_precision(config: Any) -> tuple[str, str]:
-    import torch
+def _resolve_device_precision(config: Any, stage: str = "distill") -> tuple[str, str]:
+    from edgekit.devices import half_dtype, resolve_device
 
-    cuda = torch.cuda.is_available()
-    device = config.device if config.device != "auto" else ("cuda" if cuda else "cpu")
-    if device == "cuda" and not cuda:
-        raise StageError("device cuda was requested but torch sees no CUDA GPU", how="set device: auto or cpu (or install a CUDA build of torch)")
+    device = resolve_device(config.device, stage=stage)
     precision = config.precision
     if precision == "auto":
         if device == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            precision = "bf16" if half_dtype() == "bfloat16" else "fp16"
         else:
             # bf16 autocast pays off only where oneDNN has native bf16 kernels (AVX512-BF16 /
             # AMX): ~1.5x the tokens/s of fp32 on such a 2-core machine. Elsewhere it is emulated.
             precision = "bf16" if _cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and device == "cpu":
-        raise StageError("precision fp16 needs a CUDA GPU", how="use precision fp32 or bf16 on a CPU")
+        raise StageError("precision fp16 needs a CUDA GPU", where=f"stage {stage}", how="use precision fp32 or bf16 on a CPU")
     return device, precision
+
+
+@contextlib.contextmanager
+def _full_load() -> Iterator[None]:
+    """Load a model with all its weights in every process, even under an FSDP config with
+    ``fsdp_cpu_ram_efficient_loading`` (which makes transformers give ranks other than 0 empty
+    meta weights, for FSDP to fill from rank 0: right for the student, wrong for the teacher)."""
+    key = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def trainable_parameters(optimizer: Any) -> list[Any]:
+    """The optimizer's parameters in param_groups order: the order of the ``names`` list."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def local_training_state(names: list[str], optimizer: Any, step: int, scalars: dict[str, Any]) -> Any:
+    """This process's shard of the training state under FSDP (``use_orig_params``): each
+    parameter's local piece (a flat view of its share of the flat parameter, possibly empty),
+    the optimizer state as it is in memory (local pieces too), this process's RNG."""
+    from edgekit.distill import state as saved
+
+    params = trainable_parameters(optimizer)
+    if len(params) != len(names):
+        raise StageError(f"the optimizer holds {len(params)} parameters, the student {len(names)}",
+                         how="report this as a bug (an FSDP wrapping edgekit does not know?)")
+    return saved.TrainingState(step=step, model={n: p.detach() for n, p in zip(names, params)},
+                               optimizer=optimizer.state_dict(), rng=saved.rng_state(), scalars=scalars)
+
+
+def restore_local_state(names: list[str], optimizer: Any, shard: Any, *, where: str) -> None:
+    """The inverse of :func:`local_training_state`, after the model is sharded the same way."""
+    import torch
+
+    params = trainable_parameters(optimizer)
+    if set(shard.model) != set(names) or len(params) != len(names):
+        raise StageError("the sharded checkpoint does not match the student's parameters", where=where,
+                         how="delete the stage's work dir and run again")
+    with torch.no_grad():
+        for name, param in zip(names, params):
+            tensor = shard.model[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise StageError(f"the sharded checkpoint's piece of {name} has shape {tuple(tensor.shape)}, this process "
+                                 f"holds {tuple(param.shape)}", where=where,
+                                 how="resume with the same accelerate config and process count, or delete the work dir")
+            param.copy_(tensor)
+    optimizer.load_state_dict(shard.optimizer)
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -362,7 +414,7 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     from edgekit.models.text import resolve_text_source, tokenize_splits
 
     where = f"stage {spec.stage}"
-    device, precision = _resolve_device_precision(config)
+    device, precision = _resolve_device_precision(config, spec.stage)
     need_hidden = config.hidden_weight > 0
     handlers = []
     if config.kl_weight == 0 and config.ce_weight == 0:  # the head gets no gradient: tell DDP
@@ -377,6 +429,12 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     report = reporter if (reporter is not None and main) else NullReporter()
     world, rank = accelerator.num_processes, accelerator.process_index
     fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp and getattr(accelerator, "is_fsdp2", False):
+        raise StageError("the accelerate config asks for FSDP2 (fsdp_version: 2); edgekit's resumable checkpoints support FSDP1",
+                         where=where, how="set fsdp_version: 1 in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)")
+    if fsdp and not accelerator.state.fsdp_plugin.use_orig_params:
+        raise StageError("FSDP with fsdp_use_orig_params: false cannot keep weight decay off norms and biases",
+                         where=where, how="set fsdp_use_orig_params: true in the accelerate config (see recipes/accelerate/fsdp_8gpu.yaml)")
     set_seed(config.seed)
 
     # -- models
@@ -384,7 +442,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     saved_dtype = _checkpoint_dtype(student_dir)
     compute_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
     student, tokenizer = load_checkpoint(student_dir, dtype="float32", trust_remote_code=spec.trust_remote_code)
-    teacher, _ = load_checkpoint(teacher_dir, dtype=compute_dtype, trust_remote_code=spec.trust_remote_code)
+    with _full_load():  # the teacher is not sharded: every rank needs all of its weights
+        teacher, _ = load_checkpoint(teacher_dir, dtype=compute_dtype, trust_remote_code=spec.trust_remote_code)
     teacher.eval().requires_grad_(False).to(accelerator.device)
     student.config.use_cache = False
     pruning_path = student_dir / "pruning.json"
@@ -396,7 +455,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
         head = student.get_output_embeddings()
         if head is not None:
             head.weight.requires_grad_(False)
-    if config.gradient_checkpointing:
+    fsdp_checkpointing = fsdp and bool(getattr(accelerator.state.fsdp_plugin, "activation_checkpointing", False))
+    if config.gradient_checkpointing and not fsdp_checkpointing:  # FSDP's own wraps each layer already: never both
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- data: train on the calibration split only, cut into non-overlapping windows
@@ -430,13 +490,15 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
              "config": config.model_dump(mode="json"), "windows": windows}
     if main:
         saved.clean_temporaries(work_dir)
-    resumed = saved.load_state(work_dir, names)
+    if fsdp:
+        accelerator.wait_for_everyone()  # rank 0 cleaned half-written checkpoints first
+    resumed = saved.load_state(work_dir, names, rank=rank if fsdp else None)
     if resumed is not None and resumed.scalars.get("setup") != setup:
         report.log(f"ignoring the checkpoint at step {resumed.step} in {work_dir}: another configuration or process count wrote it")
         resumed = None
     scalars: dict[str, Any] = {"elapsed_seconds": 0.0, "train_seconds": 0.0, "evals": [], "losses": []}
     start = 0
-    if resumed is not None:
+    if resumed is not None and not fsdp:  # under FSDP: each rank's shard, once the model is sharded (below)
         params = dict(student.named_parameters())
         if set(resumed.model) != set(params):
             raise StageError("the resumable checkpoint does not match the student's parameters", where=str(resumed.path),
@@ -445,12 +507,18 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
             for name, tensor in resumed.model.items():
                 params[name].copy_(tensor)
         optimizer.load_state_dict(resumed.optimizer)
-        saved.set_rng_state(resumed.rng)
+    if resumed is not None:
+        if not fsdp:
+            saved.set_rng_state(resumed.rng)
         scalars.update(resumed.scalars)
         start = resumed.step
-        report.log(f"resuming from step {start} ({resumed.path.name})")
 
     model, optimizer = accelerator.prepare(student, optimizer)
+    if resumed is not None and fsdp:
+        restore_local_state(names, optimizer, resumed, where=str(resumed.path))
+        saved.set_rng_state(resumed.rng)
+    if resumed is not None:
+        report.log(f"resuming from step {start} ({resumed.path.name}{', sharded over ' + str(world) + ' processes' if fsdp else ''})")
     if resumed is not None and accelerator.scaler is not None and "scaler" in resumed.scalars:
         accelerator.scaler.load_state_dict(resumed.scalars["scaler"])
     unwrapped = accelerator.unwrap_model(model)
@@ -481,7 +549,25 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
 
     def checkpoint(step: int) -> None:
         if fsdp:
-            return  # optimizer state is sharded under FSDP: see the stage's documentation
+            # Every rank writes its own shard (no process holds the whole optimizer state).
+            scalars_now = dict(scalars, setup=setup)
+            if accelerator.scaler is not None:
+                scalars_now["scaler"] = accelerator.scaler.state_dict()
+            tmp = saved.sharded_tmp_dir(work_dir, step)
+            if main:
+                watchdog.check()
+                shutil.rmtree(tmp, ignore_errors=True)
+            accelerator.wait_for_everyone()
+            saved.save_shard(tmp, rank, local_training_state(names, optimizer, step, scalars_now), names)
+            accelerator.wait_for_everyone()
+            if main:
+                try:
+                    saved.seal_sharded(work_dir, step, world, scalars_now)
+                except ValueError as exc:
+                    raise StageError(f"cannot write the sharded checkpoint: {exc}", where=where,
+                                     how="put the stage's work dir (the recipe's output) on a filesystem every process sees") from None
+            accelerator.wait_for_everyone()
+            return
         if main:
             watchdog.check()
             scalars_now = dict(scalars, setup=setup)
@@ -497,8 +583,6 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
             saved.save_state(work_dir, state, names)
         accelerator.wait_for_everyone()
 
-    if fsdp and start == 0:
-        report.log("FSDP: resumable checkpoints are not written (sharded optimizer state); a killed run restarts from step 0")
     model.train()
     if not evals:
         evals.append(evaluate(0, None))  # all windows, like the final one: start and end compare
@@ -726,16 +810,63 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def accelerate_config_path(config: Any, recipe_dir: Path, where: str) -> Path | None:
+    """The recipe's accelerate config file (relative to the recipe), checked to exist."""
+    if not config.accelerate_config:
+        return None
+    path = Path(config.accelerate_config).expanduser()
+    if not path.is_absolute():
+        path = recipe_dir / path
+    if not path.is_file():
+        raise StageError(f"accelerate config file {config.accelerate_config!r} does not exist", where=where,
+                         how="give the path of a file `accelerate config` wrote (relative to the recipe), or remove accelerate_config")
+    return path
+
+
+def check_accelerate_config(config: Any, recipe_dir: Path, where: str) -> dict[str, Any]:
+    """What the accelerate config file asks for, refused before any process starts when this
+    machine or edgekit's training loop cannot give it (instead of a silent fallback or a
+    failure in every process). Returns {distributed_type, num_processes, fsdp} for the log."""
+    from edgekit.devices import resolve_device
+    from edgekit.yamlio import load_yaml
+
+    path = accelerate_config_path(config, recipe_dir, where)
+    if path is None:
+        return {}
+    data, _ = load_yaml(path, error_cls=StageError, what="accelerate config")
+    if not isinstance(data, dict):
+        raise StageError("the accelerate config is not a YAML mapping", where=str(path), how="write it with `accelerate config`")
+    kind = str(data.get("distributed_type", "NO")).upper()
+    fsdp = data.get("fsdp_config") if isinstance(data.get("fsdp_config"), dict) else {}
+    processes = config.processes if config.processes > 1 else data.get("num_processes", 1)
+    if not isinstance(processes, int) or not 1 <= processes <= 4096:
+        raise StageError(f"num_processes {processes!r} is not a process count", where=str(path), how="set num_processes to the number of GPUs")
+    if kind == "FSDP":
+        device = resolve_device(config.device, stage=where.removeprefix("stage "))
+        if device != "cuda":
+            raise StageError(f"the accelerate config asks for FSDP, which accelerate runs only on GPUs, and this stage runs on the {device}",
+                             where=str(path), how="run on a CUDA host, or on the CPU drop accelerate_config and set processes: N (DDP over gloo)")
+        if str(fsdp.get("fsdp_version", 1)) != "1":
+            raise StageError(f"fsdp_version {fsdp.get('fsdp_version')!r}: edgekit's resumable checkpoints support FSDP1", where=str(path),
+                             how="set fsdp_version: 1 (see recipes/accelerate/fsdp_8gpu.yaml)")
+        if str(fsdp.get("fsdp_use_orig_params", "true")).lower() != "true":
+            raise StageError("fsdp_use_orig_params: false cannot keep weight decay off norms and biases", where=str(path),
+                             how="set fsdp_use_orig_params: true (see recipes/accelerate/fsdp_8gpu.yaml)")
+        import torch
+
+        gpus = torch.cuda.device_count()
+        machines = data.get("num_machines", 1)
+        if machines == 1 and processes > gpus:
+            raise StageError(f"the accelerate config starts {processes} processes, one per GPU, but torch sees {gpus} GPU(s)",
+                             where=str(path), how=f"set num_processes to {gpus} (or processes: {gpus} in the recipe)")
+    return {"distributed_type": kind, "num_processes": processes, "fsdp": bool(fsdp) and kind == "FSDP"}
+
+
 def launch_command(spec_path: Path, config: Any, recipe_dir: Path, where: str) -> list[str]:
     """``python -m accelerate.commands.launch ... -m edgekit.distill.train SPEC.json``."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config.accelerate_config:
-        path = Path(config.accelerate_config).expanduser()
-        if not path.is_absolute():
-            path = recipe_dir / path
-        if not path.is_file():
-            raise StageError(f"accelerate config file {config.accelerate_config!r} does not exist", where=where,
-                             how="give the path of a file `accelerate config` wrote (relative to the recipe), or remove accelerate_config")
+    path = accelerate_config_path(config, recipe_dir, where)
+    if path is not None:
         cmd += ["--config_file", str(path)]
         if config.processes > 1:
             cmd += ["--num_processes", str(config.processes)]
@@ -760,6 +891,7 @@ def launch(spec: TrainSpec, ctx: Any) -> dict[str, Any]:
         if torch.cuda.is_available() and config.processes > torch.cuda.device_count():
             raise StageError(f"processes {config.processes} but torch sees {torch.cuda.device_count()} CUDA GPU(s)", where=where,
                              how="set processes to at most the number of GPUs (or device: cpu)")
+    check_accelerate_config(config, Path(spec.recipe_dir), where)
     work_dir = Path(spec.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     spec = TrainSpec(**{**asdict(spec), "launched": True})

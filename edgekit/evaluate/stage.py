@@ -19,6 +19,10 @@ class EvaluateConfig(StageConfig):
         "auto", description="auto = the latest model artifact: a checkpoint in PyTorch, an ONNX export in ONNX Runtime"
     )
     max_windows: int | None = Field(None, ge=1, description="score only the first N windows (quick checks)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="pytorch backend: where the checkpoint is scored (auto: a CUDA GPU if torch sees one; EDGEKIT_DEVICE overrides auto)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="pytorch backend: auto = float32 on the CPU; on a GPU the checkpoint's own half dtype (bf16 for most 7B checkpoints) or bf16/fp16, log-probabilities in float32"
+    )
 
 
 def run_evaluate(ctx) -> dict:
@@ -45,11 +49,12 @@ def run_evaluate(ctx) -> dict:
     windows = min(splits.eval_windows, ctx.config.max_windows or splits.eval_windows)
     with ctx.progress(windows, f"perplexity ({'PyTorch' if kind == CHECKPOINT else 'ONNX Runtime'})") as bar:
         if kind == CHECKPOINT:
-            from edgekit.models.checkpoint import load_checkpoint
             from edgekit.evaluate.perplexity import perplexity_torch
 
-            model, _ = load_checkpoint(model_dir, trust_remote_code=ctx.recipe.trust_remote_code)
+            model, device, dtype = load_for_scoring(model_dir, ctx.config, stage=ctx.name, trust_remote_code=ctx.recipe.trust_remote_code)
+            bar.update(description=f"{ctx.name}: perplexity (PyTorch, {device}, {dtype})")
             result = perplexity_torch(model, splits.evaluation, window=data.window, max_windows=windows, advance=bar.advance)
+            result.update(device=device, dtype=dtype)
         else:
             from edgekit.evaluate.perplexity import perplexity_onnx
 
@@ -70,6 +75,23 @@ def run_evaluate(ctx) -> dict:
     result["evaluated"] = kind
     (ctx.output_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def load_for_scoring(model_dir, config, *, stage: str, trust_remote_code: bool = False):
+    """(model on its device, device, dtype) for ``config.device`` / ``config.dtype``: float32
+    on the CPU as before; on a GPU in half precision (see :mod:`edgekit.devices`)."""
+    import json
+
+    from edgekit.devices import check_dtype_on_device, compute_dtype, resolve_device
+    from edgekit.models.checkpoint import load_checkpoint
+
+    device = resolve_device(config.device, stage=stage)
+    saved = json.loads((model_dir / "config.json").read_text())
+    checkpoint_dtype = saved.get("dtype") or saved.get("torch_dtype") or "float32"
+    dtype = compute_dtype(config.dtype, device=device, checkpoint_dtype=checkpoint_dtype)
+    check_dtype_on_device(dtype, device=device, stage=stage)
+    model, _ = load_checkpoint(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device), device, dtype
 
 
 def _onnx_variants(model_dir) -> dict:

@@ -63,11 +63,11 @@ def select_units(model: Any, importance: Importance, shape: Any) -> KeptUnits:
 
 
 def _rows(weight: Any, index: Any) -> Any:
-    return weight.index_select(0, index).contiguous()
+    return weight.index_select(0, index.to(weight.device)).contiguous()
 
 
 def _cols(weight: Any, index: Any) -> Any:
-    return weight.index_select(1, index).contiguous()
+    return weight.index_select(1, index.to(weight.device)).contiguous()
 
 
 def _head_index(heads: list[int], head_dim: int) -> Any:
@@ -98,7 +98,7 @@ def prune_model(model: Any, kept: KeptUnits) -> Any:
         return _rows(tensor, hidden_index) if hidden_index is not None else tensor.clone()
 
     def cut_norm(weight):
-        w = weight.index_select(0, hidden_index) if hidden_index is not None else weight.clone()
+        w = weight.index_select(0, hidden_index.to(weight.device)) if hidden_index is not None else weight.clone()
         return (w.float() * norm_scale).to(weight.dtype) if hidden_index is not None else w
 
     state: dict[str, Any] = {}

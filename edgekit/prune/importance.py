@@ -51,6 +51,11 @@ def decoder_parts(model: Any) -> tuple[Any, list[Any]]:
     return inner, list(layers)
 
 
+def model_device(model: Any) -> Any:
+    """The device of the model's weights (calibration ids are moved there)."""
+    return next(model.parameters()).device
+
+
 def head_dim_of(model: Any) -> int:
     config = model.config
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -106,25 +111,27 @@ def activation_importance(model: Any, samples: list[Any], *, advance: Callable[[
         handles.append(layer.input_layernorm.register_forward_hook(add_hidden))
         handles.append(layer.post_attention_layernorm.register_forward_hook(add_hidden))
     handles.append(inner.norm.register_forward_hook(add_hidden))
+    device = model_device(model)
     try:
         with torch.inference_mode():
             for ids in samples:
                 window_hidden[0] = None
-                model(input_ids=ids, use_cache=False)
+                model(input_ids=ids.to(device), use_cache=False)
                 for i in range(n_layers):
                     sq_heads[i] = sq_heads[i] + window_heads[i] ** 2
                     sq_channels[i] = sq_channels[i] + window_channels[i] ** 2
-                    cos_sum[i] += window_cos[i]
+                    cos_sum[i] += float(window_cos[i])
                 sq_hidden[0] = sq_hidden[0] + window_hidden[0] ** 2
                 advance()
     finally:
         for handle in handles:
             handle.remove()
     layer_scores = 1.0 - cos_sum / len(samples)
+    # Scores come back on the CPU whatever device measured them (selection and pruning.json).
     return Importance(
-        heads=[s.sqrt() for s in sq_heads],
-        channels=[s.sqrt() for s in sq_channels],
-        hidden=sq_hidden[0].sqrt(),
+        heads=[s.sqrt().cpu() for s in sq_heads],
+        channels=[s.sqrt().cpu() for s in sq_channels],
+        hidden=sq_hidden[0].sqrt().cpu(),
         layers=layer_scores.float(),
         method="activation",
     )
@@ -136,10 +143,13 @@ def perplexity_drop(model: Any, samples: list[Any]) -> Any:
 
     _, layers = decoder_parts(model)
 
+    device = model_device(model)
+
     def loss() -> float:
         total = 0.0
         with torch.inference_mode():
             for ids in samples:
+                ids = ids.to(device)
                 total += float(model(input_ids=ids, labels=ids, use_cache=False).loss)
         return total / len(samples)
 
@@ -180,5 +190,5 @@ def magnitude_importance(model: Any) -> Importance:
                 hidden_sq += lin.weight.float().pow(2).sum(1)
             # A layer's size: what it can write into the residual stream.
             layer_scores.append(float(attn.o_proj.weight.float().norm() + mlp.down_proj.weight.float().norm()))
-    return Importance(heads=heads, channels=channels, hidden=hidden_sq.sqrt(), layers=torch.tensor(layer_scores),
-                      method="magnitude")
+    return Importance(heads=[h.cpu() for h in heads], channels=[c.cpu() for c in channels], hidden=hidden_sq.sqrt().cpu(),
+                      layers=torch.tensor(layer_scores), method="magnitude")

@@ -30,8 +30,15 @@ class PruneConfig(StageConfig):
     num_layers: int | None = Field(None, ge=1)
     num_attention_heads: int | None = Field(None, ge=1)
     num_key_value_heads: int | None = Field(None, ge=1)
+    width_multiple: int | None = Field(
+        None, ge=16, le=8192, description="round every width a 'params' budget solves (hidden, MLP, query heads x head_dim) to a multiple of this: the later quantize group_size (e.g. 128) then divides every layer"
+    )
     calibration_samples: int = Field(64, ge=1, description="calibration windows (from the text before the held-out split)")
     sequence_length: int = Field(512, ge=16, description="tokens per calibration window")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where importance is measured (auto: a CUDA GPU if torch sees one; EDGEKIT_DEVICE overrides auto)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the teacher's forward passes: auto = float32 on the CPU, half precision on a GPU (bf16 where native); statistics always accumulate in float32"
+    )
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -40,6 +47,8 @@ class PruneConfig(StageConfig):
             raise ValueError("give a parameter budget ('params') or at least one explicit size")
         if self.params is not None and any(v is not None for v in explicit):
             raise ValueError("give either 'params' or explicit sizes, not both")
+        if self.width_multiple is not None and self.width_multiple % 16:
+            raise ValueError(f"width_multiple {self.width_multiple} is not a multiple of 16 (use the quantize group_size: 32, 64 or 128)")
         return self
 
 
@@ -49,6 +58,7 @@ def run_prune(ctx) -> dict:
 
     import torch
 
+    from edgekit.devices import check_dtype_on_device, compute_dtype, resolve_device
     from edgekit.errors import StageError
     from edgekit.models.checkpoint import load_checkpoint
     from edgekit.models.text import resolve_text_source, tokenize_splits
@@ -69,12 +79,17 @@ def run_prune(ctx) -> dict:
     except ShapeError as exc:
         raise StageError(str(exc), where=f"stage {ctx.name}", how=exc.how) from None
     dtype = saved.get("dtype") or saved.get("torch_dtype") or "float32"
-    # Importance is measured in float32; the pruned weights keep the checkpoint's dtype.
-    model, tokenizer = load_checkpoint(source, dtype="float32", trust_remote_code=ctx.recipe.trust_remote_code)
+    # Importance is measured in float32 on the CPU, in half precision on a GPU (the hooks
+    # accumulate in float32 either way); the pruned weights keep the checkpoint's dtype.
+    device = resolve_device(config.device, stage=ctx.name)
+    run_dtype = compute_dtype(config.dtype, device=device, checkpoint_dtype=dtype)
+    check_dtype_on_device(run_dtype, device=device, stage=ctx.name)
+    model, tokenizer = load_checkpoint(source, dtype=run_dtype, trust_remote_code=ctx.recipe.trust_remote_code)
     try:
         decoder_parts(model)
     except ValueError as exc:
         raise StageError(str(exc), where=f"stage {ctx.name}", how="prune a Llama/Qwen/Mistral-style checkpoint, or drop the prune stage") from None
+    model.to(device)
     started = time.perf_counter()
     # Skipping each layer in turn costs a pass over the calibration windows per layer: only
     # worth it when layers are actually removed.
@@ -88,7 +103,7 @@ def run_prune(ctx) -> dict:
         splits = tokenize_splits(text, tokenizer, eval_tokens=data.eval_tokens, window=data.window)
         samples = calibration_samples(splits.calibration, samples=config.calibration_samples, sequence_length=config.sequence_length)
     if config.importance == "activation":
-        with ctx.progress(len(samples), f"activation importance on {len(samples)}×{config.sequence_length} tokens") as bar:
+        with ctx.progress(len(samples), f"activation importance on {len(samples)}×{config.sequence_length} tokens ({device}, {run_dtype})") as bar:
             importance = activation_importance(model, samples, advance=bar.advance)
     else:
         importance = magnitude_importance(model)
@@ -96,6 +111,14 @@ def run_prune(ctx) -> dict:
         with ctx.progress(None, f"calibration loss with each of {teacher_shape.num_layers} layers skipped"):
             importance.layers = perplexity_drop(model, samples).float()
     kept = select_units(model, importance, shape)
+    # Slice on the CPU from weights in the checkpoint's own dtype: a float32 checkpoint measured
+    # in half precision on a GPU must not be saved rounded to half.
+    if device != "cpu":
+        model.to("cpu")
+        torch.cuda.empty_cache()
+    if run_dtype != "float32" and run_dtype != dtype:
+        del model
+        model, _ = load_checkpoint(source, dtype="float32", trust_remote_code=ctx.recipe.trust_remote_code)
     student = prune_model(model, kept)
     if dtype in ("float16", "bfloat16"):
         student = student.to(getattr(torch, dtype))
@@ -110,6 +133,7 @@ def run_prune(ctx) -> dict:
         "importance": config.importance,
         "depth_metric": config.depth_metric if shape.num_layers < teacher_shape.num_layers else None,
         "calibration_samples": len(samples),
+        "importance_dtype": run_dtype,
         "teacher": shape_dict(teacher_shape),
         "student": shape_dict(shape),
         "parameter_fraction": round(after / before, 4),
@@ -124,6 +148,8 @@ def run_prune(ctx) -> dict:
         "parameter_fraction": round(after / before, 4),
         "shape": describe(shape),
         "importance_seconds": round(time.perf_counter() - started, 2),
+        "device": device,
+        "dtype": run_dtype,
     }
 
 

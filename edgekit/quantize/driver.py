@@ -176,15 +176,8 @@ def _to_cpu(qweight: Any) -> Any:
     return qweight
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` = the first CUDA GPU when torch sees one, else the CPU."""
-    import torch
+def resolve_device(name: str, stage: str = "quantize") -> str:
+    """``auto`` = the first CUDA GPU when torch sees one, else the CPU (:mod:`edgekit.devices`)."""
+    from edgekit.devices import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        from edgekit.errors import StageError
-
-        raise StageError("quantize.device cuda was asked for, but torch sees no CUDA GPU", where="quantize.device",
-                         how="install a CUDA build of torch on a GPU host, or use device: auto")
-    return name
+    return resolve(name, stage=stage)

@@ -32,7 +32,7 @@ class QuantizeConfig(StageConfig):
     sequence_length: int = Field(512, ge=16, description="tokens per calibration window")
     quantize_lm_head: bool = Field(False, description="also quantize lm_head (never the embeddings)")
     fp8_activations: Literal["static", "dynamic"] = Field("static", description="fp8: per-tensor scales from calibration, or per-token at run time")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where GPTQ calibrates each layer (auto: a CUDA GPU if torch sees one)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where GPTQ calibrates each layer (auto: a CUDA GPU if torch sees one; EDGEKIT_DEVICE overrides auto); the model stays in CPU memory, one decoder layer at a time visits the GPU")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -53,8 +53,13 @@ def run_quantize(ctx) -> dict:
     from edgekit.models.text import resolve_text_source, tokenize_splits
     from edgekit.models.calibration import calibration_samples
 
+    from edgekit.devices import resolve_device
+
     config = ctx.config
     source = ctx.inputs[CHECKPOINT]
+    # Before anything is loaded: device cuda without a GPU is a one-line error. Only GPTQ has a
+    # GPU path (RTN needs none; AWQ runs in NNCF on the CPU; fp8 simulates on the CPU).
+    device = resolve_device(config.device, stage=ctx.name) if config.method == "gptq" else "cpu"
     # Keep the checkpoint's own dtype (bfloat16 for a 7B): GPTQ's math runs in float32 per layer.
     saved = json.loads((source / "config.json").read_text())
     dtype = saved.get("dtype") or saved.get("torch_dtype") or "float32"
@@ -82,7 +87,7 @@ def run_quantize(ctx) -> dict:
             save_fp8_checkpoint(model, ctx.output_dir, activations=config.fp8_activations)
             quantized_count, bits_per_weight = _count_fp8(model), 8.0 + 32.0 / model.config.hidden_size
         else:
-            quantized = _integer_method(ctx, model, samples)
+            quantized = _integer_method(ctx, model, samples, device)
             from edgekit.quantize.loader import save_quantized_checkpoint
             from edgekit.quantize.packing import gptq_quantization_config
 
@@ -120,18 +125,23 @@ def run_quantize(ctx) -> dict:
         "bits_per_weight": round(bits_per_weight, 4),
         "quantize_seconds": round(seconds, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "device": device,
         "checkpoint_bytes": sum(p.stat().st_size for p in ctx.output_dir.glob("*.safetensors")),
     }
     # The artifact file holds only what the checkpoint is (deterministic, so a rerun hashes the
     # same); wall time and memory go to the manifest's metrics.
-    measured = ("quantize_seconds", "peak_rss_mb")
+    if device == "cuda":
+        import torch
+
+        report["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    measured = ("quantize_seconds", "peak_rss_mb", "device", "peak_gpu_mb")
     (ctx.output_dir / "quantization.json").write_text(
         json.dumps({k: v for k, v in report.items() if k not in measured}, indent=2) + "\n"
     )
     return report
 
 
-def _integer_method(ctx, model, samples) -> dict:
+def _integer_method(ctx, model, samples, device: str = "cpu") -> dict:
     config = ctx.config
     if config.method == "awq":
         from edgekit.quantize.awq import awq_quantize
@@ -168,9 +178,6 @@ def _integer_method(ctx, model, samples) -> dict:
             qw, _stats = gptq_quantize(weight, hessian, act_order=config.act_order, damp=config.damp, mse=config.clip_search, **grid)
             return split_rows(qw, [m.weight.shape[0] for m in modules])
 
-        from edgekit.quantize.driver import resolve_device
-
-        device = resolve_device(config.device)
         with ctx.progress(len(layers), f"GPTQ layer by layer on {len(samples)}×{config.sequence_length} tokens ({device})") as bar:
             quantized = quantize_layer_by_layer(model, samples, gptq, device=device, advance=bar.advance)
     if config.quantize_lm_head:
