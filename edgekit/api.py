@@ -20,6 +20,19 @@ def validate_recipe(path: str | Path, *, check_sources: bool = True):
     return load_recipe(path, check_sources=check_sources)
 
 
+def recipe_chain(loaded: Any) -> Any:
+    """The recipe walked stage by stage from the model's config (shape, parameters, memory,
+    tokens per stage: :class:`edgekit.planning.chain.Chain`), or None when the model's
+    config is not reachable offline. ``loaded``: what :func:`validate_recipe` returned."""
+    from edgekit.models.source import resolve_model_source
+    from edgekit.planning.chain import build_chain
+    from edgekit.targets import load_target
+
+    recipe = loaded.recipe
+    source = resolve_model_source(recipe.model, revision=recipe.revision, base_dir=loaded.base_dir)
+    return build_chain(loaded, load_target(loaded.target_spec), source)
+
+
 def show_recipe(path: str | Path, *, fmt: str = "yaml") -> str:
     """The fully resolved recipe (all defaults filled in) as YAML or JSON."""
     import json
@@ -39,11 +52,23 @@ def compress(
     until_stage: str | None = None,
     quiet: bool = False,
     cache_dir: str | Path | None = None,
+    proxy: bool = False,
 ) -> dict[str, Any]:
-    """Run the recipe's pipeline, reusing valid cached stages. Returns the run manifest."""
+    """Run the recipe's pipeline, reusing valid cached stages. Returns the run manifest.
+
+    ``proxy``: run the same recipe on a tiny random model of the same architecture family and
+    a local text, with the stages' costs scaled down, into ``runs/<name>-proxy`` (see
+    :mod:`edgekit.models.proxy`, docs/proxy.md); the manifest records the mapping."""
     from edgekit.pipeline.runner import run_pipeline
 
-    loaded = validate_recipe(path)
+    from edgekit.models.proxy import check_output_kind, proxy_loaded_recipe, proxy_processes
+    from edgekit.recipe import check_recipe_sources
+
+    loaded = validate_recipe(path, check_sources=False)
+    if proxy:  # the sources checked are the proxy's (its model, the local text)
+        loaded = proxy_loaded_recipe(loaded, processes=proxy_processes())
+    check_output_kind(Path(output) if output else loaded.recipe.output_dir, proxy=proxy)
+    check_recipe_sources(loaded)
     return run_pipeline(
         loaded,
         output=Path(output) if output else None,
@@ -237,22 +262,51 @@ def run_prompt(
     on_event: Any = None,
     draft_tokens: int | None = None,
     draft_min_confidence: float | None = None,
+    reasoning: str | None = None,
 ) -> dict[str, Any]:
     """Answer ``prompt`` with the bundle's runtime (its runtime.json; arguments override it for
     this call). ``on_event(StreamEvent)`` receives "text" pieces, "reset" and "done" as they
-    happen. Returns the RouteResult as a dict (text, branch, fell_back, reason, ttft_s, ...)."""
+    happen. Returns the RouteResult as a dict (text, branch, fell_back, reason, ttft_s, ...).
+
+    When the runtime splits a reasoning model's ``<think>`` block (``reasoning``: auto | off |
+    split, default the bundle's; edgekit.runtime.reasoning), the block's pieces arrive as
+    "reasoning" events and the answer's as "text", and the dict's ``text`` is the answer and
+    ``reasoning`` the block (None when there was none); ``reasoning`` is None when not split."""
     from edgekit.runtime.bundle import open_router, resolve_config
+    from edgekit.runtime.reasoning import ReasoningParser, prompt_opens_reasoning, reasoning_enabled
+    from edgekit.runtime.router import StreamEvent
 
     config = resolve_config(Path(bundle), policy=policy, large=large, backend=backend, max_new_tokens=max_new_tokens,
-                            sampling=sampling, draft_tokens=draft_tokens, draft_min_confidence=draft_min_confidence)
+                            sampling=sampling, draft_tokens=draft_tokens, draft_min_confidence=draft_min_confidence,
+                            reasoning=reasoning)
     router = open_router(Path(bundle), config, threads=threads)
+    split = reasoning_enabled(config.reasoning, getattr(router.small, "tokenizer", None),
+                              where="--reasoning" if reasoning else f"{bundle}/runtime.json: reasoning")
+    parser = ReasoningParser(in_reasoning=prompt_opens_reasoning(prompt)) if split else None
     result = None
     for event in router.stream(prompt):
-        if on_event is not None:
-            on_event(event)
         if event.kind == "done":
             result = event.result
-    return result.to_dict()
+        if on_event is None:
+            continue
+        if parser is None or event.kind not in ("text", "reset", "done"):
+            on_event(event)
+        elif event.kind == "reset":
+            parser.reset()
+            on_event(event)
+        else:
+            pieces = parser.push(event.text) if event.kind == "text" else parser.finish()
+            for kind, text in pieces:
+                on_event(StreamEvent("reasoning" if kind == "reasoning" else "text", text, event.branch))
+            if event.kind == "done":
+                on_event(event)
+    out = result.to_dict()
+    out["reasoning"] = None
+    if split:
+        final = ReasoningParser(in_reasoning=prompt_opens_reasoning(prompt))
+        thought, out["text"] = final.split(result.text)
+        out["reasoning"] = thought if final.saw_reasoning else None
+    return out
 
 
 def calibrate_router(

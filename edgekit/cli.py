@@ -101,11 +101,15 @@ def main(debug: bool) -> None:
 @click.option("--from", "from_stage", metavar="STAGE", help="Rerun from this stage on (earlier stages must be cached).")
 @click.option("--until", "until_stage", metavar="STAGE", help="Stop after this stage.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-def compress(recipe: str, output: str | None, force: bool, from_stage: str | None, until_stage: str | None, quiet: bool) -> None:
+@click.option("--proxy", is_flag=True, help="Run the same recipe on a tiny random model of the same architecture family "
+              "and a local text, stage costs scaled down, into runs/<name>-proxy (CI; see docs/proxy.md).")
+def compress(recipe: str, output: str | None, force: bool, from_stage: str | None, until_stage: str | None, quiet: bool,
+             proxy: bool) -> None:
     """Run a recipe's stages (resuming from cached results)."""
     from edgekit import api
 
-    manifest = api.compress(recipe, output=output, force=force, from_stage=from_stage, until_stage=until_stage, quiet=quiet)
+    manifest = api.compress(recipe, output=output, force=force, from_stage=from_stage, until_stage=until_stage, quiet=quiet,
+                            proxy=proxy)
     _print_run(manifest, output)
 
 
@@ -144,7 +148,9 @@ def recipe() -> None:
 @recipe.command("validate")
 @click.argument("file", type=click.Path(dir_okay=False))
 def recipe_validate(file: str) -> None:
-    """Validate a recipe: keys, stage parameters and order, target, model and data paths."""
+    """Validate a recipe: keys, stage parameters and order, target, model and data paths, and
+    the whole chain at full scale from the model's config (pruned shape, distillation memory
+    per GPU, group sizes after pruning, tokens, the engine against the target); prints it."""
     from edgekit import api
 
     loaded = api.validate_recipe(file)
@@ -152,6 +158,12 @@ def recipe_validate(file: str) -> None:
         click.echo(f"warning: {warning}", err=True)
     stages = " → ".join(spec.name for spec in loaded.recipe.stages)
     click.echo(f"{file}: valid ({loaded.recipe.name}: {stages})")
+    chain = api.recipe_chain(loaded)
+    if chain is None:
+        click.echo("shape chain: not checked (the model's config.json is not available offline: it is checked when "
+                   "the load stage has it)")
+    else:
+        click.echo(chain.table())
 
 
 @recipe.command("show")
@@ -414,36 +426,51 @@ def check_cmd(path: str, as_json: bool, **kw) -> None:
 @click.option("--draft-tokens", type=click.IntRange(1, 32), help="speculative: tokens drafted per round (default: the bundle's).")
 @click.option("--draft-min-confidence", type=_Finite(0, 1, max_open=True),
               help="speculative: end a round early below this draft probability (default: the bundle's; 0 = never).")
+@click.option("--reasoning", type=click.Choice(["auto", "off", "split"]),
+              help="A reasoning model's <think> block: split = apart from the answer (dimmed on stderr; --json "
+              "'reasoning'), off = as written (default: the bundle's, auto).")
 @click.option("--stream", is_flag=True, help="Print the text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 def run_cmd(bundle: str, prompt: str, policy, large, backend, max_new_tokens, temperature, top_k, top_p, min_p,
-            repetition_penalty, seed, draft_tokens, draft_min_confidence, stream: bool, as_json: bool) -> None:
-    """Answer a prompt with the bundle: prints the text, which branch answered (and why),
-    tokens/s and time to first token."""
+            repetition_penalty, seed, draft_tokens, draft_min_confidence, reasoning, stream: bool, as_json: bool) -> None:
+    """Answer a prompt with the bundle: prints the answer on stdout (a reasoning model's
+    thinking dimmed on stderr), which branch answered (and why), tokens/s and time to first
+    token."""
     import json
 
     from edgekit import api
 
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
                 "repetition_penalty": repetition_penalty, "seed": seed}
+    shown = {"reasoning": False}
 
     def on_event(event) -> None:
         if not stream or as_json:
             return
-        if event.kind == "text":
+        if event.kind == "reasoning":
+            click.echo(click.style(event.text, dim=True), nl=False, err=True)
+            shown["reasoning"] = True
+        elif event.kind == "text":
+            if shown["reasoning"]:  # the thinking ends: the answer starts on stdout
+                click.echo(err=True)
+                shown["reasoning"] = False
             click.echo(event.text, nl=False)
         elif event.kind == "reset":
             click.echo(f"\n[{event.reason}; the answer restarts]", err=True)
 
     result = api.run_prompt(bundle, prompt, policy=policy, large=large, backend=backend, max_new_tokens=max_new_tokens,
                             sampling=sampling, on_event=on_event, draft_tokens=draft_tokens,
-                            draft_min_confidence=draft_min_confidence)
+                            draft_min_confidence=draft_min_confidence, reasoning=reasoning)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     if stream:
+        if shown["reasoning"]:
+            click.echo(err=True)
         click.echo()
     else:
+        if result.get("reasoning"):
+            click.echo(click.style(result["reasoning"], dim=True), err=True)
         click.echo(result["text"])
     click.echo(_route_line(result), err=True)
 

@@ -2,7 +2,7 @@
 
 Strict on purpose (``extra="forbid"`` everywhere, stage parameters validated against the
 stage's own config model): a misspelled key is an error naming the file and line, never a
-silently ignored setting. See the README's "Recipe reference" for every field.
+silently ignored setting. Every field: docs/recipe_reference.md (generated from this code).
 """
 
 from __future__ import annotations
@@ -25,21 +25,43 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Calibration and evaluation text."""
+    """Calibration, distillation and evaluation text (docs/data.md)."""
 
     source: str = Field(
-        "builtin:python-docs",
-        description="builtin:python-docs (the stdlib's pydoc_data.topics), a .txt or .jsonl file, "
-        "or a directory of .txt/.jsonl files (or a `datasets.save_to_disk` directory)",
+        "builtin:python-docs", min_length=1, max_length=4096,
+        description="builtin:python-docs (the stdlib's pydoc_data.topics); a .txt, .jsonl or .parquet file or a "
+        "directory of them; a `datasets.save_to_disk` directory; or hf:ORG/NAME, a Hugging Face dataset by id "
+        "(read from the local Hugging Face cache when there; never downloaded under HF_DATASETS_OFFLINE=1)",
     )
+    subset: SafeName | None = Field(None, description="hf: the dataset's configuration (e.g. sample-10BT)")
+    split: SafeName = Field("train", description="hf: and save_to_disk DatasetDict directories: which split")
+    revision: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+                                 description="hf: the dataset repo's branch, tag or commit (default main)")
+    streaming: bool = Field(False, description="hf: read the files over the network row group by row group "
+                            "instead of downloading them into the cache (ignored when they are cached)")
+    token_budget: int | None = Field(None, ge=2, le=10**13, description="tokens to take from the start of the "
+                                     "text (null: all); needed for hf: sources")
+    allow_repeat: bool = Field(False, description="allow distillation to pass over the text more than 4 times")
     eval_tokens: int = Field(8192, ge=2, le=100_000_000, description="held-out tokens, taken from the end of the text")
     window: int = Field(512, ge=2, le=1_048_576, description="perplexity window (tokens); windows do not overlap")
-    text_field: str = Field("text", description="the field holding text in .jsonl records / datasets")
+    text_field: str = Field("text", min_length=1, max_length=256,
+                            description="the field holding text in .jsonl records / parquet and datasets columns")
 
     @model_validator(mode="after")
     def _window_fits(self):
         if self.window > self.eval_tokens:
             raise ValueError(f"window ({self.window}) is longer than eval_tokens ({self.eval_tokens})")
+        hub = self.source.startswith("hf:")
+        if not hub:
+            unused = [k for k in ("subset", "revision") if getattr(self, k) is not None] + (["streaming"] if self.streaming else [])
+            if unused:
+                raise ValueError(f"{', '.join(unused)} apply to hf: sources only (data.source is {self.source!r})")
+        elif self.token_budget is None:
+            raise ValueError("an hf: source needs data.token_budget (a hub corpus can hold trillions of tokens): say "
+                             "how many tokens to take, e.g. token_budget: 2000000000")
+        if self.token_budget is not None and self.token_budget <= self.eval_tokens:
+            raise ValueError(f"token_budget ({self.token_budget}) leaves nothing before the held-out eval_tokens "
+                             f"({self.eval_tokens})")
         return self
 
 
@@ -53,13 +75,21 @@ class Budgets(_Strict):
 
 class SamplingConfig(_Strict):
     """How the runtime picks each token (edgekit.runtime.fastpath; order: penalties ->
-    temperature -> top-k -> softmax -> top-p -> min-p)."""
+    temperature -> top-k -> softmax -> top-p -> min-p). temperature, top_k, top_p, min_p and
+    repetition_penalty left unset (null) come from the model's generation_config.json when the
+    bundle is written, else from the defaults below (edgekit.runtime.generation_config);
+    runtime.json records the value used and where it came from."""
 
-    temperature: float = Field(0.0, ge=0, le=1e6, description="0 = greedy")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = all)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus: the smallest set with this much probability")
-    min_p: float = Field(0.0, ge=0, le=1, description="drop tokens below min_p x the top probability")
-    repetition_penalty: float = Field(1.0, gt=0, le=1e6, description="CTRL-style, over the last penalty_last_n tokens")
+    temperature: float | None = Field(None, ge=0, le=1e6, description="0 = greedy (unset: generation_config.json, "
+                                      "do_sample false -> 0; else 0)")
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1, description="keep the k most likely tokens (0 = all; unset: "
+                              "generation_config.json, else 0)")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus: the smallest set with this much probability "
+                                "(unset: generation_config.json, else 1)")
+    min_p: float | None = Field(None, ge=0, le=1, description="drop tokens below min_p x the top probability (unset: "
+                                "generation_config.json, else 0)")
+    repetition_penalty: float | None = Field(None, gt=0, le=1e6, description="CTRL-style, over the last penalty_last_n "
+                                             "tokens (unset: generation_config.json, else 1)")
     frequency_penalty: float = Field(0.0, ge=-1e6, le=1e6, description="OpenAI-style, per occurrence")
     presence_penalty: float = Field(0.0, ge=-1e6, le=1e6, description="OpenAI-style, once per seen token")
     penalty_last_n: int = Field(64, ge=0, description="how many recent tokens the penalties look at")
@@ -79,7 +109,13 @@ class RuntimeConfig(_Strict):
         "(relative to the bundle it is written into)")
     backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
         "auto", description="auto: the TensorRT engine when it is in the bundle and loads here, else ONNX Runtime")
-    max_new_tokens: int = Field(128, ge=1, le=1_048_576, description="default generation limit")
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=1_048_576, description="default generation limit (unset: generation_config.json's max_new_tokens, "
+        "else the context length for a reasoning model, else 128)")
+    reasoning: Literal["auto", "off", "split"] = Field(
+        "auto", description="a reasoning model's <think>...</think> block: split = returned apart from the answer "
+        "(edgekit run --json 'reasoning', serve 'reasoning_content'); off = the text as written; auto = split when the "
+        "tokenizer knows the tags (edgekit.runtime.reasoning)")
     draft_tokens: int = Field(8, ge=1, le=32, description="speculative: most tokens the small branch drafts per round")
     draft_min_confidence: float = Field(
         0.5, ge=0, lt=1, description="speculative: end a draft round early when the small branch's probability for its "
@@ -334,7 +370,7 @@ def load_recipe(path: Path | str, *, check_sources: bool = True) -> LoadedRecipe
 def check_recipe_sources(loaded: LoadedRecipe) -> None:
     """Target, model and data exist and are usable. Errors point at the recipe line."""
     from edgekit.models.source import check_gguf_supported, resolve_model_source
-    from edgekit.models.text import resolve_text_source
+    from edgekit.models.text import check_data_budget, resolve_data
     from edgekit.targets import load_target
 
     recipe = loaded.recipe
@@ -359,9 +395,10 @@ def check_recipe_sources(loaded: LoadedRecipe) -> None:
     except EdgekitError as exc:
         raise _relocate(exc, "model") from None
     try:
-        resolve_text_source(recipe.data.source, base_dir=loaded.base_dir)
+        resolve_data(recipe.data, base_dir=loaded.base_dir)
     except EdgekitError as exc:
         raise _relocate(exc, "data", "source") from None
+    check_data_budget(loaded)  # each stage's tokens against the text's (edgekit.models.text)
     check_target_rules(loaded, target, source)
 
 

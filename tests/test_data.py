@@ -440,3 +440,28 @@ def test_token_file_splits_and_calibration_windows_match_the_list_path(tmp_path)
     a = calibration_samples(from_file.calibration, samples=8, sequence_length=256)
     b = calibration_samples(in_memory.calibration, samples=8, sequence_length=256)
     assert len(a) == 8 and all(x.dtype == y.dtype and x.shape == (1, 256) and bool((x == y).all()) for x, y in zip(a, b))
+
+
+def test_a_large_budget_is_tokenized_once_into_the_cache_and_memory_mapped(tmp_path, tiny_model_dir, monkeypatch):
+    from conftest import python_docs_text
+
+    from transformers import AutoTokenizer
+
+    from edgekit.models import text as text_mod
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(python_docs_text()[:60_000])
+    data = {"source": str(corpus), "token_budget": 6000, "eval_tokens": 512, "window": 128, "text_field": "text"}
+    in_memory = text_mod.read_token_splits(data, tokenizer, cache_dir=tmp_path / "cache")  # under the threshold
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(text_mod, "TOKEN_FILE_ABOVE", 1000)
+    mapped = text_mod.read_token_splits(data, tokenizer, cache_dir=tmp_path / "cache")
+    files = list((tmp_path / "cache" / "tokens").glob("*.u32"))
+    assert len(files) == 1 and not isinstance(mapped.calibration, list)
+    assert list(mapped.calibration) == list(in_memory.calibration) and mapped.evaluation == list(in_memory.evaluation)
+    stamp = files[0].stat().st_mtime_ns
+    again = text_mod.read_token_splits(data, tokenizer, cache_dir=tmp_path / "cache")
+    assert files[0].stat().st_mtime_ns == stamp and again.evaluation == mapped.evaluation  # reused, not re-tokenized
+    other = text_mod.token_file({**data, "token_budget": 5000}, tokenizer, cache_dir=tmp_path / "cache")
+    assert other != files[0]  # another budget is another file

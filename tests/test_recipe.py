@@ -53,6 +53,9 @@ def test_cli_validate_and_show():
 
 
 def test_round_trip(tmp_path):
+    import shutil
+
+    shutil.copytree(REPO / "recipes" / "accelerate", tmp_path / "accelerate")  # the 7B recipe's FSDP config, relative
     for name in ("smollm2_to_orin_nano.yaml", "7b_to_orin.yaml"):
         first = load_recipe(REPO / "recipes" / name).recipe
         again = tmp_path / name

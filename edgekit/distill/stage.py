@@ -41,6 +41,8 @@ class DistillConfig(StageConfig):
     processes: int = Field(1, ge=1, description=">1: run under `accelerate launch --num_processes N` (DDP; gloo on CPU, one GPU each on CUDA)")
     accelerate_config: str | None = Field(None, description="an accelerate config file (FSDP, multi-node; relative to the recipe): run under `accelerate launch --config_file`")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when torch sees a GPU, else the CPU")
+    gpu_memory_gb: float = Field(80.0, gt=0, le=4096, description="memory of each GPU the distillation runs on (GB): "
+                                 "recipe validation checks the predicted memory per GPU against it (docs/validation.md)")
 
     @model_validator(mode="after")
     def _some_loss(self):
@@ -79,6 +81,20 @@ def resolve_teacher(config: DistillConfig, earlier: Sequence[EarlierStage]) -> d
     )
 
 
+def _token_file(ctx) -> str | None:
+    """A large corpus's token file, made once in the run cache by this process (shared with the
+    other stages; every training process memory-maps it): edgekit.models.text.token_file."""
+    from edgekit.models.checkpoint import load_tokenizer
+    from edgekit.models.text import TOKEN_FILE_ABOVE, token_file
+
+    data = ctx.recipe.data
+    if not data.token_budget or data.token_budget <= TOKEN_FILE_ABOVE:
+        return None
+    tokenizer = load_tokenizer(ctx.inputs[CHECKPOINT], trust_remote_code=bool(ctx.recipe.trust_remote_code))
+    path = token_file(data, tokenizer, base_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, log=ctx.log)
+    return str(path) if path is not None else None
+
+
 def run_distill(ctx) -> dict:
     """Distil the input checkpoint from the teacher; resumable from ``ctx.work_dir``.
 
@@ -96,7 +112,7 @@ def run_distill(ctx) -> dict:
         output_dir=str(ctx.output_dir),
         work_dir=str(ctx.work_dir),
         config=config.model_dump(mode="json"),
-        data={"source": data.source, "text_field": data.text_field, "eval_tokens": data.eval_tokens, "window": data.window},
+        data={**data.model_dump(mode="json"), "token_file": _token_file(ctx)},
         recipe_dir=str(ctx.recipe_dir),
         trust_remote_code=bool(ctx.recipe.trust_remote_code),
         stage=ctx.name,

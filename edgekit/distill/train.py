@@ -103,6 +103,19 @@ class WindowOrder:
         return [self._perm(g // self.windows)[g % self.windows] for g in range(start, start + self.batch_size)]
 
 
+class _WindowView:
+    """``train_ids[indices]`` over a memory-mapped uint32 token array cut into windows."""
+
+    def __init__(self, array: Any, windows: int, length: int):
+        self._windows = array[: windows * length].reshape(windows, length)
+
+    def __getitem__(self, indices: Any) -> Any:
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.asarray(self._windows[np.asarray(indices)], dtype=np.int64))
+
+
 def model_shape(config: Any) -> dict[str, int]:
     return {
         "layers": int(config.num_hidden_layers),
@@ -411,7 +424,7 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     from edgekit.distill.losses import combine, hidden_state_mse, kl_divergence, next_token_cross_entropy
     from edgekit.evaluate.perplexity import perplexity_torch
     from edgekit.models.checkpoint import load_checkpoint, torch_dtype
-    from edgekit.models.text import resolve_text_source, tokenize_splits
+    from edgekit.models.text import read_token_splits, token_splits_from_file
 
     where = f"stage {spec.stage}"
     device, precision = _resolve_device_precision(config, spec.stage)
@@ -461,8 +474,10 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
 
     # -- data: train on the calibration split only, cut into non-overlapping windows
     data = spec.data
-    text = resolve_text_source(data["source"], base_dir=Path(spec.recipe_dir)).read(data.get("text_field", "text"))
-    splits = tokenize_splits(text, tokenizer, eval_tokens=data["eval_tokens"], window=data["window"])
+    if data.get("token_file"):  # a large corpus, tokenized once by the stage (distill/stage.py)
+        splits = token_splits_from_file(data["token_file"], eval_tokens=data["eval_tokens"], window=data["window"])
+    else:
+        splits = read_token_splits(data, tokenizer, base_dir=Path(spec.recipe_dir))
     length = config.sequence_length
     windows = len(splits.calibration) // length
     if windows < 1:
@@ -471,7 +486,10 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
             where=where,
             how="give more text (the held-out split is taken from the end first) or lower sequence_length",
         )
-    train_ids = torch.tensor(splits.calibration[: windows * length], dtype=torch.long).view(windows, length)
+    if isinstance(splits.calibration, list):
+        train_ids = torch.tensor(splits.calibration[: windows * length], dtype=torch.long).view(windows, length)
+    else:  # memory-mapped: windows are read on demand, never the whole corpus at once
+        train_ids = _WindowView(splits.calibration, windows, length)
     order = WindowOrder(windows, seed=config.seed, batch_size=config.batch_size, accumulation=config.gradient_accumulation, world=world)
 
     # -- optimizer: no weight decay on vectors (norms, biases)

