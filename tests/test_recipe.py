@@ -207,3 +207,14 @@ def test_trust_remote_code_defaults_off(tmp_path, tiny_model_dir):
     loaded = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_model_dir))
     assert loaded.recipe.trust_remote_code is False
     assert "trust_remote_code: false" in loaded.recipe.to_yaml()
+
+
+def test_recipe_reference_is_up_to_date():
+    """docs/recipe_reference.md is generated from the field descriptions: regenerate it with
+    `python scripts/gen_recipe_reference.py` when a recipe or stage field changes."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_recipe_reference.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
