@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from edgekit.recipe import DataConfig
+
 import pytest
 from conftest import python_docs_text, run_cli, write_recipe
 
@@ -104,7 +106,7 @@ def make_ctx(tmp: Path, teacher: Path, student: Path, **params):
     out.mkdir(parents=True)
     return StageContext(
         name="distill", type="distill", index=1, config=DistillConfig(**{**defaults, **params}),
-        recipe=SimpleNamespace(data=SimpleNamespace(**DATA), trust_remote_code=False),
+        recipe=SimpleNamespace(data=DataConfig(**DATA), trust_remote_code=False),
         recipe_dir=tmp, target=None, output_dir=out, inputs={"checkpoint": student}, history=[],
         cache_dir=tmp / "cache", work_dir=tmp / "work", references={"teacher": teacher}, reporter=Reporter(quiet=True),
     )
