@@ -158,15 +158,23 @@ def save_state(work_dir: Path, state: TrainingState, names: list[str]) -> Path:
     for name in (*FILES, "state.json"):
         _fsync(tmp / name)
     _fsync(tmp)
-    if final.exists():  # only if a run was resumed from a later step and replays this one
+    return _swap_in(tmp, final, work_dir)
+
+
+def _swap_in(tmp: Path, final: Path, work_dir: Path) -> Path:
+    """Rename a complete checkpoint into place (an existing one of the same step, from a
+    resumed run replaying it, moves aside first) and drop every older checkpoint."""
+    from edgekit.names import remove_tree, rename_inside
+
+    if final.exists():
         old = work_dir / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.rename(tmp, final)
+        rename_inside(final, old, root=work_dir)
+        remove_tree(old, root=work_dir)
+    rename_inside(tmp, final, root=work_dir)
     _fsync(work_dir)
     for other in work_dir.glob(f"{PREFIX}*"):
         if other != final:
-            shutil.rmtree(other, ignore_errors=True)
+            remove_tree(other, root=work_dir)
     return final
 
 
@@ -299,17 +307,7 @@ def seal_sharded(work_dir: Path, step: int, world: int, scalars: dict[str, Any])
     (tmp / "state.json").write_text(json.dumps(record, indent=1) + "\n")
     _fsync(tmp / "state.json")
     _fsync(tmp)
-    final = work_dir / checkpoint_name(step)
-    if final.exists():
-        old = work_dir / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.rename(tmp, final)
-    _fsync(work_dir)
-    for other in work_dir.glob(f"{PREFIX}*"):
-        if other != final:
-            shutil.rmtree(other, ignore_errors=True)
-    return final
+    return _swap_in(tmp, work_dir / checkpoint_name(step), work_dir)
 
 
 def clean_temporaries(work_dir: Path) -> None:
