@@ -133,20 +133,20 @@ def plan(
 # --------------------------------------------------------------------------- TensorRT engines
 
 
-def _engine_inputs(path: str | Path) -> tuple[Path, str | None, dict[str, Any] | None]:
-    """(bundle directory, ONNX path relative to it or None for the manifest's, manifest or None)
-    for a bundle directory or a bare .onnx file."""
-    from edgekit.engine.prepare import MANIFEST, read_manifest
+def _engine_inputs(path: str | Path) -> tuple[Path, str | None, Any]:
+    """(bundle directory, ONNX path relative to it or None for the manifest's, the opened
+    :class:`~edgekit.bundle.manifest.Bundle` or None) for a bundle directory or a bare .onnx file."""
+    from edgekit.bundle.manifest import MANIFEST_NAME, Bundle
     from edgekit.errors import EngineError
 
     path = Path(path)
     if path.is_dir():
-        return path, None, read_manifest(path)
+        return path, None, Bundle.open(path, error_cls=EngineError)
     if path.is_file() and path.suffix == ".onnx":
         # an .onnx inside a bundle is that bundle's graph; the engine files go into the bundle
         for parent in (path.parent, path.parent.parent):
-            if (parent / MANIFEST).is_file():
-                return parent, path.relative_to(parent).as_posix(), read_manifest(parent)
+            if (parent / MANIFEST_NAME).is_file():
+                return parent, path.relative_to(parent).as_posix(), Bundle.open(parent, error_cls=EngineError)
         return path.parent, path.name, None
     if path.is_file() and path.name.endswith((".tar", ".tar.gz")):
         raise EngineError("a bundle archive, not a bundle directory", where=str(path),
@@ -156,11 +156,11 @@ def _engine_inputs(path: str | Path) -> tuple[Path, str | None, dict[str, Any] |
                       "or an exported .onnx file")
 
 
-def _engine_target(target: str | Path | None, manifest: dict[str, Any] | None, where: Path):
+def _engine_target(target: str | Path | None, bundle: Any, where: Path):
     from edgekit.errors import EngineError
     from edgekit.targets import load_target
 
-    name = target or (manifest or {}).get("target")
+    name = target or (bundle.manifest.target if bundle is not None else None)
     if not name:
         raise EngineError("no target given and the ONNX file has no bundle manifest naming one", where=str(where),
                           how="pass --target NAME (see `edgekit targets list`)")
@@ -189,23 +189,23 @@ def build_engine(
     from edgekit.engine.settings import BuildOptions
     from edgekit.errors import EngineError
 
-    bundle_dir, onnx_rel, manifest = _engine_inputs(path)
-    _require_trusted_bundle(bundle_dir, manifest)  # a device with trusted keys builds only from signed, unmodified bundles
-    target_obj = _engine_target(target, manifest, Path(path))
+    bundle_dir, onnx_rel, bundle = _engine_inputs(path)
+    _require_trusted_bundle(bundle_dir, bundle)  # a device with trusted keys builds only from signed, unmodified bundles
+    target_obj = _engine_target(target, bundle, Path(path))
     options = options or BuildOptions()
     if backend == "tensorrt":
-        summary = prepare_engine(bundle_dir, target_obj, options, build=build, check=check,  # type: ignore[arg-type]
+        summary = prepare_engine(bundle if bundle is not None else bundle_dir, target_obj, options, build=build, check=check,  # type: ignore[arg-type]
                                  context_length=context_length, onnx_rel=onnx_rel, echo=echo)
     elif backend == "ort-tensorrt":
-        if manifest is None:
+        if bundle is None:
             raise EngineError("the ONNX Runtime TensorRT backend runs on a bundle", where=str(path),
                               how="pass the bundle directory (it holds manifest.json)")
         from edgekit.engine.ort_providers import warm_engine_cache
         from edgekit.engine.prepare import record_engine
 
-        settings = settings_for(bundle_dir, target_obj, options, manifest=manifest, context_length=context_length)
-        summary = warm_engine_cache(bundle_dir, settings, echo=echo)
-        record_engine(bundle_dir, manifest, f"ort-{target_obj.name}", summary)
+        settings = settings_for(bundle_dir, target_obj, options, manifest=bundle.manifest, context_length=context_length)
+        summary = warm_engine_cache(bundle, settings, echo=echo)
+        record_engine(bundle_dir, bundle.manifest, f"ort-{target_obj.name}", summary)
     else:
         raise EngineError(f"unknown backend {backend!r}", where="--backend", how="use tensorrt or ort-tensorrt")
     summary["bundle"] = str(bundle_dir)
@@ -225,16 +225,17 @@ def check_tensorrt(
     from edgekit.engine.prepare import run_checks, settings_for
     from edgekit.engine.settings import BuildOptions
 
-    bundle_dir, onnx_rel, manifest = _engine_inputs(path)
-    _require_trusted_bundle(bundle_dir, manifest)  # a device with trusted keys checks only signed, unmodified bundles
-    target_obj = _engine_target(target, manifest, Path(path))
+    bundle_dir, onnx_rel, bundle = _engine_inputs(path)
+    _require_trusted_bundle(bundle_dir, bundle)  # a device with trusted keys checks only signed, unmodified bundles
+    target_obj = _engine_target(target, bundle, Path(path))
     options = options or BuildOptions()
-    variants = ((manifest or {}).get("onnx") or {}).get("variants") or {}
+    manifest = bundle.manifest if bundle is not None else None
+    variants = manifest.variants if manifest is not None else {}
     if onnx_rel is None and variants and not ({"tensorrt", "float"} & set(variants)):
         # an ONNX Runtime-only bundle: check its graph as it is (MatMulNBits -> ort-only-op errors)
         from edgekit.engine.readiness import check_bundle
 
-        return check_bundle(bundle_dir, target=target_obj, max_batch=options.max_batch, workspace_gb=options.workspace_gb,
+        return check_bundle(bundle, target=target_obj, max_batch=options.max_batch, workspace_gb=options.workspace_gb,
                             context_length=context_length)
     settings = settings_for(bundle_dir, target_obj, options, manifest=manifest, context_length=context_length,
                             onnx_rel=onnx_rel, strict=False)
@@ -272,14 +273,16 @@ def run_prompt(
     split, default the bundle's; edgekit.runtime.reasoning), the block's pieces arrive as
     "reasoning" events and the answer's as "text", and the dict's ``text`` is the answer and
     ``reasoning`` the block (None when there was none); ``reasoning`` is None when not split."""
+    from edgekit.bundle.manifest import Bundle
     from edgekit.runtime.bundle import open_router, resolve_config
     from edgekit.runtime.reasoning import ReasoningParser, prompt_opens_reasoning, reasoning_enabled
     from edgekit.runtime.router import StreamEvent
 
-    config = resolve_config(Path(bundle), policy=policy, large=large, backend=backend, max_new_tokens=max_new_tokens,
+    handle = Bundle.open(bundle)  # manifest.json is read here, once: the handle goes everywhere below
+    config = resolve_config(handle, policy=policy, large=large, backend=backend, max_new_tokens=max_new_tokens,
                             sampling=sampling, draft_tokens=draft_tokens, draft_min_confidence=draft_min_confidence,
                             reasoning=reasoning)
-    router = open_router(Path(bundle), config, threads=threads)
+    router = open_router(handle, config, threads=threads)
     split = reasoning_enabled(config.reasoning, getattr(router.small, "tokenizer", None),
                               where="--reasoning" if reasoning else f"{bundle}/runtime.json: reasoning")
     parser = ReasoningParser(in_reasoning=prompt_opens_reasoning(prompt)) if split else None
@@ -399,10 +402,10 @@ def unpack_bundle(archive: str | Path, dest: str | Path | None = None) -> dict[s
     return {"bundle": str(final), **checked}
 
 
-def _require_trusted_bundle(bundle_dir: Path, manifest: dict[str, Any] | None) -> None:
+def _require_trusted_bundle(bundle_dir: Path, bundle: Any) -> None:
     """The engine commands' signature hook: a bundle (not a bare .onnx) must verify under this
     machine's trusted keys, when it has any, before it is checked or built."""
-    if manifest is not None:
+    if bundle is not None:
         from edgekit.bundle.signing import require_trusted
 
         require_trusted(bundle_dir)

@@ -180,8 +180,8 @@ def bench_steps(branches: dict, prompt: list[int], steps: int) -> dict:
 
 
 def bench_perplexity(paths: dict[str, Path]) -> dict:
-    from edgekit.evaluate.perplexity import perplexity_onnx
-    from edgekit.models.checkpoint import load_tokenizer
+    from edgekit.measure.perplexity import perplexity_onnx
+    from edgekit.weights.checkpoint import load_tokenizer
     from edgekit.models.text import resolve_text_source, tokenize_splits
 
     tokenizer = load_tokenizer(SMALL_BUNDLE)

@@ -41,7 +41,8 @@ DISTILL = {"batch_size": 4, "sequence_length": 256, "learning_rate": 1.0e-3, "wa
 
 
 def _teacher(cache_dir: Path):
-    from edgekit.models.checkpoint import cached_checkpoint, load_checkpoint
+    from edgekit.models.checkpoint import cached_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
     from edgekit.models.source import resolve_model_source
 
     entry = cached_checkpoint(resolve_model_source("smollm2-135m"), cache_dir=cache_dir, dtype="float32", trust_remote_code=False)
@@ -52,7 +53,7 @@ def _teacher(cache_dir: Path):
 def part_a(samples: int) -> dict:
     import torch
 
-    from edgekit.evaluate.perplexity import perplexity_torch
+    from edgekit.measure.perplexity import perplexity_torch
     from edgekit.models.calibration import calibration_samples
     from edgekit.models.text import resolve_text_source, tokenize_splits
     from edgekit.pipeline.runner import default_cache_dir

@@ -134,7 +134,7 @@ def speed(results: dict, work: Path, new_tokens: int) -> list[dict]:
     from transformers import AutoTokenizer
 
     from edgekit.evaluate.speed import decode_speed_onnx, decode_speed_torch
-    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
 
     prompt = "The Jetson Orin module runs large language models at the edge because"
     ids = AutoTokenizer.from_pretrained(work / "_base" / "stages" / "01-load")(prompt)["input_ids"]

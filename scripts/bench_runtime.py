@@ -358,7 +358,7 @@ def main() -> None:
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
     os.chdir(REPO)  # runs/ lands in the repository, where `edgekit compress` would put it
 
-    from edgekit.export.stage import DRAFT_VARIANT
+    from edgekit.graph_variants import DRAFT_VARIANT
     from edgekit.runtime.backends import OnnxRuntimeBranch
 
     global RESULT_NAME

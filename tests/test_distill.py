@@ -332,8 +332,8 @@ def test_distillation_lowers_kl_and_writes_the_checkpoint(tmp_path, pair, one_th
     from transformers import AutoModelForCausalLM
 
     from edgekit.distill.stage import run_distill
-    from edgekit.evaluate.perplexity import perplexity_torch
-    from edgekit.models.checkpoint import load_tokenizer
+    from edgekit.measure.perplexity import perplexity_torch
+    from edgekit.weights.checkpoint import load_tokenizer
     from edgekit.models.text import tokenize_splits
 
     teacher, student = pair

@@ -40,7 +40,7 @@ def test_layout_and_interface(exported):
 
 def test_parity_against_pytorch(exported, tiny_model_dir):
     from edgekit.export.parity import check_parity
-    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
 
     model, tokenizer = load_checkpoint(tiny_model_dir)
     parity = check_parity(model, tokenizer, exported / "model.onnx")
@@ -52,7 +52,7 @@ def test_parity_against_pytorch(exported, tiny_model_dir):
 
 def test_kv_cache_decode_matches_full_forward(exported):
     """Prefill + one cached decode step gives the same last logits as one full pass."""
-    from edgekit.evaluate.onnx_session import DecoderSession
+    from edgekit.measure.onnx_session import DecoderSession
 
     session = DecoderSession(exported / "model.onnx")
     ids = np.array([[5, 17, 42, 99, 3, 250]], dtype=np.int64)
@@ -68,7 +68,7 @@ def test_parity_detects_a_different_model(exported, tiny_model_dir, tmp_path):
     from conftest import build_tiny_model
 
     from edgekit.export.parity import check_parity
-    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
 
     other = build_tiny_model(tmp_path / "other", seed=1)
     model, tokenizer = load_checkpoint(other)

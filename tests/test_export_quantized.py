@@ -50,7 +50,7 @@ def _pytorch_logits(model) -> tuple[np.ndarray, np.ndarray]:
 
 def _ort_logits(path: Path, config: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Prefill + one decode step through DecoderSession (optionally with session config)."""
-    from edgekit.evaluate.onnx_session import DecoderSession
+    from edgekit.measure.onnx_session import DecoderSession
 
     session = DecoderSession(path)
     if config:
@@ -97,7 +97,7 @@ def variant_factory(tmp_path_factory, tiny_model_dir):
         from transformers import AutoModelForCausalLM
 
         from edgekit.export.onnx_export import export_decoder
-        from edgekit.quantize.grid import rtn_quantize
+        from edgekit.weights.grid import rtn_quantize
 
         bits, symmetric, with_lm_head = CONFIGS[name]
         root = tmp_path_factory.mktemp(name)
@@ -154,7 +154,7 @@ def test_values_not_in_the_graph_are_a_clear_error(variant_factory):
     import torch
 
     from edgekit.export.quantized import match_quantized_linears, to_matmulnbits
-    from edgekit.quantize.grid import rtn_quantize
+    from edgekit.weights.grid import rtn_quantize
 
     variant = variant_factory("int4_sym")
     values = torch.randn(64, 64, generator=torch.Generator().manual_seed(7))
@@ -224,7 +224,7 @@ def test_shared_transposed_and_odd_grids_on_a_synthetic_graph(tmp_path, bits, gr
     import torch
 
     from edgekit.export.quantized import match_quantized_linears, to_blockwise_dq, to_matmulnbits
-    from edgekit.quantize.grid import rtn_quantize
+    from edgekit.weights.grid import rtn_quantize
 
     gen = torch.Generator().manual_seed(bits * 1000 + group_size)
     weights = {
@@ -666,7 +666,7 @@ def test_half_tensorrt_graph_fails_parity_against_a_different_model(half_bundles
     """The check can fail: the fp16 graph against a differently seeded half model."""
     from conftest import build_tiny_model
     from edgekit.export.parity import check_parity
-    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
 
     bundle, record = half_bundles["llama-auto"]
     other, tokenizer = load_checkpoint(build_tiny_model(tmp_path / "other", seed=3), dtype="float16")

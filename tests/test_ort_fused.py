@@ -93,7 +93,7 @@ def quant_run(tmp_path_factory, tiny_model_dir) -> Run:
 
 
 def _reference(run: Run):
-    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(run.checkpoint(), dtype="float32")
     return model
@@ -255,10 +255,10 @@ def test_asymmetric_and_8bit_codes_with_zero_points(tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgekit.evaluate.onnx_session import DecoderSession
+    from edgekit.measure.onnx_session import DecoderSession
     from edgekit.export.ort_fused import build_fused_decoder
-    from edgekit.quantize.grid import rtn_quantize
-    from edgekit.quantize.loader import QuantLinear
+    from edgekit.weights.grid import rtn_quantize
+    from edgekit.weights.loader import QuantLinear
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     for index, layer in enumerate(model.model.layers):
@@ -328,7 +328,7 @@ def test_lm_head_bits_matches_its_reference_and_restores_the_model(tiny_model_di
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgekit.evaluate.onnx_session import DecoderSession
+    from edgekit.measure.onnx_session import DecoderSession
     from edgekit.export.ort_fused import build_fused_decoder, lm_head_reference
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -350,7 +350,7 @@ def test_lm_head_bits_matches_its_reference_and_restores_the_model(tiny_model_di
 
 
 def test_the_rotary_cache_bounds_the_sequence(tiny_model_dir, tmp_path):
-    from edgekit.evaluate.onnx_session import DecoderSession
+    from edgekit.measure.onnx_session import DecoderSession
     from edgekit.export.ort_fused import build_fused_decoder
 
     build_fused_decoder(tiny_model_dir, tmp_path, max_length=16)

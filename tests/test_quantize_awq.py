@@ -234,8 +234,8 @@ def test_zero_point_zero_groups_become_packable():
     import torch
 
     from edgekit.quantize.awq import _shift_zero_points
-    from edgekit.quantize.grid import QuantizedWeight
-    from edgekit.quantize.packing import pack_gptq
+    from edgekit.weights.grid import QuantizedWeight
+    from edgekit.weights.packing import pack_gptq
 
     # row 0: zero 0 with code 15 in use (must be refitted); rows 1-7: zero 0, top code unused
     codes = torch.tensor([[0, 3, 15, 7, 9, 2, 4, 1]] + [[0, 1, 2, 3, 4, 5, 6, 7]] * 7, dtype=torch.int32)

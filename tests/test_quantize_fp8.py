@@ -10,10 +10,10 @@ import torch
 from conftest import python_docs_text
 
 from edgekit.errors import ModelError, StageError
-from edgekit.quantize.fp8 import (
+from edgekit.quantize.fp8 import fp8_quantize
+from edgekit.weights.fp8 import (
     E4M3_MAX,
     Fp8Linear,
-    fp8_quantize,
     load_fp8_model,
     quantize_weight_fp8,
     save_fp8_checkpoint,

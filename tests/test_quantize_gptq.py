@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edgekit.quantize.gptq import _gptq, accumulate_hessian, gptq_quantize, split_rows  # noqa: E402
-from edgekit.quantize.grid import find_params, max_code, rtn_quantize  # noqa: E402
+from edgekit.weights.grid import find_params, max_code, rtn_quantize  # noqa: E402
 
 IN, OUT = 256, 64
 

@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edgekit.errors import ModelError  # noqa: E402
-from edgekit.quantize.grid import QuantizedWeight, find_params, max_code, rtn_quantize  # noqa: E402
-from edgekit.quantize.packing import gptq_quantization_config, pack_gptq, pack_rows, unpack_gptq, unpack_rows  # noqa: E402
+from edgekit.weights.grid import QuantizedWeight, find_params, max_code, rtn_quantize  # noqa: E402
+from edgekit.weights.packing import gptq_quantization_config, pack_gptq, pack_rows, unpack_gptq, unpack_rows  # noqa: E402
 
 
 def random_quantized(out_features: int, in_features: int, bits: int, group_size: int | None, symmetric: bool,
@@ -167,7 +167,7 @@ def quantized_checkpoint(tiny_model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from edgekit.quantize.gptq import gptq_quantize
-    from edgekit.quantize.loader import save_quantized_checkpoint
+    from edgekit.weights.loader import save_quantized_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     hessians = collect_hessians(model)
@@ -188,7 +188,7 @@ def quantized_checkpoint(tiny_model_dir, tmp_path_factory):
 def test_saved_files(quantized_checkpoint):
     from safetensors import safe_open
 
-    from edgekit.quantize.loader import is_quantized_checkpoint
+    from edgekit.weights.loader import is_quantized_checkpoint
 
     out, model, quantized = quantized_checkpoint
     assert {"config.json", "generation_config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
@@ -209,7 +209,7 @@ def test_saved_files(quantized_checkpoint):
 
 
 def test_reload_is_bit_exact_and_logits_match(quantized_checkpoint):
-    from edgekit.quantize.loader import QuantLinear, dequantize_model, load_quantized_model, read_quantized_weights
+    from edgekit.weights.loader import QuantLinear, dequantize_model, load_quantized_model, read_quantized_weights
 
     out, reference, quantized = quantized_checkpoint
     model = load_quantized_model(out)
@@ -237,7 +237,7 @@ def test_reload_is_bit_exact_and_logits_match(quantized_checkpoint):
 
 
 def test_reload_in_half_precision(quantized_checkpoint):
-    from edgekit.quantize.loader import load_quantized_model
+    from edgekit.weights.loader import load_quantized_model
 
     out, _, quantized = quantized_checkpoint
     model = load_quantized_model(out, dtype="bfloat16")
@@ -269,7 +269,7 @@ def _rewrite(src, dst, edit):
     (lambda t: t["model.layers.0.mlp.up_proj.g_idx"].fill_(7), "g_idx"),
 ])
 def test_damaged_checkpoint_is_a_model_error(quantized_checkpoint, tmp_path, damage, message):
-    from edgekit.quantize.loader import load_quantized_model
+    from edgekit.weights.loader import load_quantized_model
 
     out, _, _ = quantized_checkpoint
     broken = _rewrite(out, tmp_path / "broken", damage)
@@ -281,7 +281,7 @@ def test_damaged_checkpoint_is_a_model_error(quantized_checkpoint, tmp_path, dam
 def test_truncated_file_is_a_model_error(quantized_checkpoint, tmp_path):
     import shutil
 
-    from edgekit.quantize.loader import load_quantized_model, read_quantized_weights
+    from edgekit.weights.loader import load_quantized_model, read_quantized_weights
 
     out, _, _ = quantized_checkpoint
     broken = tmp_path / "truncated"
@@ -294,7 +294,7 @@ def test_truncated_file_is_a_model_error(quantized_checkpoint, tmp_path):
 
 
 def test_not_quantized_and_fp8_dispatch(tiny_model_dir, tmp_path, monkeypatch):
-    from edgekit.quantize.loader import is_quantized_checkpoint, load_quantized_model
+    from edgekit.weights.loader import is_quantized_checkpoint, load_quantized_model
 
     assert is_quantized_checkpoint(tiny_model_dir) is None
     assert is_quantized_checkpoint(tmp_path) is None
@@ -305,9 +305,9 @@ def test_not_quantized_and_fp8_dispatch(tiny_model_dir, tmp_path, monkeypatch):
     config["quantization_config"] = {"quant_method": "fp8"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     calls = []
-    fake = types.ModuleType("edgekit.quantize.fp8")
+    fake = types.ModuleType("edgekit.weights.fp8")
     fake.load_fp8_model = lambda path, dtype=None: calls.append((path, dtype)) or "fp8-model"
-    monkeypatch.setitem(sys.modules, "edgekit.quantize.fp8", fake)
+    monkeypatch.setitem(sys.modules, "edgekit.weights.fp8", fake)
     assert load_quantized_model(tmp_path, dtype="float16") == "fp8-model"
     assert calls == [(tmp_path, "float16")]
     assert is_quantized_checkpoint(tmp_path) == "fp8"
@@ -318,7 +318,7 @@ def test_quantized_lm_head_unties_embeddings(tiny_model_dir, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from edgekit.quantize.loader import QuantLinear, load_quantized_model, save_quantized_checkpoint
+    from edgekit.weights.loader import QuantLinear, load_quantized_model, save_quantized_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     embedding = model.model.embed_tokens.weight.detach().clone()
@@ -335,7 +335,7 @@ def test_quantized_lm_head_unties_embeddings(tiny_model_dir, tmp_path):
 
 
 def test_quant_linear_keeps_float16_scales_when_cast(quantized_checkpoint):
-    from edgekit.quantize.loader import QuantLinear, load_quantized_model
+    from edgekit.weights.loader import QuantLinear, load_quantized_model
 
     out, _, quantized = quantized_checkpoint
     model = load_quantized_model(out).to(torch.bfloat16)
@@ -355,7 +355,7 @@ def test_foreign_layout_arbitrary_g_idx_and_shards(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from edgekit.quantize.loader import load_quantized_model, save_quantized_checkpoint
+    from edgekit.weights.loader import load_quantized_model, save_quantized_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     name = "model.layers.0.mlp.down_proj"  # in_features 128: 4 groups of 32

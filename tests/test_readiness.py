@@ -421,7 +421,7 @@ def tiny_bundle(tmp_path_factory, tiny_model_dir) -> Path:
 
     from edgekit.export.onnx_export import export_decoder
     from edgekit.export.quantized import to_blockwise_dq, to_matmulnbits
-    from edgekit.quantize.grid import rtn_quantize
+    from edgekit.weights.grid import rtn_quantize
 
     root = tmp_path_factory.mktemp("readiness")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

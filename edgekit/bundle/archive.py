@@ -37,7 +37,6 @@ import errno
 import gzip
 import hashlib
 import io
-import json
 import lzma
 import os
 import posixpath
@@ -48,15 +47,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from edgekit.bundle.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME  # noqa: F401 (the format's names)
 from edgekit.errors import EdgekitError, OutputError
 from edgekit.names import MAX_PATH_DEPTH, STALE_AFTER_S, check_relative_path, clean_stale_temp_dirs, name_problem, relative_path_problem, require_inside
 
 _HOW_ARCHIVE = "use the .tar written by `edgekit compress` (or re-create it from the bundle directory); do not unpack this file"
 
-MANIFEST_NAME = "manifest.json"
-SIGNATURE_NAME = "signature.json"
 MAX_MEMBERS = 10_000  # a bundle has a few dozen files
-MAX_MANIFEST_BYTES = 16 * 2**20
 MAX_SIGNATURE_BYTES = 16 * 2**20
 MAX_TOTAL_BYTES = 256 * 2**30  # the default bound on what one unpack writes
 MAX_DEPTH = MAX_PATH_DEPTH
@@ -260,13 +257,10 @@ def _read_manifest_member(tar: tarfile.TarFile, member: tarfile.TarInfo | None, 
     if len(data) != member.size:
         raise EdgekitError(f"the archive is damaged or truncated ({member.name} is short)", where=str(tar_path),
                            how="download or copy the archive again")
-    try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise EdgekitError(f"{top}/{MANIFEST_NAME} in the archive is not valid JSON", where=str(tar_path),
-                           how=_HOW_ARCHIVE) from None
-    if not isinstance(manifest, dict):
-        raise EdgekitError(f"{top}/{MANIFEST_NAME} in the archive is not a JSON object", where=str(tar_path), how=_HOW_ARCHIVE)
+    from edgekit.bundle.manifest import parse_manifest
+
+    # the same checks as a bundle directory's manifest.json (edgekit.bundle.manifest)
+    manifest = parse_manifest(data, where=f"{tar_path}: {top}/{MANIFEST_NAME}").raw
     return manifest
 
 
@@ -449,7 +443,7 @@ def _extract(tar: tarfile.TarFile, stream: Any, tar_path: Path, dest_dir: Path, 
     return final
 
 
-def verify_manifest_files(bundle_dir: str | Path) -> tuple[int, int]:
+def verify_manifest_files(bundle_dir: Any) -> tuple[int, int]:
     """(files, bytes) after checking every file in the manifest's table exists with its size
     and sha256 (streamed), and that no other file is there (``manifest.json`` and
     ``signature.json`` aside). Raises :class:`EdgekitError` naming the first mismatch. This is
@@ -458,15 +452,11 @@ def verify_manifest_files(bundle_dir: str | Path) -> tuple[int, int]:
     from edgekit.bundle.signing import SIGNATURE_NAME, bundle_listing
     from edgekit.hashing import sha256_file
 
-    bundle_dir = Path(bundle_dir)
-    path = bundle_dir / "manifest.json"
-    if not path.is_file():
-        raise EdgekitError("not a bundle (no manifest.json)", where=str(bundle_dir),
-                           how="pass a bundle written by `edgekit compress`")
-    try:
-        files = json.loads(path.read_text()).get("files")
-    except (ValueError, AttributeError):
-        files = None
+    from edgekit.bundle.manifest import Bundle
+
+    bundle = Bundle.open(bundle_dir)
+    bundle_dir, path = bundle.dir, bundle.manifest_path
+    files = bundle.manifest.files
     check_file_table(files, where=str(path))
     how = "copy or unpack the bundle again from its source"
     listing = bundle_listing(bundle_dir)

@@ -43,9 +43,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
+from edgekit.bundle.manifest import MANIFEST_NAME as _MANIFEST, SIGNATURE_NAME  # noqa: F401 (the format's names)
 from edgekit.errors import EdgekitError, OutputError, SignatureError
 
-SIGNATURE_NAME = "signature.json"
 SIGNATURE_FORMAT = "edgekit.signature/1"
 ALGORITHM = "ed25519"
 TRUSTED_KEYS_ENV = "EDGEKIT_TRUSTED_KEYS"
@@ -63,7 +63,6 @@ SYSTEM_TRUSTED_KEYS_DIR = Path("/etc/edgekit/trusted_keys")
 # (The timing cache goes beside the bundle directory, not into it.)
 DEVICE_BUILT_PATHS = ("engine/", "build_engine.sh")
 
-_MANIFEST = "manifest.json"
 _log = logging.getLogger("edgekit.signing")
 _reported_unsigned: set[tuple[str, tuple[str, ...]]] = set()
 _HOW_CONFIGURE = (f"put the publisher's public key (.pub) into ~/.config/edgekit/trusted_keys/ or {SYSTEM_TRUSTED_KEYS_DIR}/, "
@@ -326,18 +325,16 @@ def _canonical(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def _read_manifest(bundle_dir: Path, error: type[EdgekitError] = EdgekitError) -> dict[str, Any]:
-    path = bundle_dir / _MANIFEST
-    if not bundle_dir.is_dir() or not path.is_file():
-        raise EdgekitError("not a bundle (no manifest.json)", where=str(bundle_dir),
-                           how="pass a bundle directory written by `edgekit compress` (runs/<name>/stages/NN-bundle/<name>)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise error("manifest.json is not valid JSON", where=str(path), how="restore the bundle from its source") from None
-    if not isinstance(manifest, dict):
-        raise error("manifest.json is not a JSON object", where=str(path), how="restore the bundle from its source")
-    return manifest
+def _read_manifest(bundle_dir: Any, error: type[EdgekitError] = EdgekitError) -> dict[str, Any]:
+    """The manifest as a JSON object (edgekit.bundle.manifest.read_manifest: "not a bundle" as
+    EdgekitError, anything unusable as ``error``); a :class:`Bundle` handle's own, not read again."""
+    from edgekit.bundle.manifest import Bundle, read_manifest
+
+    if isinstance(bundle_dir, Bundle):
+        return bundle_dir.manifest.raw
+    if not (Path(bundle_dir) / _MANIFEST).is_file():
+        return read_manifest(bundle_dir).raw  # raises "not a bundle (no manifest.json)"
+    return read_manifest(bundle_dir, error_cls=error).raw
 
 
 def _size_mb(n: int) -> str:
@@ -358,8 +355,8 @@ def sign_bundle(bundle_dir: str | Path, private_key_path: str | Path) -> dict[st
     from edgekit.hashing import sha256_file
     from edgekit.yamlio import atomic_write, atomic_write_json
 
-    bundle_dir = Path(bundle_dir)
     manifest = _read_manifest(bundle_dir)
+    bundle_dir = Path(bundle_dir)
     private, ident = load_private_key(private_key_path)
     listing = bundle_listing(bundle_dir)
     recorded = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
@@ -483,7 +480,7 @@ def _changed_keys(current: dict[str, Any], signed: dict[str, Any]) -> list[str]:
     return [k for k in keys if _canonical(current.get(k)) != _canonical(signed.get(k))]
 
 
-def verify_bundle(bundle_dir: str | Path, public_keys: Iterable[PublicKey | str | Path]) -> VerifyReport:
+def verify_bundle(bundle_dir: Any, public_keys: Iterable[PublicKey | str | Path]) -> VerifyReport:
     """Check the bundle's signature under ``public_keys`` (PublicKey objects or key file /
     directory paths) and every file it covers. Raises :class:`SignatureError` naming the
     first failure (unsigned, untrusted key, altered signature, manifest edited, a file
@@ -493,12 +490,12 @@ def verify_bundle(bundle_dir: str | Path, public_keys: Iterable[PublicKey | str 
 
     from edgekit.hashing import sha256_file
 
-    bundle_dir = Path(bundle_dir)
+    handle, bundle_dir = bundle_dir, Path(bundle_dir)
     keys: dict[str, PublicKey] = {}
     for item in public_keys:
         for key in [item] if isinstance(item, PublicKey) else load_public_keys(item):
             keys.setdefault(key.key_id, key)
-    manifest = _read_manifest(bundle_dir, SignatureError)
+    manifest = _read_manifest(handle, SignatureError)
     if not keys:
         raise EdgekitError("no public key to verify the bundle against", where=str(bundle_dir),
                            how=f"pass --key PUBFILE, or {_HOW_CONFIGURE}")
@@ -572,7 +569,7 @@ def unsigned_note(report: VerifyReport) -> str | None:
             f"signature of {report.key_id}: {', '.join(report.device_files)}")
 
 
-def require_trusted(bundle_dir: str | Path, *, report_unsigned: bool = True) -> VerifyReport | None:
+def require_trusted(bundle_dir: Any, *, report_unsigned: bool = True) -> VerifyReport | None:
     """The device policy: when this machine trusts any key (:func:`trusted_keys`), the bundle
     must verify under one of them (raises :class:`SignatureError` naming what failed);
     with no key configured it is a no-op and returns None. A directory without manifest.json
@@ -581,13 +578,14 @@ def require_trusted(bundle_dir: str | Path, *, report_unsigned: bool = True) -> 
     Files present that the signature does not cover (:data:`DEVICE_BUILT_PATHS`) are named in
     a warning on the ``edgekit.signing`` logger (stderr when logging is not configured), once
     per bundle and file set in a process, unless ``report_unsigned`` is False (the caller
-    reports them itself: ``edgekit unpack``, ``edgekit verify``)."""
-    bundle_dir = Path(bundle_dir)
+    reports them itself: ``edgekit unpack``, ``edgekit verify``). ``bundle_dir`` may be a
+    :class:`~edgekit.bundle.manifest.Bundle` handle (its manifest is not read again)."""
+    handle, bundle_dir = bundle_dir, Path(bundle_dir)
     keys = trusted_keys()
     if not keys or not (bundle_dir / _MANIFEST).is_file():
         return None
     try:
-        report = verify_bundle(bundle_dir, keys)
+        report = verify_bundle(handle, keys)
         note = unsigned_note(report)
         key = (str(bundle_dir.resolve()), tuple(report.device_files))
         if report_unsigned and note and key not in _reported_unsigned:

@@ -13,12 +13,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from edgekit.bundle.manifest import BUNDLE_FORMAT, MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME  # noqa: F401 (the format's names, re-exported)
 from edgekit.hashing import file_table
 
-BUNDLE_FORMAT = "edgekit.bundle/1"
-MANIFEST_NAME = "manifest.json"
-RUNTIME_NAME = "runtime.json"  # edgekit.recipe.RuntimeConfig, updated by edgekit calibrate-router
-RUNTIME_FORMAT = "edgekit.runtime/1"
 # Files of an ONNX artifact that a runtime needs; parity.json and stage.json stay behind.
 MODEL_FILES = ("model.onnx", "model.onnx_data", "config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json")

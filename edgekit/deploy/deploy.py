@@ -22,7 +22,6 @@ bundle plus what build-engine wrote into it).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -79,22 +78,17 @@ def load_bundle(path: str | Path) -> LocalBundle:
     """A local bundle directory, after checking every file against its manifest (a damaged
     bundle is refused here, before anything is sent)."""
     from edgekit.bundle.archive import verify_manifest_files
+    from edgekit.bundle.manifest import Bundle
     from edgekit.hashing import sha256_file
 
     path = Path(path).expanduser()
     if path.is_file() and path.name.endswith((".tar", ".tar.gz")):
         raise DeployError("a bundle archive, not a bundle directory", where=str(path),
                           how=f"unpack it first (edgekit unpack {path.name}, or tar -xf) and pass the directory")
-    if not (path / MANIFEST).is_file():
-        raise DeployError("not a bundle directory (no manifest.json)", where=str(path),
-                          how="pass a bundle written by `edgekit compress` (runs/<name>/stages/NN-bundle/<name>)")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except ValueError:
-        raise DeployError("manifest.json is not valid JSON", where=str(path / MANIFEST), how="rebuild the bundle") from None
-    name = manifest.get("name") if isinstance(manifest, dict) else None
-    check_name(name, what="bundle name in manifest.json", where=str(path / MANIFEST), error_cls=DeployError)
-    verify_manifest_files(path)  # every row a safe relative path, every file its size and sha256
+    bundle = Bundle.open(path, error_cls=DeployError)
+    manifest = bundle.manifest.raw
+    name = bundle.checked_name(error_cls=DeployError)
+    verify_manifest_files(bundle)  # every row a safe relative path, every file its size and sha256
     signature = path / SIGNATURE
     signed = signature.is_file()
     content = hashlib.sha256((path / MANIFEST).read_bytes() + (signature.read_bytes() if signed else b""))

@@ -157,17 +157,12 @@ def layer_map(student_config: Any, teacher_config: Any, pruning: dict[str, Any] 
 
 def decoder_layers(model: Any) -> Any:
     """The decoder's list of transformer blocks (``model.model.layers`` for Llama-likes)."""
-    import torch
+    from edgekit.weights.layers import decoder_layers as find_decoder_layers
 
-    base = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(base, "layers", None)
-    if isinstance(layers, torch.nn.ModuleList):
-        return layers
-    count = model.config.num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
-    raise StageError("cannot find the model's decoder layers", how="use a Llama-style architecture (or set hidden_weight: 0)")
+    try:
+        return find_decoder_layers(model)
+    except ValueError:
+        raise StageError("cannot find the model's decoder layers", how="use a Llama-style architecture (or set hidden_weight: 0)") from None
 
 
 class HiddenCapture:
@@ -403,7 +398,7 @@ def held_out_agreement(student: Any, teacher: Any, ids: list[int], *, window: in
 def train(spec: TrainSpec, reporter: Any = None) -> dict[str, Any]:
     """Distil ``spec.student`` from ``spec.teacher``; the main process writes the result into
     ``spec.output_dir`` and returns the metrics (other processes return {})."""
-    from edgekit.distill.stage import DistillConfig
+    from edgekit.distill.config import DistillConfig
 
     config = DistillConfig.model_validate(spec.config)
     check_checkpoints(spec)
@@ -422,8 +417,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
 
     from edgekit.distill import state as saved
     from edgekit.distill.losses import combine, hidden_state_mse, kl_divergence, next_token_cross_entropy
-    from edgekit.evaluate.perplexity import perplexity_torch
-    from edgekit.models.checkpoint import load_checkpoint, torch_dtype
+    from edgekit.measure.perplexity import perplexity_torch
+    from edgekit.weights.checkpoint import load_checkpoint, torch_dtype
     from edgekit.models.text import read_token_splits, token_splits_from_file
 
     where = f"stage {spec.stage}"

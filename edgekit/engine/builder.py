@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EngineError
+from edgekit.engine.gpu import cuda_device
 from edgekit.engine.record import RECORD_FORMAT
 from edgekit.engine.settings import BuildSettings
 
@@ -47,26 +47,6 @@ def build_host() -> dict[str, str | None]:
         except EngineError:
             pass
     return {"tensorrt": version, "compute_capability": capability}
-
-
-def cuda_device() -> tuple[str | None, str]:
-    """(name, "major.minor") of CUDA device 0; raises EngineError without a GPU."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(0)
-            return torch.cuda.get_device_name(0), f"{major}.{minor}"
-    except Exception:
-        pass
-    try:  # a device without a CUDA-enabled torch (JetPack 6's nvidia-smi knows compute_cap)
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-        name, cc = [p.strip() for p in out.splitlines()[0].split(",")]
-        return name, cc
-    except Exception:
-        raise EngineError("no CUDA GPU found", where="this machine",
-                          how="build the engine on the device (bundle's build_engine.sh) or on a machine with the target's GPU") from None
 
 
 def _file_logger(trt: Any, path: Path, echo: Any = None) -> Any:

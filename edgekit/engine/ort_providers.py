@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgekit.bundle.manifest import Bundle
 from edgekit.errors import EngineError
 from edgekit.engine.settings import BuildSettings, shape_string
 
@@ -75,20 +76,16 @@ def session_providers(backend: str, settings: BuildSettings | None, bundle_dir: 
     return ["CPUExecutionProvider"]
 
 
-def backend_graph(backend: str, bundle_dir: Path, manifest: dict[str, Any]) -> Path:
-    variants = (manifest.get("onnx") or {}).get("variants") or {"float": "model.onnx"}
-    if backend == "ort-tensorrt":
-        from edgekit.engine.settings import tensorrt_graph
-
-        return bundle_dir / tensorrt_graph(bundle_dir, manifest)
-    return bundle_dir / variants.get("onnxruntime", variants.get("float", "model.onnx"))
+def backend_graph(backend: str, bundle: Bundle | Path) -> Path:
+    """The bundle's graph for ``backend``: the TensorRT one for TensorRT's EP, else the ONNX
+    Runtime one (edgekit.bundle.manifest.graph_variant), checked to lie inside the bundle."""
+    bundle = Bundle.open(bundle, error_cls=EngineError)
+    return bundle.graph("tensorrt" if backend == "ort-tensorrt" else "onnxruntime", error_cls=EngineError)
 
 
-def create_session(bundle_dir: Path, backend: str, *, settings: BuildSettings | None = None) -> Any:
+def create_session(bundle_dir: Path | Bundle, backend: str, *, settings: BuildSettings | None = None) -> Any:
     """An ONNX Runtime session on the bundle's graph for ``backend``; refuses when the provider
     is not installed instead of silently running on the CPU."""
-    import json
-
     import onnxruntime as ort
 
     if backend not in available_backends():
@@ -98,12 +95,13 @@ def create_session(bundle_dir: Path, backend: str, *, settings: BuildSettings | 
             how="pip install 'edgekit[gpu]' (onnxruntime-gpu + tensorrt) on an x86-64 CUDA machine; on Jetson use "
             "JetPack's onnxruntime-gpu wheel",
         )
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    graph = backend_graph(backend, bundle_dir, manifest)
+    bundle = Bundle.open(bundle_dir, error_cls=EngineError)
+    bundle_dir = bundle.dir
+    graph = backend_graph(backend, bundle)
     if settings is not None:
         (bundle_dir / ort_cache_dir(settings.target)).mkdir(parents=True, exist_ok=True)
     options = ort.SessionOptions()
-    # DequantizeLinear -> MatMul must stay exact (see edgekit.evaluate.onnx_session).
+    # DequantizeLinear -> MatMul must stay exact (see edgekit.measure.onnx_session).
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     session = ort.InferenceSession(str(graph), sess_options=options, providers=session_providers(backend, settings, bundle_dir))
     wanted = _PROVIDER[backend]
@@ -113,7 +111,7 @@ def create_session(bundle_dir: Path, backend: str, *, settings: BuildSettings | 
     return session
 
 
-def warm_engine_cache(bundle_dir: Path, settings: BuildSettings, *, echo: Any = None) -> dict[str, Any]:
+def warm_engine_cache(bundle_dir: Path | Bundle, settings: BuildSettings, *, echo: Any = None) -> dict[str, Any]:
     """Build ONNX Runtime's TensorRT engines for both profiles into ``engine/ort-<target>/`` by
     running one prefill and one decode step (the EP builds lazily, on first run)."""
     import time
@@ -122,7 +120,9 @@ def warm_engine_cache(bundle_dir: Path, settings: BuildSettings, *, echo: Any = 
 
     echo = echo or (lambda message: None)
     started = time.time()
-    session = create_session(bundle_dir, "ort-tensorrt", settings=settings)
+    bundle = Bundle.open(bundle_dir, error_cls=EngineError)
+    bundle_dir = bundle.dir
+    session = create_session(bundle, "ort-tensorrt", settings=settings)
     echo(f"ONNX Runtime TensorRT EP: building engines into {ort_cache_dir(settings.target)}/ (minutes)")
     for profile in settings.profiles:
         feeds = {}

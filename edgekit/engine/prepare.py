@@ -23,45 +23,31 @@ Files per target (relative to the bundle root)::
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from edgekit.bundle.manifest import MANIFEST_NAME, Bundle, Manifest
 from edgekit.errors import EngineError
-from edgekit.names import check_name
-from edgekit.engine.settings import BUILD_SCRIPT, BuildOptions, BuildSettings, build_settings, engine_paths, read_graph, tensorrt_graph
+from edgekit.engine.settings import BUILD_SCRIPT, BuildOptions, BuildSettings, build_settings, engine_paths, read_graph
 from edgekit.yamlio import atomic_write_json, atomic_write_text
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_NAME
 
 
-def read_manifest(bundle_dir: Path) -> dict[str, Any]:
-    path = bundle_dir / MANIFEST
-    if not path.is_file():
-        raise EngineError(
-            "not a bundle (no manifest.json)",
-            where=str(bundle_dir),
-            how="pass a bundle directory written by `edgekit compress` (stages/NN-bundle/<name>) or an .onnx file",
-        )
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise EngineError("manifest.json is not valid JSON", where=str(path), how="rebuild the bundle") from None
-
-
-def settings_for(bundle_dir: Path, target: Any, options: BuildOptions, *, manifest: dict[str, Any] | None,
+def settings_for(bundle_dir: Path, target: Any, options: BuildOptions, *, manifest: Manifest | None,
                  context_length: int | None = None, onnx_rel: str | None = None, strict: bool = True) -> BuildSettings:
-    onnx_rel = onnx_rel or (tensorrt_graph(bundle_dir, manifest) if manifest else "model.onnx")
+    bundle_dir = Path(bundle_dir)
+    onnx_rel = onnx_rel or (Bundle(bundle_dir, manifest).graph_rel("tensorrt", error_cls=EngineError) if manifest else "model.onnx")
     onnx_path = bundle_dir / onnx_rel
     if not onnx_path.is_file():
         raise EngineError("the ONNX graph is missing", where=str(onnx_path), how="rebuild the bundle")
-    context = context_length or (manifest or {}).get("context_length")
+    context = context_length or (manifest.context_length if manifest else None)
     if not context:
         raise EngineError("the context length is unknown for a bare ONNX file", where=str(onnx_path),
                           how="pass --context-length N (the longest prompt + generation the engine must hold)")
-    name = (manifest or {}).get("name") or bundle_dir.name
+    name = (manifest.name if manifest else None) or bundle_dir.name
     return build_settings(read_graph(onnx_path), onnx_rel=onnx_rel, target=target, bundle_name=name,
                           context_length=int(context), options=options, strict=strict)
 
@@ -102,7 +88,7 @@ def why_not_build_here(target: Any) -> str | None:
 
 
 def prepare_engine(
-    bundle_dir: Path,
+    bundle_dir: Path | Bundle,
     target: Any,
     options: BuildOptions,
     *,
@@ -112,12 +98,19 @@ def prepare_engine(
     onnx_rel: str | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Write the target's engine files into ``bundle_dir`` (and build when possible); returns a summary."""
+    """Write the target's engine files into ``bundle_dir`` (a path, or a :class:`Bundle` already
+    opened; and build when possible); returns a summary."""
     echo = echo or (lambda message: None)
+    if isinstance(bundle_dir, Bundle):
+        bundle: Bundle | None = bundle_dir
+    elif (Path(bundle_dir) / MANIFEST).is_file() or onnx_rel is None:
+        bundle = Bundle.open(bundle_dir, error_cls=EngineError)
+    else:
+        bundle = None
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir) if (bundle_dir / MANIFEST).is_file() or onnx_rel is None else None
+    manifest = bundle.manifest if bundle else None
     settings = settings_for(bundle_dir, target, options, manifest=manifest, context_length=context_length, onnx_rel=onnx_rel)
-    paths = engine_paths(target.name, (manifest or {}).get("name") or bundle_dir.name)
+    paths = engine_paths(target.name, (manifest.name if manifest else None) or bundle_dir.name)
     (bundle_dir / "engine").mkdir(exist_ok=True)
     summary: dict[str, Any] = {"target": target.name, "onnx": settings.onnx, "settings": paths["settings"], "script": paths["script"]}
     if check:
@@ -136,8 +129,7 @@ def prepare_engine(
     from edgekit.engine.trtexec import render_dispatch_script, render_script
 
     _write_script(bundle_dir / paths["script"], render_script(settings))
-    default_target = (manifest or {}).get("target") or target.name
-    check_name(default_target, what="target name", where=f"{bundle_dir / MANIFEST}: target", error_cls=EngineError)
+    default_target = (bundle.target(error_cls=EngineError) if bundle else None) or target.name
     if not (bundle_dir / f"engine/{default_target}.trtexec.sh").is_file():
         default_target = target.name
     _write_script(bundle_dir / BUILD_SCRIPT, render_dispatch_script(default_target))
@@ -165,10 +157,12 @@ def _write_script(path: Path, text: str) -> None:
     os.chmod(path, 0o755)
 
 
-def record_engine(bundle_dir: Path, manifest: dict[str, Any], target: str, summary: dict[str, Any]) -> None:
+def record_engine(bundle_dir: Path, manifest: Manifest | dict[str, Any], target: str, summary: dict[str, Any]) -> None:
     """The manifest always describes the bundle as it is: its engines and every file's sha256."""
     from edgekit.bundle.writer import bundle_files
 
+    if isinstance(manifest, Manifest):
+        manifest = manifest.raw
     manifest.setdefault("engines", {})[target] = summary
     manifest["files"] = bundle_files(bundle_dir)
     atomic_write_json(bundle_dir / MANIFEST, manifest)

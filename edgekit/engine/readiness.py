@@ -92,7 +92,7 @@ class Finding:
 
 
 def check_bundle(
-    bundle_dir: Path,
+    bundle_dir: Any,
     *,
     target: Any,
     profiles: Any = None,
@@ -106,34 +106,18 @@ def check_bundle(
     The graph is the manifest's ``onnx.variants["tensorrt"]``, else ``["float"]``; a bundle with
     only an ONNX Runtime graph is checked as it is, so its ``MatMulNBits`` show up as
     ``ort-only-op`` errors. ``context_length`` defaults to the manifest's."""
-    import json
+    from edgekit.bundle.manifest import Bundle
 
-    bundle_dir = Path(bundle_dir)
+    bundle = Bundle.open(bundle_dir, error_cls=EngineError)
+    bundle_dir, manifest_path = bundle.dir, bundle.manifest_path
     target = _resolve_target(target)
-    manifest_path = bundle_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise EngineError(
-            "the bundle has no manifest.json",
-            where=str(bundle_dir),
-            how="point at a bundle directory written by edgekit's bundle stage (it holds manifest.json)",
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EngineError(
-            f"cannot read the bundle manifest: {exc}",
-            where=str(manifest_path),
-            how="rebuild the bundle (edgekit compress) or restore manifest.json",
-        ) from None
-    onnx_section = manifest.get("onnx") if isinstance(manifest, dict) else None
-    variants = (onnx_section or {}).get("variants") or {}
-    variant = next((key for key in ("tensorrt", "float") if key in variants), None)
-    if variant is None and variants:
-        variant = sorted(variants)[0]  # e.g. onnxruntime only: checked, its contrib ops reported
-    rel = variants[variant] if variant else (onnx_section or {}).get("file") or "model.onnx"
-    model_path = _inside(bundle_dir, rel, manifest_path)
+    # tensorrt, else float; a bundle with only an ONNX Runtime graph: that graph, checked as it
+    # is (its contrib ops reported); no variants: the primary graph
+    variant, _ = bundle.graph_variant("check", error_cls=EngineError)
+    model_path = bundle.graph("check", error_cls=EngineError)
+    rel = model_path.relative_to(bundle_dir).as_posix()
     if context_length is None:
-        context_length = manifest.get("context_length") if isinstance(manifest, dict) else None
+        context_length = bundle.context_length
     if not isinstance(context_length, int) or context_length < 2:
         raise EngineError(
             f"no usable context_length for the readiness check (manifest says {context_length!r})",
@@ -361,19 +345,6 @@ def _resolve_target(target: Any) -> Any:
 
         return load_target(target)
     return target
-
-
-def _inside(root: Path, rel: str, where: Path) -> Path:
-    """``root/rel``, refusing a manifest path that leaves the bundle."""
-    candidate = Path(rel)
-    resolved = (root / candidate).resolve()
-    if candidate.is_absolute() or not _is_within(resolved, root.resolve()):
-        raise EngineError(
-            f"the manifest's ONNX path {rel!r} points outside the bundle",
-            where=str(where),
-            how="keep onnx.variants paths relative to the bundle directory (rebuild the bundle)",
-        )
-    return root / candidate
 
 
 def _is_within(path: Path, root: Path) -> bool:

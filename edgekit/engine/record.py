@@ -87,7 +87,7 @@ def load_engine(bundle_dir: Path, target: str, *, logger: Any = None) -> Any:
     """Deserialize the bundle's engine for ``target`` after checking version, GPU and sha256."""
     import tensorrt as trt
 
-    from edgekit.engine.builder import cuda_device
+    from edgekit.engine.gpu import cuda_device
     from edgekit.hashing import sha256_file
     from edgekit.names import path_inside
 

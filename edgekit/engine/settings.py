@@ -323,22 +323,6 @@ def build_settings(graph: GraphInfo, *, onnx_rel: str, target: Any, bundle_name:
     )
 
 
-def tensorrt_graph(bundle_dir: Path, manifest: dict[str, Any]) -> str:
-    """The bundle's graph for TensorRT: the Q/DQ variant, else the float graph."""
-    variants = (manifest.get("onnx") or {}).get("variants") or {}
-    for key in ("tensorrt", "float"):
-        if key in variants:
-            return variants[key]
-    if variants:
-        raise EngineError(
-            f"the bundle has no TensorRT graph (variants: {', '.join(sorted(variants))}); "
-            "its ONNX Runtime graph uses MatMulNBits, which TensorRT cannot parse",
-            where=str(bundle_dir / "manifest.json"),
-            how="export with export_onnx format: tensorrt or both and rebuild the bundle",
-        )
-    return "model.onnx"
-
-
 def shape_string(shape: Shape) -> str:
     return "x".join(str(d) for d in shape)
 

@@ -25,7 +25,7 @@ def _result(prompt_len: int, new_tokens: int, ttft: float, decode_seconds: float
 def decode_speed_onnx(model_path: Path, prompt_ids: list[int], *, new_tokens: int = 64, threads: int | None = None) -> dict[str, Any]:
     import numpy as np
 
-    from edgekit.evaluate.onnx_session import DecoderSession
+    from edgekit.measure.onnx_session import DecoderSession
 
     session = DecoderSession(model_path, threads=threads)
     ids = np.asarray([prompt_ids], dtype=np.int64)

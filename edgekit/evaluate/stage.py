@@ -28,7 +28,7 @@ class EvaluateConfig(StageConfig):
 def run_evaluate(ctx) -> dict:
     import json
 
-    from edgekit.models.checkpoint import load_tokenizer
+    from edgekit.weights.checkpoint import load_tokenizer
     from edgekit.models.text import read_token_splits
 
     wanted = {"auto": (CHECKPOINT, ONNX), "pytorch": (CHECKPOINT,), "onnxruntime": (ONNX,)}[ctx.config.backend]
@@ -48,14 +48,14 @@ def run_evaluate(ctx) -> dict:
     windows = min(splits.eval_windows, ctx.config.max_windows or splits.eval_windows)
     with ctx.progress(windows, f"perplexity ({'PyTorch' if kind == CHECKPOINT else 'ONNX Runtime'})") as bar:
         if kind == CHECKPOINT:
-            from edgekit.evaluate.perplexity import perplexity_torch
+            from edgekit.measure.perplexity import perplexity_torch
 
             model, device, dtype = load_for_scoring(model_dir, ctx.config, stage=ctx.name, trust_remote_code=ctx.recipe.trust_remote_code)
             bar.update(description=f"{ctx.name}: perplexity (PyTorch, {device}, {dtype})")
             result = perplexity_torch(model, splits.evaluation, window=data.window, max_windows=windows, advance=bar.advance)
             result.update(device=device, dtype=dtype)
         else:
-            from edgekit.evaluate.perplexity import perplexity_onnx
+            from edgekit.measure.perplexity import perplexity_onnx
 
             variants = _onnx_variants(model_dir)
             scores = {}
@@ -82,7 +82,7 @@ def load_for_scoring(model_dir, config, *, stage: str, trust_remote_code: bool =
     import json
 
     from edgekit.devices import check_dtype_on_device, compute_dtype, resolve_device
-    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
 
     device = resolve_device(config.device, stage=stage)
     saved = json.loads((model_dir / "config.json").read_text())

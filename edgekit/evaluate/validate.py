@@ -739,7 +739,11 @@ def _check_options(*, backend: str, concurrency: int, requests: int | None, warm
             raise ValidateError(f"{flag} must be a number > 0, not {value!r}", where=flag, how="pass a positive budget")
 
 
-def _bundle(bundle_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+def _bundle(bundle_dir: str | Path) -> Any:
+    """The bundle directory opened once (edgekit.bundle.manifest.Bundle): its manifest is read
+    and checked here, and the branch loads from the same handle."""
+    from edgekit.bundle.manifest import Bundle
+
     path = Path(bundle_dir)
     if path.is_file() and path.name.endswith((".tar", ".tar.gz")):
         raise ValidateError("a bundle archive, not a bundle directory", where=str(path),
@@ -747,23 +751,14 @@ def _bundle(bundle_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     if not path.is_dir():
         raise ValidateError("no bundle directory here", where=str(path),
                             how="pass a bundle directory written by edgekit compress (runs/<name>/stages/<n>-bundle/<name>)")
-    manifest_path = path / "manifest.json"
-    if not manifest_path.is_file():
-        raise ValidateError("no bundle here (manifest.json is missing)", where=str(path),
-                            how="pass a bundle directory written by edgekit compress (runs/<name>/stages/<n>-bundle/<name>)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError:
-        raise ValidateError("the bundle's manifest is not valid JSON", where=str(manifest_path),
-                            how="re-run the bundle stage; do not edit manifest.json by hand") from None
-    return path, manifest
+    return Bundle.open(path, error_cls=ValidateError)
 
 
 def _output_dir(output_dir: str | Path | None, bundle_dir: Path, name: str) -> Path:
     """The report directory, checked now (before minutes of measuring) and created only when
     the report is written, so a run that fails leaves nothing behind."""
     if output_dir is None:  # the name comes from the bundle's manifest: checked before it becomes a path
-        check_name(name, what="bundle name", where=f"{bundle_dir / 'manifest.json'}: name", error_cls=ValidateError)
+        check_name(name, what="bundle name in manifest.json", where=f"{bundle_dir / 'manifest.json'}: name", error_cls=ValidateError)
     out = Path(output_dir) if output_dir is not None else Path.cwd() / f"validate-{name}"
     resolved, bundle = out.resolve(), bundle_dir.resolve()
     if resolved == bundle or bundle in resolved.parents:
@@ -800,8 +795,8 @@ def validate_bundle(
     for bad input (nothing is written then)."""
     _check_options(backend=backend, concurrency=concurrency, requests=requests, warmup=warmup, max_new_tokens=max_new_tokens,
                    threads=threads, budgets=budgets)
-    bundle, manifest = _bundle(bundle_dir)
-    name = str(manifest.get("name") or bundle.name)
+    handle = _bundle(bundle_dir)
+    bundle, manifest, name = handle.dir, handle.manifest.raw, handle.name
     out = _output_dir(output_dir, bundle, name)
     prompt_texts = read_prompts_file(prompts) if prompts is not None else None
     n_requests = requests if requests is not None else (len(prompt_texts) if prompt_texts else DEFAULT_REQUESTS)
@@ -823,7 +818,7 @@ def validate_bundle(
     memory.start()  # before loading: the model's weights and session are part of the peak
     console.print(f"validate: loading {bundle} (backend {backend})")
     started = time.perf_counter()
-    branch = load_branch(bundle, name="small", backend=backend, threads=threads)
+    branch = load_branch(handle, name="small", backend=backend, threads=threads)
     load_seconds = time.perf_counter() - started
     try:
         return _measure_and_report(

@@ -38,7 +38,7 @@ def export_decoder(
 
     from optimum.exporters.onnx import main_export
 
-    from edgekit.models.checkpoint import quiet_transformers
+    from edgekit.weights.hf import quiet_transformers
 
     if dtype not in DTYPES:
         raise StageError(f"unknown export dtype {dtype!r}", where=str(checkpoint), how=f"use one of {', '.join(DTYPES)}")
@@ -80,7 +80,7 @@ def _export_half(checkpoint: Path, staging: Path, *, opset: int, trust_remote_co
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoModelForCausalLM
 
-    from edgekit.models.checkpoint import torch_dtype
+    from edgekit.weights.hf import torch_dtype
 
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint, dtype=torch_dtype(dtype), attn_implementation="eager", trust_remote_code=trust_remote_code

@@ -132,7 +132,7 @@ def build_fused_decoder(
 
 def _load_model(source: Any, trust_remote_code: bool) -> Any:
     if isinstance(source, (str, Path)):
-        from edgekit.models.checkpoint import load_checkpoint
+        from edgekit.weights.checkpoint import load_checkpoint
 
         path = Path(source)
         if not (path / "config.json").is_file():
@@ -215,7 +215,7 @@ def _linear_parts(module: Any, where: str) -> tuple[str, Any, Any]:
     import numpy as np
     import torch
 
-    from edgekit.quantize.loader import QuantLinear
+    from edgekit.weights.loader import QuantLinear
 
     bias = None if getattr(module, "bias", None) is None else module.bias.detach().float().cpu().numpy()
     if isinstance(module, QuantLinear):
@@ -237,7 +237,7 @@ def _concat_parts(parts: list[tuple[str, Any, Any]]) -> tuple[str, Any, Any] | N
     import numpy as np
     import torch
 
-    from edgekit.quantize.grid import QuantizedWeight
+    from edgekit.weights.grid import QuantizedWeight
 
     kinds = {p[0] for p in parts}
     if len(kinds) != 1:
@@ -490,7 +490,7 @@ def _lm_head_codes(weight: Any, bits: int, group_size: int) -> Any:
     deterministic, so the graph and its parity reference agree bit for bit."""
     import torch
 
-    from edgekit.quantize.grid import rtn_quantize
+    from edgekit.weights.grid import rtn_quantize
 
     hidden = int(weight.shape[1])
     if group_size < 16 or group_size & (group_size - 1) or hidden % group_size:

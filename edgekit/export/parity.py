@@ -141,7 +141,7 @@ def _check_parity(model: Any, tokenizer: Any, onnx_path: Path, *, prompts: tuple
     import numpy as np
     import torch
 
-    from edgekit.evaluate.onnx_session import DecoderSession
+    from edgekit.measure.onnx_session import DecoderSession
 
     session = DecoderSession(onnx_path)
     worst: dict[str, dict[str, float]] = {"prefill": {}, "decode": {}}

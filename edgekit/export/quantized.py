@@ -2,7 +2,7 @@
 
 Input: an optimum export (``model.onnx`` + ``model.onnx_data``) of a model whose Linear
 weights are the *dequantized* weights ``W_hat``, plus the quantized form of each Linear
-(:class:`edgekit.quantize.grid.QuantizedWeight`, or FP8 weights + scales). In that graph a
+(:class:`edgekit.weights.grid.QuantizedWeight`, or FP8 weights + scales). In that graph a
 Linear is ``MatMul(X, B)`` where ``B`` is an initializer holding ``W_hat^T`` ([in, out]) or
 ``Transpose(W_hat)`` of an [out, in] initializer (how a tied ``lm_head`` appears: the
 embedding matrix, also read by the embedding ``Gather``, goes through a ``Transpose``).
@@ -564,7 +564,7 @@ class MatMulNBitsWeight(NamedTuple):
 
 
 def matmulnbits_weight(qw: Any, float_dtype: Any = None) -> MatMulNBitsWeight:
-    """Pack a :class:`~edgekit.quantize.grid.QuantizedWeight` (contiguous groups) for MatMulNBits.
+    """Pack a :class:`~edgekit.weights.grid.QuantizedWeight` (contiguous groups) for MatMulNBits.
 
     Codes of up to 4 bits use the 4-bit container and 5..8 bits the 8-bit one; a group size
     that is not a power of two becomes several power-of-two blocks with repeated scale and

@@ -30,11 +30,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from edgekit.graph_variants import DRAFT_VARIANT
 from edgekit.pipeline.registry import CHECKPOINT, ONNX, StageConfig, register_stage
 
 EXPORT_RECORD = "export.json"
-#: the variant ``draft_graph`` adds; the runtime drafts with it (edgekit.runtime.bundle.open_router)
-DRAFT_VARIANT = "onnxruntime_draft"
 
 
 class ExportOnnxConfig(StageConfig):
@@ -100,7 +99,7 @@ def run_export_onnx(ctx) -> dict:
 
     from edgekit.export.onnx_export import MODEL_FILE, describe, export_decoder
     from edgekit.export.parity import DEFAULT_PROMPTS
-    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
 
     config = ctx.config
     checkpoint = ctx.inputs[CHECKPOINT]
@@ -247,7 +246,7 @@ def _half_reference(ctx, config, checkpoint, model, tokenizer, prompts, trust) -
     on CPU runs most half ops in float32, docs/quantization.md), plus the logits' own rounding."""
     from edgekit.errors import StageError
     from edgekit.export.parity import precision_gap
-    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
 
     setting, target = config.tensorrt_dtype, ctx.target
     if setting == "float32":
@@ -302,7 +301,7 @@ def _quant_method(checkpoint) -> str | None:
 def _quantized_weights(model, method: str) -> dict:
     """What the graph rewriters consume, read from the loaded quantized modules."""
     if method == "fp8":
-        from edgekit.quantize.fp8 import Fp8Linear
+        from edgekit.weights.fp8 import Fp8Linear
 
         out = {}
         for name, module in model.named_modules():
@@ -314,7 +313,7 @@ def _quantized_weights(model, method: str) -> dict:
                     "input_scale": float(module.input_scale) if getattr(module, "input_scale", None) is not None else None,
                 }
         return out
-    from edgekit.quantize.loader import QuantLinear
+    from edgekit.weights.loader import QuantLinear
 
     return {name: module.quantized_weight() for name, module in model.named_modules() if isinstance(module, QuantLinear)}
 
@@ -324,8 +323,8 @@ def _write_float_twin(model, tokenizer, out_dir) -> None:
     that model: its ONNX export has exactly the weights the rewriters look for."""
     import torch
 
-    from edgekit.quantize.fp8 import Fp8Linear
-    from edgekit.quantize.loader import dequantize_model
+    from edgekit.weights.fp8 import Fp8Linear
+    from edgekit.weights.loader import dequantize_model
 
     dequantize_model(model)
     for parent in list(model.modules()):
@@ -363,7 +362,7 @@ def _build_draft(ctx, model, target_dir, references: dict) -> dict:
     small model reads per token). Its numbers differ from the model's (parity is checked with
     draft_parity_tolerance); a draft only proposes tokens, the large branch decides them."""
     from edgekit.export.ort_fused import build_fused_decoder, lm_head_reference
-    from edgekit.quantize.loader import QuantLinear
+    from edgekit.weights.loader import QuantLinear
 
     head = model.get_output_embeddings()
     lm_head_bits = None if isinstance(head, QuantLinear) else 8

@@ -1,4 +1,4 @@
-"""Turn a model source into a safetensors checkpoint directory, and load one.
+"""Turn a model source into a safetensors checkpoint directory (loading one: edgekit.weights.checkpoint).
 
 GGUF sources are de-quantized by transformers' GGUF loader (~20 s for SmolLM2-135M), so
 the result is cached under ``<cache>/checkpoints/<key>/`` with the sha256 of every file in
@@ -17,34 +17,9 @@ from typing import Any
 from edgekit.errors import ModelError
 from edgekit.hashing import file_table, sha256_json
 from edgekit.models.source import ModelSource
+from edgekit.weights.hf import quiet_transformers, torch_dtype
 
 CACHE_RECORD = "edgekit-cache.json"
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-def quiet_transformers() -> None:
-    """transformers logs advice meant for its own developers; keep our output readable."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        from optimum.utils import logging as optimum_logging
-
-        optimum_logging.set_verbosity_error()
-    except ImportError:
-        pass
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated.*")
-
-
 def _load_from_source(source: ModelSource, *, dtype: str, trust_remote_code: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,30 +146,3 @@ def savable_generation_config(model: Any, *, where: str) -> None:
         first = next((line.strip("- ") for line in str(exc).splitlines()[1:] if line.strip()), str(exc).splitlines()[0])
         raise ModelError(f"the model's generation_config.json is inconsistent: {first}", where=where,
                          how="fix generation_config.json in the model directory") from None
-
-
-def load_checkpoint(path: Path, *, dtype: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load a checkpoint directory written by the load stage (or any later checkpoint stage)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    quiet_transformers()
-    config = json.loads((Path(path) / "config.json").read_text())
-    if config.get("quantization_config"):
-        # Our GPTQ/FP8 checkpoints run on CPU through edgekit's own (simulating) modules.
-        from edgekit.quantize.loader import load_quantized_model
-
-        model = load_quantized_model(Path(path), dtype=torch_dtype(dtype) if dtype else None)
-        return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if dtype:
-        kwargs["dtype"] = torch_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-
-
-def load_tokenizer(path: Path, *, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
-    quiet_transformers()
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -445,7 +445,7 @@ def write_proxy_checkpoint(source: Any, out_dir: Path, *, dtype: str) -> dict[st
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from edgekit.models.checkpoint import quiet_transformers, torch_dtype
+    from edgekit.weights.hf import quiet_transformers, torch_dtype
 
     quiet_transformers()
     config, generation, origin = real_model_config(source.inner)

@@ -74,26 +74,18 @@ def graph_kv_bytes(bundle_dir: Path) -> tuple[float, str] | None:
     """KV cache bytes per value of a bundle's deployed graph (the manifest's ``tensorrt``
     variant, else ``float``, else its primary graph), read from the graph's input types; None
     when ``bundle_dir`` is not a bundle."""
-    import json
-
+    from edgekit.bundle.manifest import Bundle
     from edgekit.runtime.onnx_graph import kv_cache_dtype  # the wire format: no onnx import on the runtime path
-    from edgekit.yamlio import load_json_file
 
-    manifest_path = Path(bundle_dir) / "manifest.json"
-    if not manifest_path.is_file():
+    if not (Path(bundle_dir) / "manifest.json").is_file():
         return None
-    try:
-        onnx_section = (load_json_file(manifest_path, error_cls=ModelError, what="bundle manifest") or {}).get("onnx") or {}
-    except (EdgekitError, json.JSONDecodeError, OSError, AttributeError):
+    try:  # any problem with the manifest or the graph's path: plan from the config alone
+        bundle = Bundle.open(bundle_dir, error_cls=ModelError)
+        graph = bundle.graph("deployed", error_cls=ModelError)
+    except EdgekitError:
         return None
-    if not isinstance(onnx_section, dict):
-        return None
-    variants = onnx_section.get("variants") or {}
-    if not isinstance(variants, dict):
-        return None
-    rel = next((variants[k] for k in ("tensorrt", "float") if k in variants), onnx_section.get("file") or "model.onnx")
-    graph = (Path(bundle_dir) / str(rel)).resolve()
-    if not graph.is_file() or not graph.is_relative_to(Path(bundle_dir).resolve()):
+    rel = graph.relative_to(bundle.dir).as_posix()
+    if not graph.is_file():
         return None
     try:
         found = kv_cache_dtype(graph)

@@ -14,7 +14,8 @@ import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edgekit.prune.importance import Importance, decoder_parts, head_dim_of
+from edgekit.prune.importance import Importance, head_dim_of
+from edgekit.weights.layers import decoder_parts
 
 
 @dataclass

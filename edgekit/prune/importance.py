@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo", "olmo2")
+from edgekit.weights.layers import decoder_parts
 
 
 @dataclass
@@ -29,26 +29,6 @@ class Importance:
     hidden: Any  # [hidden_size]
     layers: Any  # [num_layers]: larger = more important
     method: str
-
-
-def decoder_parts(model: Any) -> tuple[Any, list[Any]]:
-    """(the inner model with embed_tokens/norm, its decoder layers), for Llama-like models."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None or getattr(model.config, "model_type", None) not in LLAMA_LIKE:
-        raise ValueError(
-            f"structured pruning supports Llama-style decoders ({', '.join(LLAMA_LIKE)}), "
-            f"not model_type '{getattr(model.config, 'model_type', '?')}'"
-        )
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if not hasattr(attn, name):
-                raise ValueError(f"attention without {name}: not a Llama-style layer")
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            if not hasattr(mlp, name):
-                raise ValueError(f"MLP without {name}: not a gated Llama-style MLP")
-    return inner, list(layers)
 
 
 def model_device(model: Any) -> Any:

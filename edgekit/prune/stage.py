@@ -63,10 +63,11 @@ def run_prune(ctx) -> dict:
 
     from edgekit.devices import check_dtype_on_device, compute_dtype, resolve_device
     from edgekit.errors import StageError
-    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
     from edgekit.models.text import read_token_splits
     from edgekit.prune.apply import prune_model, select_units
-    from edgekit.prune.importance import activation_importance, decoder_parts, magnitude_importance, perplexity_drop
+    from edgekit.prune.importance import activation_importance, magnitude_importance, perplexity_drop
+    from edgekit.weights.layers import decoder_parts
     from edgekit.prune.shapes import ShapeError, describe, plan_shape, shape_dict, total_parameters
     from edgekit.sizing import shape_from_config
 

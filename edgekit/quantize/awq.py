@@ -5,7 +5,7 @@ searched on calibration activations), optional scale estimation (per-group scale
 to minimise the layer's output error), then INT4/INT8 compression of every Linear inside the
 decoder layers (``ratio=1``, so none falls back to 8 bits; ``lm_head`` and the embeddings are
 in the ignored scope and stay float). This module then turns NNCF's result back into a plain
-transformers model plus one :class:`~edgekit.quantize.grid.QuantizedWeight` per Linear.
+transformers model plus one :class:`~edgekit.weights.grid.QuantizedWeight` per Linear.
 
 How NNCF 3.x's torch backend stores a compressed model (what :func:`extract_and_restore`
 reads): the model is wrapped *in place* (``model.forward`` becomes a ``ForwardWithHooks``
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgekit.errors import StageError
-from edgekit.quantize.grid import QuantizedWeight, max_code
+from edgekit.weights.grid import QuantizedWeight, max_code
 
 WHERE = "quantize.method awq"
 
@@ -169,7 +169,7 @@ def _quiet_nncf():
 
 
 def _decoder_linear_weights(model: Any) -> list[str]:
-    from edgekit.quantize.driver import decoder_linears
+    from edgekit.weights.layers import decoder_linears
 
     try:
         names = [f"{name}.weight" for name, _module in decoder_linears(model)]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from edgekit.weights.layers import decoder_layers
+
 # True-sequential groups for Llama-family decoder layers (Llama, Mistral, Qwen2/3, SmolLM):
 # modules in one group read the same input, so they share one Hessian.
 SEQUENTIAL_GROUPS = (
@@ -29,35 +31,6 @@ SEQUENTIAL_GROUPS = (
 
 class _StopForward(Exception):
     """Raised from a hook to end a forward pass early (its remaining work is not needed)."""
-
-
-def decoder_layers(model: Any) -> Any:
-    """The ModuleList of decoder layers (``model.model.layers`` for Llama-likes)."""
-    import torch
-
-    inner = getattr(model, "model", None)
-    if inner is not None and isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
-        return inner.layers
-    count = getattr(model.config, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
-    raise ValueError("cannot find the decoder layers of this model")
-
-
-def decoder_linears(model: Any) -> list[tuple[str, Any]]:
-    """(full module name, nn.Linear) of every Linear inside the decoder layers: what every
-    method quantizes (lm_head and the embeddings are outside the layers)."""
-    import torch
-
-    layers = decoder_layers(model)
-    prefix = next(name for name, module in model.named_modules() if module is layers)
-    return [
-        (f"{prefix}.{index}.{name}", module)
-        for index, layer in enumerate(layers)
-        for name, module in layer.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    ]
 
 
 def linear_groups(layer: Any) -> list[tuple[str, ...]]:

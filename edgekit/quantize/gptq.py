@@ -46,7 +46,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edgekit.quantize.grid import QuantizedWeight, find_params, max_code
+from edgekit.weights.grid import QuantizedWeight, find_params, max_code
 
 _SUB = 16  # columns per inner lazy-update sub-block (see _gptq)
 

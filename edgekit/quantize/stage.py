@@ -49,7 +49,7 @@ def run_quantize(ctx) -> dict:
     import time
 
     from edgekit.errors import StageError
-    from edgekit.models.checkpoint import load_checkpoint
+    from edgekit.weights.checkpoint import load_checkpoint
     from edgekit.models.text import read_token_splits
     from edgekit.models.calibration import calibration_samples
 
@@ -79,7 +79,8 @@ def run_quantize(ctx) -> dict:
         samples = calibration_samples(splits.calibration, samples=config.calibration_samples, sequence_length=config.sequence_length)
     try:
         if config.method == "fp8":
-            from edgekit.quantize.fp8 import fp8_quantize, save_fp8_checkpoint
+            from edgekit.quantize.fp8 import fp8_quantize
+            from edgekit.weights.fp8 import save_fp8_checkpoint
 
             with ctx.progress(None, f"fp8 (activations {config.fp8_activations}) on {len(samples)} samples"):
                 fp8_quantize(model, samples, activations=config.fp8_activations)
@@ -87,8 +88,8 @@ def run_quantize(ctx) -> dict:
             quantized_count, bits_per_weight = _count_fp8(model), 8.0 + 32.0 / model.config.hidden_size
         else:
             quantized = _integer_method(ctx, model, samples, device)
-            from edgekit.quantize.loader import save_quantized_checkpoint
-            from edgekit.quantize.packing import gptq_quantization_config
+            from edgekit.weights.loader import save_quantized_checkpoint
+            from edgekit.weights.packing import gptq_quantization_config
 
             qconfig = gptq_quantization_config(
                 bits=config.bits,
@@ -150,8 +151,9 @@ def _integer_method(ctx, model, samples, device: str = "cpu") -> dict:
                 model, samples, bits=config.bits, group_size=config.group_size or 0, symmetric=config.symmetric,
                 awq=True, scale_estimation=config.scale_estimation,
             )
-    from edgekit.quantize.driver import decoder_layers, decoder_linears, quantize_layer_by_layer
-    from edgekit.quantize.grid import rtn_quantize
+    from edgekit.quantize.driver import quantize_layer_by_layer
+    from edgekit.weights.layers import decoder_layers, decoder_linears
+    from edgekit.weights.grid import rtn_quantize
 
     layers = decoder_layers(model)
     grid = {"bits": config.bits, "group_size": config.group_size, "symmetric": config.symmetric}
@@ -188,7 +190,7 @@ def _quantize_lm_head(model, samples, config, grid) -> dict:
     """lm_head on the final-norm output. A tied head is untied first: the embedding stays float."""
     import torch
 
-    from edgekit.quantize.grid import rtn_quantize
+    from edgekit.weights.grid import rtn_quantize
 
     head = model.get_output_embeddings()
     if model.config.tie_word_embeddings:
@@ -228,7 +230,7 @@ def _bits_per_weight(quantized: dict) -> float:
 
 
 def _count_fp8(model) -> int:
-    from edgekit.quantize.fp8 import Fp8Linear
+    from edgekit.weights.fp8 import Fp8Linear
 
     return sum(1 for m in model.modules() if isinstance(m, Fp8Linear))
 

@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from edgekit.bundle.manifest import Bundle
 from edgekit.bundle.signing import require_trusted
 from edgekit.errors import EdgekitError, EngineError
 
@@ -103,21 +104,6 @@ class BranchUnavailable(Exception):
 # --- helpers shared by the local branches ---------------------------------------------------
 
 
-def _read_manifest(bundle_dir: Path) -> dict[str, Any]:
-    path = bundle_dir / "manifest.json"
-    if not path.is_file():
-        raise EdgekitError(
-            "no bundle here (manifest.json is missing)",
-            where=str(bundle_dir),
-            how="point at a bundle directory written by edgekit compress (runs/<name>/stages/<n>-bundle/<name>)",
-        )
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise EdgekitError("the bundle's manifest is not valid JSON", where=str(path),
-                           how="re-run the bundle stage; do not edit manifest.json by hand") from None
-
-
 def bundle_file(bundle_dir: Path, value: Any, *, what: str, where: str) -> Path:
     """``bundle_dir / value`` for a relative path that a bundle's manifest or runtime.json names
     (a graph file, ...), checked where it enters (:func:`edgekit.names.path_inside`: safe
@@ -128,12 +114,9 @@ def bundle_file(bundle_dir: Path, value: Any, *, what: str, where: str) -> Path:
                        how="rebuild the bundle; a bundle names its files by relative paths inside it")
 
 
-def bundle_target(manifest: dict[str, Any], where: str) -> str | None:
+def bundle_target(manifest: Any, where: str) -> str | None:
     """The manifest's ``target`` (it names ``engine/<target>.plan``), checked as a safe name."""
-    from edgekit.names import check_name
-
-    target = manifest.get("target")
-    return None if target is None else check_name(target, what="target in manifest.json", where=where)
+    return manifest.target_name(where=where)
 
 
 def _load_tokenizer(bundle_dir: Path) -> Any:
@@ -209,23 +192,21 @@ class _SessionBase:
 
 
 class _BundleBranch:
-    """What every local branch reads from the bundle: manifest, tokenizer, context length."""
+    """What every local branch reads from the bundle: manifest, tokenizer, context length.
+    ``bundle_dir`` may be a :class:`~edgekit.bundle.manifest.Bundle` already opened (its
+    manifest is not read again)."""
 
     has_logits = True
     backend = "?"
 
-    def __init__(self, bundle_dir: str | Path, *, name: str, context_length: int | None):
+    def __init__(self, bundle_dir: str | Path | Bundle, *, name: str, context_length: int | None):
         self.bundle_dir = Path(bundle_dir)
         self.name = name
-        require_trusted(self.bundle_dir)  # a machine with trusted keys loads only signed, unmodified bundles
-        self.manifest = _read_manifest(self.bundle_dir)
-        try:
-            bundle_context = int(self.manifest.get("context_length") or 2048)
-        except (TypeError, ValueError):
-            bundle_context = 0
-        if not 1 <= bundle_context <= 1 << 24:
-            raise EdgekitError(f"the manifest's context_length is not a positive token count: {self.manifest.get('context_length')!r}",
-                               where=str(self.bundle_dir / "manifest.json"), how="rebuild the bundle; do not edit manifest.json by hand")
+        self.bundle = Bundle.open(bundle_dir)
+        require_trusted(self.bundle)  # a machine with trusted keys loads only signed, unmodified bundles
+        self.manifest = self.bundle.manifest
+        # read_manifest checked it: an int in 1..2**24, or unset
+        bundle_context = self.manifest.context_length or 2048
         # A cap below the bundle's context (memory on a small device, or tests); never above:
         # the engine profiles and the model were sized for the bundle's value.
         self.context_length = min(bundle_context, int(context_length)) if context_length else bundle_context
@@ -273,13 +254,12 @@ class OnnxRuntimeBranch(_BundleBranch):
         import onnxruntime as ort
 
         super().__init__(bundle_dir, name=name, context_length=context_length)
-        self.graph = bundle_file(self.bundle_dir, self._graph_path(variant), what="ONNX graph in manifest.json (onnx.variants)",
-                                 where=str(self.bundle_dir / "manifest.json"))
+        self.graph = self.bundle.graph("onnxruntime", variant=variant)
         if not self.graph.is_file():
             raise EdgekitError("the bundle's ONNX graph is missing", where=str(self.graph),
                                how="re-run the bundle stage, or copy the whole bundle directory")
         options = ort.SessionOptions()
-        # Keep DequantizeLinear -> MatMul activations in float (see edgekit.evaluate.onnx_session:
+        # Keep DequantizeLinear -> MatMul activations in float (see edgekit.measure.onnx_session:
         # ONNX Runtime's default int8-activation kernel moves logits away from TensorRT's).
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         # A decode step is hundreds of tiny kernels: workers that sleep between them pay a
@@ -316,22 +296,6 @@ class OnnxRuntimeBranch(_BundleBranch):
         self.kv_cache = "shared_buffer" if _appends_in_place(self.graph, [o for o, _ in self._cache_pairs]) else "copied"
         logits_dim = self.ort_session.get_outputs()[outputs.index("logits")].shape[-1]
         self.vocab_size = int(logits_dim) if isinstance(logits_dim, int) else (self._config_vocab() or len(self.tokenizer))
-
-    def _graph_path(self, variant: str | None) -> str:
-        onnx = self.manifest.get("onnx") or {}
-        variants = (onnx.get("variants") if isinstance(onnx, dict) else None) or {}
-        if not isinstance(variants, dict):
-            raise EdgekitError("the manifest's onnx.variants is not a mapping", where=str(self.bundle_dir / "manifest.json"),
-                               how="rebuild the bundle; do not edit manifest.json by hand")
-        if variant is not None:
-            if variant not in variants:
-                raise EdgekitError(f"the bundle has no ONNX variant {variant!r} (it has: {', '.join(sorted(variants)) or 'none'})",
-                                   where=str(self.bundle_dir / "manifest.json"), how="pick one of the listed variants")
-            return variants[variant]
-        for key in ("onnxruntime", "float"):  # present means used: an empty or bad value is refused, not skipped
-            if key in variants:
-                return variants[key]
-        return "model.onnx"
 
     def session(self) -> OnnxRuntimeSession | SharedBufferSession:
         return SharedBufferSession(self) if self.kv_cache == "shared_buffer" else OnnxRuntimeSession(self)
@@ -507,7 +471,7 @@ class TensorRTBranch(_BundleBranch):
         from edgekit.engine.record import load_engine
 
         super().__init__(bundle_dir, name=name, context_length=context_length)
-        self.target = target or bundle_target(self.manifest, str(self.bundle_dir / "manifest.json"))
+        self.target = target or self.bundle.target(error_cls=EngineError)
         if not self.target:
             raise EngineError("the bundle names no target", where=str(self.bundle_dir / "manifest.json"),
                               how="pass target= (the name used with edgekit build-engine)")
@@ -828,12 +792,13 @@ def _tensorrt_importable() -> bool:
     return tensorrt_available() is not None
 
 
-def load_branch(spec: str | Path, *, name: str, target: str | None = None, backend: str = "auto",
+def load_branch(spec: str | Path | Bundle, *, name: str, target: str | None = None, backend: str = "auto",
                 model: str | None = None, api_key: str | None = None, timeout: float = 30.0,
                 threads: int | None = None, spin_wait: bool = True,
                 variant: str | None = None) -> OnnxRuntimeBranch | TensorRTBranch | RemoteBranch:
     """The branch for ``spec``: an ``http(s)://`` URL (a :class:`RemoteBranch`; ``model``,
-    ``api_key``, ``timeout`` apply) or a bundle directory.
+    ``api_key``, ``timeout`` apply) or a bundle directory (a path, or a
+    :class:`~edgekit.bundle.manifest.Bundle` already opened: its manifest is not read again).
 
     For a bundle, ``backend``: ``"auto"`` takes TensorRT when ``engine/<target>.plan`` exists
     and the ``tensorrt`` package imports, falling back to ONNX Runtime (with a warning) when
@@ -844,8 +809,9 @@ def load_branch(spec: str | Path, *, name: str, target: str | None = None, backe
     """
     from edgekit.names import check_name
 
-    check_name(name, what="branch name", where=str(spec)[:200])
-    text = str(spec)
+    handle = spec if isinstance(spec, Bundle) else None
+    text = str(handle.dir) if handle is not None else str(spec)
+    check_name(name, what="branch name", where=text[:200])
     if text.startswith(("http://", "https://")):
         if backend not in ("auto", "remote"):
             raise EdgekitError(f"backend {backend!r} does not apply to a URL", where=text,
@@ -853,16 +819,17 @@ def load_branch(spec: str | Path, *, name: str, target: str | None = None, backe
         return RemoteBranch(text, model=model, api_key=api_key, timeout=timeout, name=name)
     if backend not in BACKENDS:
         raise EdgekitError(f"unknown backend {backend!r}", where="backend", how=f"use one of: {', '.join(BACKENDS)}")
-    bundle = Path(spec)
-    if not bundle.is_dir():
+    bundle_dir = Path(spec)
+    if not bundle_dir.is_dir():
         raise EdgekitError("no bundle directory or http(s):// URL here", where=text,
                            how="point at a bundle directory (runs/<name>/stages/<n>-bundle/<name>) or a server URL")
-    target = target or bundle_target(_read_manifest(bundle), str(bundle / "manifest.json"))
+    bundle = Bundle.open(handle or bundle_dir)  # opened once: the branch below takes the handle
+    target = target or bundle.target()
     if target is not None:
         check_name(target, what="target", where=text)
     if backend == "onnxruntime":
         return OnnxRuntimeBranch(bundle, name=name, threads=threads, spin_wait=spin_wait, variant=variant)
-    plan = bundle / "engine" / f"{target}.plan"
+    plan = bundle_dir / "engine" / f"{target}.plan"
     if backend == "tensorrt":
         if not _tensorrt_importable():
             raise EngineError(
@@ -872,7 +839,7 @@ def load_branch(spec: str | Path, *, name: str, target: str | None = None, backe
             )
         if not plan.is_file():
             raise EngineError(f"no TensorRT engine for target {target} in this bundle", where=str(plan),
-                              how=f"build it on the device: edgekit build-engine {bundle} --target {target}")
+                              how=f"build it on the device: edgekit build-engine {bundle_dir} --target {target}")
         return TensorRTBranch(bundle, target, name=name)
     if plan.is_file() and _tensorrt_importable():
         try:

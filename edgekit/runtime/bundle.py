@@ -29,13 +29,13 @@ def read_runtime_config(bundle_dir: Path) -> Any:
     from edgekit.bundle.writer import MANIFEST_NAME, RUNTIME_NAME
     from edgekit.recipe import RuntimeConfig
 
-    bundle_dir = Path(bundle_dir)
+    handle, bundle_dir = bundle_dir, Path(bundle_dir)
     if not (bundle_dir / MANIFEST_NAME).is_file():
         raise EdgekitError("not a bundle (no manifest.json)", where=str(bundle_dir),
                            how="pass a bundle directory written by `edgekit compress` (runs/<name>/stages/NN-bundle/<name>)")
     path = bundle_dir / RUNTIME_NAME
     if not path.is_file():
-        return complete_config(bundle_dir, RuntimeConfig())
+        return complete_config(handle, RuntimeConfig())
     try:
         data = json.loads(path.read_text())
     except ValueError:
@@ -53,7 +53,7 @@ def read_runtime_config(bundle_dir: Path) -> Any:
         first = exc.errors()[0]
         raise EdgekitError(f"runtime.json: {'.'.join(map(str, first['loc'])) or 'value'}: {first['msg']}", where=str(path),
                            how="fix the file or rebuild the bundle from its recipe") from None
-    return complete_config(bundle_dir, config)
+    return complete_config(handle, config)
 
 
 def complete_config(bundle_dir: Path, config: Any) -> Any:
@@ -66,12 +66,12 @@ def complete_config(bundle_dir: Path, config: Any) -> Any:
     data = config.model_dump()
     if not needs_resolving(data):
         return config
-    bundle_dir = Path(bundle_dir)
+    handle, bundle_dir = bundle_dir, Path(bundle_dir)
     gen = read_generation_config(bundle_dir / GENERATION_CONFIG)
     reasoning_model = False
     if data.get("max_new_tokens") is None and "max_new_tokens" not in gen and config.reasoning != "off":
         reasoning_model = _bundle_reasons(bundle_dir, config.reasoning)
-    context = _manifest_context(bundle_dir)
+    context = _manifest_context(handle)
     resolved, _ = resolve_runtime(data, gen, reasoning_model=reasoning_model, context_length=context)
     return RuntimeConfig.model_validate(resolved)
 
@@ -87,12 +87,11 @@ def _bundle_reasons(bundle_dir: Path, mode: str) -> bool:
     return reasoning_enabled(mode, tokenizer, where=f"{bundle_dir / 'runtime.json'}: reasoning")
 
 
-def _manifest_context(bundle_dir: Path) -> int:
-    from edgekit.runtime.backends import _read_manifest
+def _manifest_context(bundle_dir: Any) -> int:
+    from edgekit.bundle.manifest import Bundle
 
-    manifest = _read_manifest(Path(bundle_dir))
-    value = manifest.get("context_length") if isinstance(manifest, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1_048_576 else 2048
+    value = Bundle.open(bundle_dir).context_length  # a handle's own manifest: not read again
+    return value if value is not None and value <= 1_048_576 else 2048
 
 
 def resolve_config(bundle_dir: Path, **overrides: Any) -> Any:
@@ -172,27 +171,28 @@ def large_spec(bundle_dir: Path, large: str | None) -> str | None:
 
 def draft_variant(bundle_dir: Path, config: Any) -> str | None:
     """The ONNX variant the small branch loads: the bundle's draft graph when the policy is
-    speculative (the small branch only proposes tokens there) and ``draft_graph`` is auto."""
-    from edgekit.export.stage import DRAFT_VARIANT
-    from edgekit.runtime.backends import _read_manifest
+    speculative (the small branch only proposes tokens there) and ``draft_graph`` is auto.
+    ``bundle_dir`` may be a Bundle handle (its manifest is not read again)."""
+    from edgekit.bundle.manifest import Bundle
 
     if config.policy != "speculative" or config.draft_graph != "auto":
         return None
-    onnx = _read_manifest(Path(bundle_dir)).get("onnx")
-    variants = onnx.get("variants") if isinstance(onnx, dict) else None
-    return DRAFT_VARIANT if isinstance(variants, dict) and DRAFT_VARIANT in variants else None
+    key, _ = Bundle.open(bundle_dir).graph_variant("draft")
+    return key
 
 
 def open_router(bundle_dir: Path, config: Any, *, threads: int | None = None) -> Any:
-    """A Router over the bundle (small) and ``config.large`` per ``config``."""
+    """A Router over the bundle (small) and ``config.large`` per ``config``. ``bundle_dir`` may
+    be a Bundle handle: the bundle's manifest is read once (here, or by whoever opened it)."""
+    from edgekit.bundle.manifest import Bundle
     from edgekit.runtime.backends import load_branch
     from edgekit.runtime.router import Router
 
-    bundle_dir = Path(bundle_dir)
-    small = load_branch(bundle_dir, name="small", backend=config.backend, threads=threads, spin_wait=config.spin_wait,
-                        variant=draft_variant(bundle_dir, config))
+    bundle = Bundle.open(bundle_dir)
+    small = load_branch(bundle, name="small", backend=config.backend, threads=threads, spin_wait=config.spin_wait,
+                        variant=draft_variant(bundle, config))
     large = None
-    spec = large_spec(bundle_dir, config.large)
+    spec = large_spec(bundle.dir, config.large)
     if spec:
         large = load_branch(spec, name="large", backend=config.backend if not spec.startswith("http") else "auto",
                             timeout=config.timeout_s, threads=threads, spin_wait=config.spin_wait)

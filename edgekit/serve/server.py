@@ -203,11 +203,15 @@ class EdgekitServer:
 
         from edgekit import __version__
 
+        from edgekit.bundle.manifest import Bundle
+
         options.validate()
-        self.bundle, self.options, self.config, self.threads = Path(bundle), options, config, threads
+        # opened once (edgekit.bundle.manifest): the name, the creation time and the branches
+        self.handle = Bundle.open(bundle)
+        self.bundle, self.options, self.config, self.threads = self.handle.dir, options, config, threads
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.model_name = options.model_name or _bundle_name(self.bundle)
-        self.created = int((self.bundle / "manifest.json").stat().st_mtime) if (self.bundle / "manifest.json").is_file() else 0
+        self.model_name = options.model_name or self.handle.name
+        self.created = int(self.handle.manifest_path.stat().st_mtime)
         self.state = "loading"
         self.admission: Admission | None = None
         self.parser: oa.RequestParser | None = None
@@ -280,7 +284,7 @@ class EdgekitServer:
         from edgekit.runtime.bundle import open_router
         from edgekit.runtime.router import Router
 
-        first = open_router(self.bundle, self.config, threads=self.threads)
+        first = open_router(self.handle, self.config, threads=self.threads)
         # A Router serves one request at a time; the others share its loaded branches (one ONNX
         # Runtime session or TensorRT context per branch), every request getting its own KV cache.
         routers = [first] + [
@@ -399,13 +403,6 @@ class EdgekitServer:
             out.update(in_flight=self.admission.running, queued=self.admission.queued,
                        max_concurrency=self.admission.max_concurrency, max_queue=self.admission.max_queue)
         return out
-
-
-def _bundle_name(bundle: Path) -> str:
-    try:
-        return str(json.loads((bundle / "manifest.json").read_text()).get("name") or bundle.name)
-    except (OSError, ValueError):
-        return bundle.name
 
 
 def _describe_branch(branch: Any) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def perplexity_onnx(model_path: Path, ids: Sequence[int], *, window: int, max_wi
     """Same protocol on an exported decoder (inputs as optimum writes them, empty KV cache)."""
     import numpy as np
 
-    from edgekit.evaluate.onnx_session import DecoderSession
+    from edgekit.measure.onnx_session import DecoderSession
 
     session = DecoderSession(model_path)
     nll_sum, predictions = 0.0, 0

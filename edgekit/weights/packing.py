@@ -16,14 +16,14 @@ AutoGPTQ's 3-words-per-32-codes layout, with codes straddling word boundaries.
 
 Because v1 stores ``zero - 1`` in ``b`` bits, a zero point of 0 has no encoding (it would
 wrap to ``2**b - 1`` and every v1 reader would dequantize with ``2**b``): :func:`pack_gptq`
-refuses it, and :func:`edgekit.quantize.grid.find_params` never produces it.
+refuses it, and :func:`edgekit.weights.grid.find_params` never produces it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from edgekit.quantize.grid import QuantizedWeight, max_code
+from edgekit.weights.grid import QuantizedWeight, max_code
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 _WORD = 32

@@ -3,7 +3,7 @@
 A checkpoint directory is a normal Hugging Face one (config.json, generation_config.json,
 model.safetensors, tokenizer files) whose ``config.json`` carries a ``quantization_config``
 and whose quantized linear layers are stored in the GPTQ v1 layout
-(:mod:`edgekit.quantize.packing`) instead of a float ``.weight``.
+(:mod:`edgekit.weights.packing`) instead of a float ``.weight``.
 
 :class:`QuantLinear` is a *simulation* for evaluation (perplexity, parity references): it
 dequantizes the packed weight once (cached per dtype/device) and runs ``F.linear`` on it. The
@@ -22,8 +22,9 @@ from torch import nn
 
 from edgekit.yamlio import atomic_write
 from edgekit.errors import ModelError
-from edgekit.quantize.grid import QuantizedWeight
-from edgekit.quantize.packing import pack_gptq, unpack_gptq
+from edgekit.weights.grid import QuantizedWeight
+from edgekit.weights.packing import pack_gptq, unpack_gptq
+from edgekit.weights.state import _storage_key, load_state_strict
 
 WEIGHTS_FILE = "model.safetensors"
 PACKED_KEYS = ("qweight", "qzeros", "scales", "g_idx")
@@ -53,10 +54,6 @@ def is_quantized_checkpoint(path: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------- saving
-
-
-def _storage_key(tensor: Any) -> tuple:
-    return (str(tensor.device), tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
 
 
 def _dedupe_tied(state: dict[str, Any]) -> dict[str, Any]:
@@ -307,7 +304,7 @@ def _replace_linears(model: Any, names: list[str], tensors: dict[str, Any], *, b
 
 def load_quantized_model(path: Path, *, dtype: Any = None) -> Any:
     """A quantized checkpoint as an eval-mode causal LM (QuantLinear simulation for GPTQ-format
-    checkpoints; FP8 checkpoints go to :func:`edgekit.quantize.fp8.load_fp8_model`).
+    checkpoints; FP8 checkpoints go to :func:`edgekit.weights.fp8.load_fp8_model`).
 
     ``dtype`` (torch dtype or "float32"/"float16"/"bfloat16") is the compute dtype of the float
     parts; default float32, like ``from_pretrained``.
@@ -316,13 +313,13 @@ def load_quantized_model(path: Path, *, dtype: Any = None) -> Any:
     qc = read_quantization_config(path)
     method = qc.get("quant_method") if qc else None
     if method == "fp8":
-        from edgekit.quantize.fp8 import load_fp8_model
+        from edgekit.weights.fp8 import load_fp8_model
 
         return load_fp8_model(path, dtype=dtype)
     if method != "gptq":
         raise ModelError(f"unsupported quantization method {method!r}" if method else "not a quantized checkpoint",
                          where=str(path), how="load float checkpoints with the load stage; edgekit reads 'gptq' and 'fp8'")
-    from edgekit.models.checkpoint import quiet_transformers
+    from edgekit.weights.hf import quiet_transformers
     from transformers import AutoConfig
 
     quiet_transformers()
@@ -351,41 +348,6 @@ def load_quantized_model(path: Path, *, dtype: Any = None) -> Any:
 def _output_embedding_name(model: Any) -> str | None:
     out = model.get_output_embeddings()
     return next((n for n, m in model.named_modules() if m is out), None) if out is not None else None
-
-
-REBUILD_HOW = "re-create the checkpoint with the quantize stage (it is damaged or from another model)"
-
-
-def _shared_groups(state: dict[str, Any]) -> list[set[str]]:
-    """Names of state-dict entries that share storage (tied weights), grouped."""
-    groups: dict[tuple, set[str]] = {}
-    for name, tensor in state.items():
-        groups.setdefault(_storage_key(tensor), set()).add(name)
-    return [g for g in groups.values() if len(g) > 1]
-
-
-def load_state_strict(model: Any, tensors: dict[str, Any], where: str, *, how: str = REBUILD_HOW) -> None:
-    """``load_state_dict`` that accepts only an exact match (tied weights may be stored once,
-    under either name) and reports a mismatch as one ModelError line."""
-    tied = {n for g in _shared_groups(model.state_dict()) if g & set(tensors) for n in g}
-    try:
-        result = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        detail = " ".join(str(exc).split())
-        raise ModelError(f"checkpoint tensors do not fit the model: {detail[:300]}", where=where, how=how) from exc
-    missing = sorted(set(result.missing_keys) - tied)
-    unexpected = sorted(result.unexpected_keys)
-    if missing or unexpected:
-
-        def listed(names: list[str]) -> str:
-            return ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"lacks {len(missing)} tensor(s) the model needs (missing {listed(missing)})")
-        if unexpected:
-            parts.append(f"has {len(unexpected)} tensor(s) the model does not use (unexpected {listed(unexpected)})")
-        raise ModelError(f"checkpoint tensors do not match the model: it {' and '.join(parts)}", where=where, how=how)
 
 
 def _check_g_idx(module: QuantLinear, where: str) -> None:
