@@ -95,3 +95,13 @@ def check_dtype_on_device(dtype: str, *, device: str, stage: str) -> None:
     if dtype == "float16" and device == "cpu":
         raise StageError("dtype float16 needs a CUDA GPU", where=f"stage {stage}",
                          how="use dtype auto, float32 or bfloat16 on the CPU")
+
+
+def tensorrt_available() -> str | None:
+    """The installed TensorRT Python package's version, or None (shared: the engine stage, the
+    runtime's backend choice and validate all ask)."""
+    try:
+        import tensorrt as trt
+    except Exception:  # ImportError, or a broken CUDA install raising OSError
+        return None
+    return str(trt.__version__)

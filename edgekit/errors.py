@@ -71,3 +71,7 @@ class SignatureError(EdgekitError):
 
 class DeployError(EdgekitError):
     """A deploy cannot start (bad host list, bundle, option) or a device refused or failed a step."""
+
+
+class ValidateError(EdgekitError):
+    """``edgekit validate`` cannot run as asked (bad bundle, prompts, options or output)."""

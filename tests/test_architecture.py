@@ -59,11 +59,7 @@ PENDING: dict[str, set] = {
         ("bundle", "engine", "runtime"),  # runtime.bundle/backends -> bundle, engine; bundle.stage -> runtime
         ("models", "pipeline"),  # pipeline.runner -> models.source/text; every stage -> pipeline.registry
     },
-    "stage_imports": {
-        ("edgekit.engine.prepare", "edgekit.bundle.writer"),
-        ("edgekit.engine.stage", "edgekit.bundle.writer"),  # write_tar: belongs beside the manifest
-        ("edgekit.evaluate.validate", "edgekit.engine.builder"),  # tensorrt_available
-    },
+    "stage_imports": set(),
 }
 
 

@@ -342,3 +342,36 @@ class Bundle:
 def open_bundle(bundle_dir: str | Path | Bundle, *, error_cls: type[EdgekitError] = EdgekitError) -> Bundle:
     """:meth:`Bundle.open`."""
     return Bundle.open(bundle_dir, error_cls=error_cls)
+
+
+# --- the bundle's files and its reproducible tar (sorted members, mtime 0, uid/gid 0, fixed
+# modes: the same inputs give the same bytes and the same sha256 on every machine) ---------
+
+
+def _reset(info: Any) -> Any:
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    # Scripts (build_engine.sh) keep their executable bit; everything else is 0644.
+    info.mode = 0o755 if info.isdir() or info.mode & 0o100 else 0o644
+    return info
+
+
+def write_tar(bundle_dir: Path, tar_path: Path) -> None:
+    """An uncompressed tar (weights barely compress) whose top directory is the bundle's name."""
+    import tarfile
+
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(bundle_dir, arcname=bundle_dir.name, recursive=False, filter=_reset)
+        for path in sorted(bundle_dir.rglob("*")):
+            tar.add(path, arcname=f"{bundle_dir.name}/{path.relative_to(bundle_dir).as_posix()}", recursive=False, filter=_reset)
+
+
+def bundle_files(bundle_dir: Path) -> dict[str, Any]:
+    """The manifest's ``files`` table of a bundle directory: size and sha256 of every file but
+    manifest.json itself."""
+    from edgekit.hashing import file_table
+
+    table = file_table(bundle_dir)
+    table.pop(MANIFEST_NAME, None)
+    return table

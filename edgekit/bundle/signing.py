@@ -406,7 +406,7 @@ def sign_bundle(bundle_dir: str | Path, private_key_path: str | Path) -> dict[st
     named = bundle_dir if bundle_dir.name not in ("", ".", "..") else bundle_dir.resolve()  # `edgekit sign .`: ../<name>.tar
     tar_path = named.parent / f"{named.name}.tar"
     if tar_path.is_file():
-        from edgekit.bundle.writer import write_tar
+        from edgekit.bundle.manifest import write_tar
 
         atomic_write(tar_path, lambda tmp: write_tar(named, tmp))
     return {

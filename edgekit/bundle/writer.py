@@ -9,12 +9,11 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import shutil
-import tarfile
 from pathlib import Path
-from typing import Any
 
-from edgekit.bundle.manifest import BUNDLE_FORMAT, MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME  # noqa: F401 (the format's names, re-exported)
-from edgekit.hashing import file_table
+# The format's names and its reproducible tar live with the manifest (edgekit.bundle.manifest), which
+# the stages that rewrite a bundle (build_engine, sign) share; re-exported here for the bundle stage.
+from edgekit.bundle.manifest import BUNDLE_FORMAT, MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME, bundle_files, write_tar  # noqa: F401
 
 # Files of an ONNX artifact that a runtime needs; parity.json and stage.json stay behind.
 MODEL_FILES = ("model.onnx", "model.onnx_data", "config.json", "generation_config.json")
@@ -59,26 +58,3 @@ def collect_model_files(onnx_dir: Path, bundle_dir: Path) -> list[str]:
                 copy_file(path, bundle_dir / variant_dir.name / path.name)
                 copied.append(f"{variant_dir.name}/{path.name}")
     return copied
-
-
-def _reset(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    # Scripts (build_engine.sh) keep their executable bit; everything else is 0644.
-    info.mode = 0o755 if info.isdir() or info.mode & 0o100 else 0o644
-    return info
-
-
-def write_tar(bundle_dir: Path, tar_path: Path) -> None:
-    """An uncompressed tar (weights barely compress) whose top directory is the bundle's name."""
-    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
-        tar.add(bundle_dir, arcname=bundle_dir.name, recursive=False, filter=_reset)
-        for path in sorted(bundle_dir.rglob("*")):
-            tar.add(path, arcname=f"{bundle_dir.name}/{path.relative_to(bundle_dir).as_posix()}", recursive=False, filter=_reset)
-
-
-def bundle_files(bundle_dir: Path) -> dict[str, Any]:
-    table = file_table(bundle_dir)
-    table.pop(MANIFEST_NAME, None)
-    return table

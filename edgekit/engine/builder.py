@@ -22,18 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EngineError
+from edgekit.devices import tensorrt_available  # noqa: F401 (edgekit.engine.builder.tensorrt_available stays)
 from edgekit.engine.gpu import cuda_device
 from edgekit.engine.record import RECORD_FORMAT
 from edgekit.engine.settings import BuildSettings
-
-
-def tensorrt_available() -> str | None:
-    """The installed TensorRT Python package's version, or None."""
-    try:
-        import tensorrt as trt
-    except Exception:  # ImportError, or a broken CUDA install raising OSError
-        return None
-    return str(trt.__version__)
 
 
 def build_host() -> dict[str, str | None]:

@@ -159,7 +159,7 @@ def _write_script(path: Path, text: str) -> None:
 
 def record_engine(bundle_dir: Path, manifest: Manifest | dict[str, Any], target: str, summary: dict[str, Any]) -> None:
     """The manifest always describes the bundle as it is: its engines and every file's sha256."""
-    from edgekit.bundle.writer import bundle_files
+    from edgekit.bundle.manifest import bundle_files
 
     if isinstance(manifest, Manifest):
         manifest = manifest.raw

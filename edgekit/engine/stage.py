@@ -50,7 +50,7 @@ def run_build_engine(ctx) -> dict:
     import json
     import shutil
 
-    from edgekit.bundle.writer import write_tar
+    from edgekit.bundle.manifest import write_tar
     from edgekit.engine.prepare import prepare_engine
 
     source = ctx.inputs[BUNDLE]

@@ -63,7 +63,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import EdgekitError, OutputError
+from edgekit.errors import EdgekitError, OutputError, ValidateError
 from edgekit.names import check_name
 
 FORMAT = "edgekit.validate/1"
@@ -89,10 +89,6 @@ BUDGET_MEASURES = {
 GIB = 1024**3
 QUANTILE_DEFINITION = ("numpy's default 'linear' quantile: over the n sorted samples s, h = (n - 1) * q, "
                        "result s[floor(h)] + (h - floor(h)) * (s[floor(h) + 1] - s[floor(h)])")
-
-
-class ValidateError(EdgekitError):
-    """``edgekit validate`` cannot run as asked (bad bundle, prompts, options or output)."""
 
 
 # --------------------------------------------------------------------------- statistics
@@ -289,7 +285,7 @@ def host_info() -> dict[str, Any]:
         usable = os.cpu_count()
     tensorrt = _package_version("tensorrt", "tensorrt-cu12", "tensorrt_cu12")
     if tensorrt is None and l4t_text:  # JetPack installs TensorRT's Python module with apt, without pip metadata
-        from edgekit.engine.builder import tensorrt_available
+        from edgekit.devices import tensorrt_available
 
         tensorrt = tensorrt_available()
     return {

@@ -787,7 +787,7 @@ class RemoteBranch:
 
 
 def _tensorrt_importable() -> bool:
-    from edgekit.engine.builder import tensorrt_available
+    from edgekit.devices import tensorrt_available
 
     return tensorrt_available() is not None
 

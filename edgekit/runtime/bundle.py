@@ -26,7 +26,7 @@ def read_runtime_config(bundle_dir: Path) -> Any:
     """The bundle's RuntimeConfig (defaults when the bundle predates runtime.json)."""
     from pydantic import ValidationError
 
-    from edgekit.bundle.writer import MANIFEST_NAME, RUNTIME_NAME
+    from edgekit.bundle.manifest import MANIFEST_NAME, RUNTIME_NAME
     from edgekit.recipe import RuntimeConfig
 
     handle, bundle_dir = bundle_dir, Path(bundle_dir)
@@ -206,7 +206,7 @@ def open_router(bundle_dir: Path, config: Any, *, threads: int | None = None) ->
 def write_calibration(bundle_dir: Path, config: Any, calibration: dict[str, Any]) -> Path:
     """Write ``config`` with the calibrated thresholds into the bundle's runtime.json (temp
     file + rename) with the calibration record, and refresh the manifest's sha256 list."""
-    from edgekit.bundle.writer import MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME, bundle_files
+    from edgekit.bundle.manifest import MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME, bundle_files
     from edgekit.yamlio import atomic_write_json
 
     bundle_dir = Path(bundle_dir)
