@@ -18,7 +18,7 @@ class BundleConfig(StageConfig):
 def run_bundle(ctx) -> dict:
     from edgekit import __version__
     from edgekit.bundle.writer import BUNDLE_FORMAT, MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME, bundle_files, collect_model_files, package_versions, write_tar
-    from edgekit.yamlio import atomic_write_json, dump_yaml
+    from edgekit.yamlio import atomic_write_json, dump_yaml, finite_json
 
     recipe = ctx.recipe
     name = ctx.config.name or recipe.name
@@ -51,7 +51,8 @@ def run_bundle(ctx) -> dict:
         "packages": package_versions(),
         "files": bundle_files(bundle_dir),
     }
-    (bundle_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    # strict JSON: a non-finite metric (a diverged perplexity) is written as null, never NaN/Infinity
+    (bundle_dir / MANIFEST_NAME).write_text(json.dumps(finite_json(manifest), indent=2, allow_nan=False) + "\n")
     if ctx.config.tar:
         write_tar(bundle_dir, ctx.output_dir / f"{name}.tar")
     size = sum(meta["size"] for meta in manifest["files"].values())
