@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import ModelError, OutputError, RecipeError
+from edgekit.recipe import LoadedRecipe
 
 PROXY_PREFIX = "proxy:"
 PROXY_FORMAT = "edgekit.proxy/1"  # bump when a rule below changes: it is part of the cache key
@@ -311,25 +312,16 @@ def proxy_recipe(recipe: Any, *, width_factor: int, real_layers: int, processes:
                           how="report it; meanwhile run the proxy on a copy of the recipe") from None
 
 
-class ProxyLoadedRecipe:
-    """A LoadedRecipe whose recipe is the proxied one; ``proxy`` goes into the run manifest."""
+class ProxyLoadedRecipe(LoadedRecipe):
+    """A LoadedRecipe whose recipe is the proxied one; ``proxy`` goes into the run manifest,
+    and every place an error names says so."""
 
-    def __init__(self, loaded: Any, recipe: Any, proxy: dict[str, Any]):
-        self.recipe, self.path, self.lines = recipe, loaded.path, loaded.lines
-        self.warnings = list(loaded.warnings)
+    def __init__(self, loaded: LoadedRecipe, recipe: Any, proxy: dict[str, Any]):
+        super().__init__(recipe, loaded.path, loaded.lines, list(loaded.warnings))
         self.proxy = proxy
-        self._loaded = loaded
-
-    @property
-    def base_dir(self) -> Path:
-        return self.path.parent
 
     def where(self, *loc: str | int) -> str:
-        return self._loaded.where(*loc) + " (--proxy)"
-
-    @property
-    def target_spec(self) -> str:
-        return self._loaded.target_spec
+        return super().where(*loc) + " (--proxy)"
 
 
 def proxy_loaded_recipe(loaded: Any, *, processes: int = 2) -> ProxyLoadedRecipe:
