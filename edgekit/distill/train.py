@@ -831,7 +831,8 @@ def accelerate_config_path(config: Any, recipe_dir: Path, where: str) -> Path | 
     if not path.is_absolute():
         path = recipe_dir / path
     if not path.is_file():
-        raise StageError(f"accelerate config file {config.accelerate_config!r} does not exist", where=where,
+        problem = "is not a regular file" if path.exists() else "does not exist"
+        raise StageError(f"accelerate config file {config.accelerate_config!r} {problem}", where=where,
                          how="give the path of a file `accelerate config` wrote (relative to the recipe), or remove accelerate_config")
     return path
 

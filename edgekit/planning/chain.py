@@ -141,7 +141,7 @@ def _accelerate_setup(loaded: Any, index: int, config: Any) -> dict[str, Any]:
     path = Path(config.accelerate_config).expanduser()
     path = path if path.is_absolute() else loaded.base_dir / path
     where_field = loaded.where("stages", index, "accelerate_config")
-    if not path.is_file():
+    if not path.exists():  # anything else that is not a readable YAML file: load_yaml says what it is
         raise RecipeError(f"accelerate config file {config.accelerate_config!r} does not exist", where=where_field,
                           how="give the path of a file `accelerate config` wrote (relative to the recipe), or remove "
                           "accelerate_config")
