@@ -21,24 +21,27 @@ $(STAMP): pyproject.toml setup.py edgekit/runtime/_fastpath.c Makefile
 	touch $@
 
 # The deploy tests play the device with a real OpenSSH server on loopback (started by the tests
-# themselves, on a free port) and ship files with rsync: install both when missing (Debian/
-# Ubuntu; as root, or through sudo). The one place this happens: .ci/run just calls make test.
+# themselves, on a free port) and ship files with rsync; the serve tests check the alert rules
+# with promtool and let a real Prometheus scrape a running server. Install what is missing
+# (Debian/Ubuntu; as root, or through sudo). The one place this happens: .ci/run just calls make test.
+SYSTEM_PACKAGES := openssh-server openssh-client rsync prometheus
 system-deps:
-	@if ! { test -x /usr/sbin/sshd && command -v rsync >/dev/null && command -v ssh >/dev/null; }; then \
+	@if ! { test -x /usr/sbin/sshd && command -v rsync >/dev/null && command -v ssh >/dev/null \
+	        && command -v promtool >/dev/null && command -v prometheus >/dev/null; }; then \
 	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
-	    echo "installing openssh-server, openssh-client and rsync (the deploy tests need them)"; \
+	    echo "installing $(SYSTEM_PACKAGES) (the deploy and serve tests need them)"; \
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	        openssh-server openssh-client rsync >/dev/null \
+	        $(SYSTEM_PACKAGES) >/dev/null \
 	    || { $$SUDO apt-get update -q >/dev/null && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-	        --no-install-recommends openssh-server openssh-client rsync >/dev/null; }; \
+	        --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; }; \
 	fi
 
 demo: install
 	$(BIN)/edgekit compress recipes/smollm2_to_orin_nano.yaml
 
 test: install system-deps
-	# the C fast path must have been built and sshd installed (system-deps): their tests fail instead of skipping
-	EDGEKIT_REQUIRE_FASTPATH=1 EDGEKIT_REQUIRE_SSHD=1 $(BIN)/python -m pytest -q -ra --durations=15 tests
+	# the C fast path must have been built, sshd and prometheus installed (system-deps): their tests fail instead of skipping
+	EDGEKIT_REQUIRE_FASTPATH=1 EDGEKIT_REQUIRE_SSHD=1 EDGEKIT_REQUIRE_PROMETHEUS=1 $(BIN)/python -m pytest -q -ra --durations=15 tests
 
 test-fast: install
 	EDGEKIT_REQUIRE_FASTPATH=1 $(BIN)/python -m pytest -q -ra -m "not slow" tests

@@ -7,15 +7,18 @@ can fix; the CLI turns them into one line and exit code 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgekit.errors import EdgekitError
 from edgekit.pipeline.progress import Reporter
 
+if TYPE_CHECKING:
+    from edgekit.engine.options import BuildMode, BuildOptions
+
 
 def validate_recipe(path: str | Path, *, check_sources: bool = True):
     """Parse + validate a recipe (stages, target, model and data paths). Returns a LoadedRecipe."""
-    from edgekit.recipe import load_recipe
+    from edgekit.preflight import load_recipe
 
     return load_recipe(path, check_sources=check_sources)
 
@@ -58,11 +61,11 @@ def compress(
 
     ``proxy``: run the same recipe on a tiny random model of the same architecture family and
     a local text, with the stages' costs scaled down, into ``runs/<name>-proxy`` (see
-    :mod:`edgekit.models.proxy`, docs/proxy.md); the manifest records the mapping."""
+    :mod:`edgekit.proxy_run`, docs/proxy.md); the manifest records the mapping."""
     from edgekit.pipeline.runner import run_pipeline
 
-    from edgekit.models.proxy import check_output_kind, proxy_loaded_recipe, proxy_processes
-    from edgekit.recipe import check_recipe_sources
+    from edgekit.preflight import check_recipe_sources
+    from edgekit.proxy_run import check_output_kind, proxy_loaded_recipe, proxy_processes
 
     loaded = validate_recipe(path, check_sources=False)
     if proxy:  # the sources checked are the proxy's (its model, the local text)
@@ -171,8 +174,8 @@ def build_engine(
     path: str | Path,
     *,
     target: str | Path | None = None,
-    options: Any = None,
-    build: str = "auto",
+    options: BuildOptions | None = None,
+    build: BuildMode = "auto",
     check: bool = True,
     context_length: int | None = None,
     backend: str = "tensorrt",
@@ -184,9 +187,10 @@ def build_engine(
     ``build_engine.sh``, and the engine when this machine has TensorRT and the target's GPU
     (``build``: auto | always | never). ``backend="ort-tensorrt"``: ONNX Runtime's TensorRT
     execution provider builds and caches its engines under ``engine/ort-<target>/`` (needs
-    ``onnxruntime-gpu``). Returns a summary; see :mod:`edgekit.engine.prepare`."""
+    ``onnxruntime-gpu``). ``options``: :class:`edgekit.engine.options.BuildOptions` (default:
+    its defaults). Returns a summary; see :mod:`edgekit.engine.prepare`."""
+    from edgekit.engine.options import BuildOptions
     from edgekit.engine.prepare import prepare_engine, settings_for
-    from edgekit.engine.settings import BuildOptions
     from edgekit.errors import EngineError
 
     bundle_dir, onnx_rel, bundle = _engine_inputs(path)
@@ -216,14 +220,14 @@ def check_tensorrt(
     path: str | Path,
     *,
     target: str | Path | None = None,
-    options: Any = None,
+    options: BuildOptions | None = None,
     context_length: int | None = None,
 ) -> dict[str, Any]:
     """TensorRT readiness of a bundle's (or a bare .onnx file's) graph for ``target``: the same
     checks ``build-engine`` runs first, with the same profiles, but graph/target mismatches
     (FP8 on Orin, ...) are reported as findings instead of raised. Writes nothing."""
+    from edgekit.engine.options import BuildOptions
     from edgekit.engine.prepare import run_checks, settings_for
-    from edgekit.engine.settings import BuildOptions
 
     bundle_dir, onnx_rel, bundle = _engine_inputs(path)
     _require_trusted_bundle(bundle_dir, bundle)  # a device with trusted keys checks only signed, unmodified bundles
@@ -274,9 +278,9 @@ def run_prompt(
     "reasoning" events and the answer's as "text", and the dict's ``text`` is the answer and
     ``reasoning`` the block (None when there was none); ``reasoning`` is None when not split."""
     from edgekit.bundle.manifest import Bundle
+    from edgekit.runtime.answers import StreamEvent
     from edgekit.runtime.bundle import open_router, resolve_config
     from edgekit.runtime.reasoning import ReasoningParser, prompt_opens_reasoning, reasoning_enabled
-    from edgekit.runtime.router import StreamEvent
 
     handle = Bundle.open(bundle)  # manifest.json is read here, once: the handle goes everywhere below
     config = resolve_config(handle, policy=policy, large=large, backend=backend, max_new_tokens=max_new_tokens,
@@ -327,7 +331,8 @@ def calibrate_router(
     runtime.json. ``policy`` defaults to the bundle's when it is input_complexity or cascade,
     else cascade. Returns the calibration record (with the rate achieved on the evaluation half)."""
     from edgekit.runtime.bundle import open_router, resolve_config, write_calibration
-    from edgekit.runtime.calibration import CALIBRATABLE, apply_calibration, calibrate, held_out_prompts
+    from edgekit.runtime.calibration import apply_calibration, calibrate, held_out_prompts
+    from edgekit.runtime.config import CALIBRATABLE
 
     bundle = Path(bundle)
     _refuse_if_signed(bundle, "calibrate-router rewrites its runtime.json")  # calibrate before signing, not after
@@ -504,7 +509,7 @@ def validate_bundle(
     ``output_dir`` (default ``./validate-<bundle name>``). Returns the report
     (``edgekit.validate/1``); ``report["passed"]`` is False when a budget is breached. See
     docs/validate.md."""
-    from edgekit.evaluate.validate import validate_bundle as _validate
+    from edgekit.validate import validate_bundle as _validate
 
     return _validate(bundle, backend=backend, prompts=prompts, concurrency=concurrency, requests=requests, warmup=warmup,
                      max_new_tokens=max_new_tokens, threads=threads, output_dir=output_dir, budgets=budgets, quiet=quiet)

@@ -10,7 +10,9 @@ from pathlib import Path
 import click
 
 from edgekit import __version__
+from edgekit.engine.options import BuildEngineOptions, BuildOptions
 from edgekit.errors import EdgekitError
+from edgekit.runtime.config import CALIBRATABLE, RuntimeConfig, SamplingConfig, bounds, choices, is_int
 
 
 class _Finite(click.FloatRange):
@@ -302,62 +304,73 @@ def _print_plan(plan: dict) -> None:
 
 
 
-def _engine_options(func):
-    """The build knobs shared by build-engine and check (the build_engine stage's parameters)."""
-    options = [
-        click.option("--target", "-t", metavar="NAME", help="Target profile name or YAML path (default: the bundle's target)."),
-        click.option("--max-batch", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True, help="Largest batch the engine accepts."),
-        click.option("--max-prefill", type=click.IntRange(1, MAX_TOKENS), default=512, show_default=True, help="Longest prompt one prefill call takes."),
-        click.option("--opt-prefill", type=click.IntRange(1, MAX_TOKENS), help="Prompt length TensorRT tunes prefill for (default: min(128, max-prefill))."),
-        click.option("--workspace-gb", type=_Finite(0, 1024, min_open=True), default=4.0, show_default=True, help="TensorRT workspace memory pool limit."),
-        click.option("--optimization-level", type=click.IntRange(0, 5), default=3, show_default=True,
-                     help="Builder optimization level (higher: longer build, maybe a faster engine)."),
-        click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
-                     default="none", show_default=True, help="Engines that run on other GPUs (workstations only)."),
-        click.option("--version-compatible", is_flag=True, help="Engine runs on later TensorRT releases of the same major version."),
-        click.option("--typing", type=click.Choice(["auto", "strong", "weak"]), default="auto", show_default=True,
-                     help="auto: strongly typed for Q/DQ graphs and on TensorRT 11, FP16 weak typing for float graphs on 10.x."),
-        click.option("--no-timing-cache", is_flag=True, help="Do not keep or reuse a timing cache beside the bundle."),
-        click.option("--context-length", type=click.IntRange(16, MAX_TOKENS), metavar="N", help="Decode profile's longest context (default: the bundle's)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+def _field_option(model, name: str):
+    """The click option for the pydantic field ``name`` of ``model``: its flag, type, bounds,
+    choices, default and help all come from the field, so the CLI cannot drift from the model.
+    A bool is a flag (``--x/--no-x`` when it defaults on); ``--x-y`` for field ``x_y``."""
+    import types
+    import typing
+
+    field = model.model_fields[name]
+    flag = "--" + name.replace("_", "-")
+    text = field.description + "."
+    if not text.split()[0].endswith(":"):  # "auto: ..." names a choice and keeps its case
+        text = text[:1].upper() + text[1:]
+    bound = {key: getattr(item, key) for item in field.metadata for key in ("ge", "gt", "le", "lt") if hasattr(item, key)}
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `int | None`: the option may be left out
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is bool:
+        if field.default:
+            return click.option(f"{flag}/--no-{flag[2:]}", name, default=True, show_default=True, help=text)
+        return click.option(flag, name, is_flag=True, default=False, help=text)
+    if typing.get_origin(kind) is typing.Literal:
+        kind = click.Choice(typing.get_args(kind))
+    elif kind is int:
+        kind = click.IntRange(bound.get("ge", bound.get("gt")), bound.get("le", bound.get("lt")),
+                              min_open="gt" in bound, max_open="lt" in bound)
+    elif kind is float:
+        kind = _Finite(bound.get("ge", bound.get("gt")), bound.get("le", bound.get("lt")),
+                       min_open="gt" in bound, max_open="lt" in bound)
+    return click.option(flag, name, type=kind, default=field.default, show_default=field.default is not None, help=text)
 
 
-def _build_options(kw: dict):
-    from edgekit.engine.settings import BuildOptions
-    from edgekit.errors import EngineError
+def _model_options(model, *, around: tuple = ()):
+    """Decorator: one option per field of ``model`` (in field order), after the ``around`` options."""
 
-    for name in ("max_batch", "max_prefill", "opt_prefill"):
-        if kw[name] is not None and kw[name] < 1:
-            raise EngineError(f"{name.replace('_', '-')} must be at least 1 (got {kw[name]})", where=f"--{name.replace('_', '-')}",
-                              how="pass a positive number")
-    if kw["workspace_gb"] <= 0:
-        raise EngineError(f"workspace-gb must be positive (got {kw['workspace_gb']})", where="--workspace-gb", how="pass e.g. 1 or 4")
-    return BuildOptions(
-        max_batch=kw["max_batch"], max_prefill=kw["max_prefill"], opt_prefill=kw["opt_prefill"], workspace_gb=kw["workspace_gb"],
-        optimization_level=kw["optimization_level"], timing_cache=not kw["no_timing_cache"],
-        hardware_compatibility=kw["hardware_compatibility"], version_compatible=kw["version_compatible"], typing=kw["typing"],
-    )
+    def decorate(func):
+        for option in reversed([*around, *(_field_option(model, name) for name in model.model_fields)]):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+_ENGINE_SOURCE_OPTIONS = (
+    click.option("--target", "-t", metavar="NAME", help="Target profile name or YAML path (default: the bundle's target)."),
+    click.option("--context-length", type=click.IntRange(16, MAX_TOKENS), metavar="N", help="Decode profile's longest context (default: the bundle's)."),
+)
+
+
+def _build_options(kw: dict) -> BuildOptions:
+    """The :class:`~edgekit.engine.options.BuildOptions` of a command's keyword arguments (their
+    options were made from its fields; the rest is left in ``kw``)."""
+    return BuildOptions(**{name: kw.pop(name) for name in BuildOptions.model_fields})
 
 
 @main.command("build-engine")
 @click.argument("path", metavar="BUNDLE_OR_ONNX", type=click.Path())
-@_engine_options
-@click.option("--build", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
-              help="auto: build when TensorRT and the target's GPU are here, else write the device build script; always: fail instead.")
-@click.option("--no-check", is_flag=True, help="Skip the readiness checks (edgekit check) that otherwise run first.")
+@_model_options(BuildEngineOptions, around=_ENGINE_SOURCE_OPTIONS)
 @click.option("--backend", type=click.Choice(["tensorrt", "ort-tensorrt"]), default="tensorrt", show_default=True,
               help="tensorrt: the TensorRT Python API / trtexec; ort-tensorrt: ONNX Runtime's TensorRT EP builds and caches the engines.")
-def build_engine_cmd(path: str, build: str, no_check: bool, backend: str, **kw) -> None:
+def build_engine_cmd(path: str, build: str, check: bool, backend: str, **kw) -> None:
     """Build a TensorRT engine for a target into a bundle (in place), or write everything needed
     to build it on the device (engine/<target>.trtexec.sh, build_engine.sh) when this machine
     cannot: an engine is tied to the GPU and TensorRT version it is built with."""
     from edgekit import api
 
     summary = api.build_engine(
-        path, target=kw["target"], options=_build_options(kw), build=build, check=not no_check,
+        path, target=kw["target"], options=_build_options(kw), build=build, check=check,
         context_length=kw["context_length"], backend=backend, echo=lambda message: click.echo(message, err=True),
     )
     bundle = summary["bundle"]
@@ -383,7 +396,7 @@ def build_engine_cmd(path: str, build: str, no_check: bool, backend: str, **kw) 
 
 @main.command("check")
 @click.argument("path", metavar="BUNDLE_OR_ONNX", type=click.Path())
-@_engine_options
+@_model_options(BuildOptions, around=_ENGINE_SOURCE_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check_cmd(path: str, as_json: bool, **kw) -> None:
     """Static TensorRT readiness checks of a bundle's graph for a target (opset, parser support,
@@ -409,24 +422,39 @@ def check_cmd(path: str, as_json: bool, **kw) -> None:
 
 
 
+def _setting(model, name: str, *, cap: float | None = None) -> click.ParamType:
+    """The click type of runtime setting ``name`` (edgekit.runtime.config): its choices, or its
+    bounds; ``cap`` bounds what the model leaves open (or wide) so no option can ask for an
+    absurd value."""
+    values = choices(model, name)
+    if values:
+        return click.Choice(list(values))
+    b = bounds(model, name)
+    low, high = b.get("ge", b.get("gt")), b.get("le", b.get("lt"))
+    if cap is not None:
+        high = cap if high is None else min(high, cap)
+    if is_int(model, name):
+        return click.IntRange(low, high, min_open="gt" in b, max_open="lt" in b and high == b["lt"])
+    return _Finite(low, high, min_open="gt" in b, max_open="lt" in b and high == b["lt"])
+
+
 @main.command("run")
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", "-p", required=True, help="The prompt (plain text; no chat template is applied).")
-@click.option("--policy", type=click.Choice(["small_only", "large_only", "input_complexity", "cascade", "speculative"]),
-              help="Routing policy (default: the bundle's runtime.json).")
+@click.option("--policy", type=_setting(RuntimeConfig, "policy"), help="Routing policy (default: the bundle's runtime.json).")
 @click.option("--large", metavar="BUNDLE_OR_URL", help="The large branch: a bundle directory or an OpenAI-compatible endpoint.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), help="Local backend (default: the bundle's, auto).")
-@click.option("--max-new-tokens", type=click.IntRange(1, MAX_TOKENS), help="Generation limit (default: the bundle's).")
-@click.option("--temperature", type=_Finite(0, 1e6), help="0 = greedy (default: the bundle's).")
-@click.option("--top-k", type=click.IntRange(0, 1 << 22))
-@click.option("--top-p", type=_Finite(0, 1, min_open=True))
-@click.option("--min-p", type=_Finite(0, 1))
-@click.option("--repetition-penalty", type=_Finite(0, 1e6, min_open=True))
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1))
-@click.option("--draft-tokens", type=click.IntRange(1, 32), help="speculative: tokens drafted per round (default: the bundle's).")
-@click.option("--draft-min-confidence", type=_Finite(0, 1, max_open=True),
+@click.option("--backend", type=_setting(RuntimeConfig, "backend"), help="Local backend (default: the bundle's, auto).")
+@click.option("--max-new-tokens", type=_setting(RuntimeConfig, "max_new_tokens"), help="Generation limit (default: the bundle's).")
+@click.option("--temperature", type=_setting(SamplingConfig, "temperature"), help="0 = greedy (default: the bundle's).")
+@click.option("--top-k", type=_setting(SamplingConfig, "top_k", cap=1 << 22))
+@click.option("--top-p", type=_setting(SamplingConfig, "top_p"))
+@click.option("--min-p", type=_setting(SamplingConfig, "min_p"))
+@click.option("--repetition-penalty", type=_setting(SamplingConfig, "repetition_penalty"))
+@click.option("--seed", type=_setting(SamplingConfig, "seed", cap=2**63 - 1))
+@click.option("--draft-tokens", type=_setting(RuntimeConfig, "draft_tokens"), help="speculative: tokens drafted per round (default: the bundle's).")
+@click.option("--draft-min-confidence", type=_setting(RuntimeConfig, "draft_min_confidence"),
               help="speculative: end a round early below this draft probability (default: the bundle's; 0 = never).")
-@click.option("--reasoning", type=click.Choice(["auto", "off", "split"]),
+@click.option("--reasoning", type=_setting(RuntimeConfig, "reasoning"),
               help="A reasoning model's <think> block: split = apart from the answer (dimmed on stderr; --json "
               "'reasoning'), off = as written (default: the bundle's, auto).")
 @click.option("--stream", is_flag=True, help="Print the text as it is generated.")
@@ -498,11 +526,11 @@ def _route_line(result: dict) -> str:
 @click.argument("bundle", type=click.Path())
 @click.option("--large-rate", type=click.FloatRange(0, 1), default=0.3, show_default=True,
               help="Share of requests that should reach the large branch.")
-@click.option("--policy", type=click.Choice(["input_complexity", "cascade"]), help="Default: the bundle's, else cascade.")
+@click.option("--policy", type=click.Choice(CALIBRATABLE), help="Default: the bundle's, else cascade.")
 @click.option("--large", metavar="BUNDLE_OR_URL", help="The large branch to record (default: the bundle's).")
 @click.option("--prompts", type=click.IntRange(4, 4096), default=64, show_default=True,
               help="Held-out prompts to fit on (as many again check the rate).")
-@click.option("--max-new-tokens", type=click.IntRange(1, MAX_TOKENS), help="cascade: tokens generated per prompt while scoring (default: the bundle's).")
+@click.option("--max-new-tokens", type=_setting(RuntimeConfig, "max_new_tokens"), help="cascade: tokens generated per prompt while scoring (default: the bundle's).")
 def calibrate_router_cmd(bundle: str, large_rate: float, policy, large, prompts: int, max_new_tokens) -> None:
     """Pick the router threshold so that --large-rate of held-out prompts go to the large branch
     (quantile calibration on the small branch's scores) and write it into the bundle's runtime.json."""
@@ -608,10 +636,9 @@ def unpack_cmd(archive: str, dest: str | None) -> None:
 @click.argument("bundle", type=click.Path())
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port; 0 picks a free one (printed).")
-@click.option("--policy", type=click.Choice(["small_only", "large_only", "input_complexity", "cascade", "speculative"]),
-              help="Routing policy (default: the bundle's runtime.json).")
+@click.option("--policy", type=_setting(RuntimeConfig, "policy"), help="Routing policy (default: the bundle's runtime.json).")
 @click.option("--large", metavar="BUNDLE_OR_URL", help="The large branch: a bundle directory or an OpenAI-compatible endpoint.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), help="Local backend (default: the bundle's, auto).")
+@click.option("--backend", type=_setting(RuntimeConfig, "backend"), help="Local backend (default: the bundle's, auto).")
 @click.option("--api-key", envvar="EDGEKIT_API_KEY", show_envvar=True, metavar="TOKEN",
               help="Require 'Authorization: Bearer TOKEN' on /v1/*.")
 @click.option("--auth-metrics", is_flag=True, help="Require the key on /healthz and /metrics too.")
@@ -623,7 +650,7 @@ def unpack_cmd(archive: str, dest: str | None) -> None:
 @click.option("--request-timeout", type=_Finite(0, 86_400, min_open=True), default=300.0, show_default=True, help="Seconds per request, queue wait included.")
 @click.option("--grace-period", type=_Finite(0, 86_400), default=30.0, show_default=True,
               help="On SIGINT/SIGTERM: seconds admitted requests may still take.")
-@click.option("--branch-timeout", type=_Finite(0, 86_400, min_open=True), metavar="S",
+@click.option("--branch-timeout", type=_setting(RuntimeConfig, "timeout_s", cap=86_400), metavar="S",
               help="A branch slower than this per request counts as failed (default: the bundle's timeout_s).")
 @click.option("--threads", type=click.IntRange(1, 1024), help="ONNX Runtime intra-op threads per branch (default: one per core).")
 @click.option("--max-connections", type=click.IntRange(1, 100_000), default=64, show_default=True,

@@ -43,13 +43,15 @@ def name_problem(value: Any) -> str | None:
     if value.startswith("."):
         return "the name starts with a dot"
     if not _SAFE_NAME.fullmatch(value):
-        return f"the name {_shown(value)} has characters outside the rule ({SAFE_NAME_RULE})"
+        return f"the name {shown(value)} has characters outside the rule ({SAFE_NAME_RULE})"
     return None
 
 
-def _shown(value: str) -> str:
+def shown(value: str, limit: int = 40) -> str:
+    """``value`` as it goes into a one-line message: ASCII-escaped (a control character or a
+    right-to-left mark cannot disguise it) and cut to ``limit`` characters."""
     text = ascii(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_name(value: Any, *, what: str, where: str | None = None,
@@ -143,7 +145,7 @@ def relative_path_problem(rel: Any) -> str | None:
     for part in parts:
         problem = name_problem(part)
         if problem is not None:
-            return f"component {_shown(part)}: {problem}"
+            return f"component {shown(part)}: {problem}"
     return None
 
 
@@ -153,8 +155,8 @@ def check_relative_path(rel: Any, *, what: str, where: str | None = None,
     """``rel`` if :func:`relative_path_problem` finds nothing, else one line naming ``what``."""
     problem = relative_path_problem(rel)
     if problem is not None:
-        shown = _shown(rel) if isinstance(rel, str) else type(rel).__name__
-        raise error_cls(f"invalid {what} {shown}: {problem}", where=where, how=how)
+        name = shown(rel) if isinstance(rel, str) else type(rel).__name__
+        raise error_cls(f"invalid {what} {name}: {problem}", where=where, how=how)
     return rel
 
 
@@ -165,7 +167,7 @@ def path_inside(root: Path | str, rel: Any, *, what: str, where: str | None = No
     :func:`relative_path_problem` rule, and inside ``root`` once symlinks are followed."""
     path = Path(root) / check_relative_path(rel, what=what, where=where, error_cls=error_cls, how=how)
     if not is_inside(os.path.realpath(path), root):
-        raise error_cls(f"invalid {what} {_shown(rel)}: it leads outside its folder (a symbolic link)", where=where, how=how)
+        raise error_cls(f"invalid {what} {shown(rel)}: it leads outside its folder (a symbolic link)", where=where, how=how)
     return path
 
 
@@ -246,4 +248,4 @@ def clean_stale_temp_dirs(base: Path | str, prefix: str, *, now: float | None = 
 
 
 __all__ = ["STALE_AFTER_S", "clean_stale_temp_dirs", "MAX_PATH_CHARS", "MAX_PATH_DEPTH", "check_relative_path", "path_inside", "relative_path_problem",
-           "remove_tree", "rename_inside", "SAFE_NAME_MAX", "SAFE_NAME_RULE", "SafeName", "check_name", "is_inside", "name_problem", "require_inside"]
+           "remove_tree", "rename_inside", "SAFE_NAME_MAX", "SAFE_NAME_RULE", "SafeName", "check_name", "is_inside", "name_problem", "require_inside", "shown"]

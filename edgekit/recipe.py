@@ -8,11 +8,11 @@ silently ignored setting. Every field: docs/recipe_reference.md (generated from 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edgekit.errors import EdgekitError, RecipeError
+from edgekit.errors import RecipeError
 from edgekit.names import SafeName, relative_path_problem
 from edgekit.pipeline.registry import EarlierStage, ReferenceProblem, all_stages, get_stage
 from edgekit.yamlio import LineMap, dump_yaml, format_loc, load_yaml, pydantic_error
@@ -73,84 +73,7 @@ class Budgets(_Strict):
     memory_gb: float | None = Field(None, gt=0, description="peak memory of the runtime (GiB)")
 
 
-class SamplingConfig(_Strict):
-    """How the runtime picks each token (edgekit.runtime.fastpath; order: penalties ->
-    temperature -> top-k -> softmax -> top-p -> min-p). temperature, top_k, top_p, min_p and
-    repetition_penalty left unset (null) come from the model's generation_config.json when the
-    bundle is written, else from the defaults below (edgekit.runtime.generation_config);
-    runtime.json records the value used and where it came from."""
-
-    temperature: float | None = Field(None, ge=0, le=1e6, description="0 = greedy (unset: generation_config.json, "
-                                      "do_sample false -> 0; else 0)")
-    top_k: int | None = Field(None, ge=0, le=2**31 - 1, description="keep the k most likely tokens (0 = all; unset: "
-                              "generation_config.json, else 0)")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus: the smallest set with this much probability "
-                                "(unset: generation_config.json, else 1)")
-    min_p: float | None = Field(None, ge=0, le=1, description="drop tokens below min_p x the top probability (unset: "
-                                "generation_config.json, else 0)")
-    repetition_penalty: float | None = Field(None, gt=0, le=1e6, description="CTRL-style, over the last penalty_last_n "
-                                             "tokens (unset: generation_config.json, else 1)")
-    frequency_penalty: float = Field(0.0, ge=-1e6, le=1e6, description="OpenAI-style, per occurrence")
-    presence_penalty: float = Field(0.0, ge=-1e6, le=1e6, description="OpenAI-style, once per seen token")
-    penalty_last_n: int = Field(64, ge=0, description="how many recent tokens the penalties look at")
-    seed: int = Field(0, ge=0, description="RNG seed (same seed, same tokens)")
-
-
-ROUTING_POLICIES = ("small_only", "large_only", "input_complexity", "cascade", "speculative")
-
-
-class RuntimeConfig(_Strict):
-    """How the bundle answers prompts (``edgekit run``): which branch, and when the large one."""
-
-    policy: Literal["small_only", "large_only", "input_complexity", "cascade", "speculative"] = Field(
-        "small_only", description="small_only | large_only | input_complexity | cascade | speculative")
-    large: str | None = Field(
-        None, description="the large branch: an OpenAI-compatible endpoint (http(s)://...) or a bundle directory "
-        "(relative to the bundle it is written into)")
-    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
-        "auto", description="auto: the TensorRT engine when it is in the bundle and loads here, else ONNX Runtime")
-    max_new_tokens: int | None = Field(
-        None, ge=1, le=1_048_576, description="default generation limit (unset: generation_config.json's max_new_tokens, "
-        "else the context length for a reasoning model, else 128)")
-    reasoning: Literal["auto", "off", "split"] = Field(
-        "auto", description="a reasoning model's <think>...</think> block: split = returned apart from the answer "
-        "(edgekit run --json 'reasoning', serve 'reasoning_content'); off = the text as written; auto = split when the "
-        "tokenizer knows the tags (edgekit.runtime.reasoning)")
-    draft_tokens: int = Field(8, ge=1, le=32, description="speculative: most tokens the small branch drafts per round")
-    draft_min_confidence: float = Field(
-        0.5, ge=0, lt=1, description="speculative: end a draft round early when the small branch's probability for its "
-        "drafted token is below this (0: always draft draft_tokens); the output does not change, only the speed")
-    draft_graph: Literal["auto", "off"] = Field(
-        "auto", description="speculative, ONNX Runtime: draft with the bundle's onnxruntime_draft graph (export_onnx "
-        "draft_graph: int8 activations, faster, less exact) when it has one (auto), or with its main graph (off)")
-    timeout_s: float = Field(30.0, gt=0, description="a branch slower than this (per request) counts as failed")
-    spin_wait: bool = Field(
-        True, description="ONNX Runtime: worker threads busy-wait between the kernels of a decode step (faster on a "
-        "dedicated device); false: they sleep (better on a host whose cores other processes keep busy)")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    thresholds: dict[str, float | int | str] = Field(
-        default_factory=dict, description="router thresholds (complexity, length_weight, confidence, quantile, "
-        "min_tokens, check); edgekit calibrate-router fits them")
-
-    @field_validator("thresholds")
-    @classmethod
-    def _thresholds_ok(cls, value: dict) -> dict:
-        from edgekit.runtime.router import Thresholds
-
-        try:
-            Thresholds.of(dict(value))
-        except EdgekitError as exc:
-            raise ValueError(exc.what) from None
-        return value
-
-    @model_validator(mode="after")
-    def _large_when_needed(self):
-        if self.policy != "small_only" and not self.large:
-            raise ValueError(f"policy {self.policy} needs a large branch: set runtime.large to a bundle directory or an "
-                             "http(s):// endpoint")
-        if self.policy == "speculative" and self.large and self.large.startswith(("http://", "https://")):
-            raise ValueError("speculative decoding needs the large branch's logits: runtime.large must be a local bundle")
-        return self
+from edgekit.runtime.config import RuntimeConfig
 
 
 class StageSpec(_Strict):
@@ -341,12 +264,11 @@ class LoadedRecipe:
         return spec
 
 
-def load_recipe(path: Path | str, *, check_sources: bool = True) -> LoadedRecipe:
-    """Parse and validate a recipe file. Every problem raises a one-line :class:`RecipeError`
-    (or the Target/Model/Data error for that field) naming the file and line.
-
-    With ``check_sources`` the target profile, the model path and the data file are
-    checked too (cheap: nothing is loaded).
+def read_recipe(path: Path | str) -> LoadedRecipe:
+    """Parse and validate a recipe file against the schema and the stage registry (stage
+    types, parameters, order, references). Every problem raises a one-line
+    :class:`RecipeError` naming the file and line. Nothing outside the file is looked at: the
+    target, the model, the data and the full-scale checks are :func:`edgekit.preflight.load_recipe`'s.
     """
     path = Path(path)
     data, lines = load_yaml(path, error_cls=RecipeError, what="recipe")
@@ -361,45 +283,7 @@ def load_recipe(path: Path | str, *, check_sources: bool = True) -> LoadedRecipe
     except ValidationError as exc:
         raise pydantic_error(exc, path=path, lines=lines, model_cls=Recipe, error_cls=RecipeError) from None
     warnings = _check_stages(recipe, path, lines)
-    loaded = LoadedRecipe(recipe, path, lines, warnings)
-    if check_sources:
-        check_recipe_sources(loaded)
-    return loaded
+    return LoadedRecipe(recipe, path, lines, warnings)
 
 
-def check_recipe_sources(loaded: LoadedRecipe) -> None:
-    """Target, model and data exist and are usable. Errors point at the recipe line."""
-    from edgekit.models.source import check_gguf_supported, resolve_model_source
-    from edgekit.models.text import check_data_budget, resolve_data
-    from edgekit.targets import load_target
-
-    recipe = loaded.recipe
-
-    def _relocate(exc: EdgekitError, *loc: str) -> EdgekitError:
-        # Keep the error's class and advice but say where in the recipe it came from.
-        # Keep a file path the error named (e.g. the custom target YAML with the bad line).
-        detail = f" -> {exc.where}" if exc.where and ("/" in exc.where or "\\" in exc.where) else ""
-        where = loaded.where(*loc) + detail
-        return type(exc)(exc.what, where=where, how=exc.how)
-
-    from edgekit.rules import check_target_rules
-
-    try:
-        target = load_target(loaded.target_spec)
-    except EdgekitError as exc:
-        raise _relocate(exc, "target") from None
-    try:
-        source = resolve_model_source(recipe.model, revision=recipe.revision, base_dir=loaded.base_dir)
-        if source.kind == "gguf":
-            check_gguf_supported(source.path)
-    except EdgekitError as exc:
-        raise _relocate(exc, "model") from None
-    try:
-        resolve_data(recipe.data, base_dir=loaded.base_dir)
-    except EdgekitError as exc:
-        raise _relocate(exc, "data", "source") from None
-    check_data_budget(loaded)  # each stage's tokens against the text's (edgekit.models.text)
-    check_target_rules(loaded, target, source)
-
-
-__all__ = ["Recipe", "DataConfig", "Budgets", "StageSpec", "LoadedRecipe", "load_recipe", "format_loc"]
+__all__ = ["Recipe", "DataConfig", "Budgets", "StageSpec", "LoadedRecipe", "read_recipe", "format_loc"]

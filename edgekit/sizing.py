@@ -1,6 +1,8 @@
-"""Memory arithmetic from a model's config alone (no weights): used by recipe validation to
-refuse a model that cannot fit the target, and by `edgekit plan` (:mod:`edgekit.planning`,
-which adds activations, decode and prefill time). Every number here is a *prediction*.
+"""A model's shape and memory from its config alone (no weights): the bounded readers of a
+config.json and of a GGUF header, where a hub model's config is found offline, the shape they
+give, and the memory arithmetic on it. Used by recipe validation to refuse a model that cannot
+fit the target, and by `edgekit plan` (:mod:`edgekit.planning`, which adds activations, decode
+and prefill time). Every number here is a *prediction*.
 
 Units (the one memory model, shared by ``plan``, recipe validation's rules and shape chain,
 and the TensorRT readiness check): memory in **decimal GB** (``GB`` = 10^9 bytes), as the
@@ -21,8 +23,6 @@ GIB = 1024**3  # only for quantities defined in GiB (TensorRT's workspace pool l
 #: A target's ``usable_gb`` already excludes the OS, the CUDA context and library workspaces
 #: (its "reserve"), so this covers only the engine's own allocations. A planning estimate.
 RUNTIME_ALLOWANCE_GB = 0.25
-#: The former name (it was 0.5 GiB here and 0.25 GB in the readiness check).
-RUNTIME_OVERHEAD_GB = RUNTIME_ALLOWANCE_GB
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,53 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         qkv_bias=qwen2 or attention_bias,
         o_bias=attention_bias and not qwen2,
     )
+
+
+# A model directory is input too: its config.json sizes every tensor the load stage allocates
+# (a "num_hidden_layers": 1e9 would take the machine down before transformers complained).
+# Each shape field, where present, must be a positive integer within these bounds, which
+# every published decoder is far inside (DeepSeek-R1 671B: hidden 7168, 61 layers, vocab 129k).
+CONFIG_INT_BOUNDS = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18, "moe_intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+    "max_position_embeddings": 1 << 24, "num_experts": 4096, "num_local_experts": 4096, "num_experts_per_tok": 4096,
+    "n_embd": 1 << 16, "n_layer": 1024, "n_head": 1024, "n_positions": 1 << 24, "n_inner": 1 << 18,
+}
+CONFIG_MAX_BYTES = 1 << 20
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """A model's config.json, refused with one line (naming the field) when it is too large,
+    not a JSON object, non-finite, or has a shape field that is not a positive integer within
+    :data:`CONFIG_INT_BOUNDS` or that does not divide as attention needs."""
+    from edgekit.errors import ModelError
+    from edgekit.yamlio import load_json_file
+
+    config = load_json_file(path, error_cls=ModelError, what="model config.json", max_bytes=CONFIG_MAX_BYTES)
+    if not isinstance(config, dict):
+        raise ModelError("model config.json is not a JSON object", where=str(path),
+                         how="give a Hugging Face config.json ({\"model_type\": ..., \"hidden_size\": ...})")
+    for key, bound in CONFIG_INT_BOUNDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ModelError(f"model config.json: {key} = {shown} is not an integer in 1..{bound}",
+                             where=f"{path}: {key}", how=f"correct '{key}' (is this the right config.json?)")
+    for key in ("model_type", "torch_dtype", "dtype"):
+        if key in config and not (config[key] is None or isinstance(config[key], str) and len(config[key]) <= 64):
+            raise ModelError(f"model config.json: {key} must be a short string", where=f"{path}: {key}",
+                             how=f"correct '{key}'")
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ModelError(f"model config.json: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                         f"{kv_heads}", where=f"{path}: num_key_value_heads", how="correct the head counts")
+    hidden = config.get("hidden_size")
+    if heads and hidden and not config.get("head_dim") and hidden % heads:
+        raise ModelError(f"model config.json: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                         "and no head_dim is given", where=f"{path}: hidden_size", how="correct the sizes or add head_dim")
+    return config
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -209,35 +256,6 @@ def locate_config(source: Any) -> tuple[Path, str] | None:
     if published is not None:
         return published, f"published config.json kept in edgekit ({published.parent.name})"
     return None
-
-
-def model_shape_with_origin(source: Any) -> tuple[ModelShape, str] | None:
-    """(shape, where its config came from) of a resolved ModelSource; None for a hub id
-    whose config is neither cached nor published. Raises ModelError / KeyError / ValueError
-    for an unreadable or incomplete config."""
-    from edgekit.models.source import read_model_config
-
-    if source.is_gguf:
-        return shape_from_gguf(source.path), "GGUF header"
-    if source.kind == "dir":
-        return shape_from_config(read_model_config(source.path / "config.json")), "config.json"
-    if source.kind == "proxy":  # the tiny model of the same family the load stage builds (edgekit.models.proxy)
-        from edgekit.models.proxy import proxy_source_config
-
-        return shape_from_config(proxy_source_config(source)), f"proxy of {source.inner.spec}"
-    found = locate_config(source)
-    if found is None:
-        return None
-    path, origin = found
-    return shape_from_config(read_model_config(path)), origin
-
-
-def model_shape(source: Any) -> ModelShape | None:
-    """The shape of a resolved ModelSource: local directory, GGUF header, or for a hub id the
-    local Hugging Face cache, then the published configs kept in the repo; None when none
-    has the config (nothing is downloaded)."""
-    found = model_shape_with_origin(source)
-    return found[0] if found else None
 
 
 def estimate_memory_gb(

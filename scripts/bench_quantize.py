@@ -133,7 +133,7 @@ def speed(results: dict, work: Path, new_tokens: int) -> list[dict]:
     """Decode tokens/s of every exported graph and of PyTorch eager, one after the other."""
     from transformers import AutoTokenizer
 
-    from edgekit.evaluate.speed import decode_speed_onnx, decode_speed_torch
+    from edgekit.measure.speed import decode_speed_onnx, decode_speed_torch
     from edgekit.weights.checkpoint import load_checkpoint
 
     prompt = "The Jetson Orin module runs large language models at the edge because"

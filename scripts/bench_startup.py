@@ -49,7 +49,8 @@ GOAL_S = 1.5
 # The former start-up paths, reinstated in the child before the CLI runs (mode "old").
 OLD_PATH = textwrap.dedent(
     """\
-    import edgekit.runtime.backends as backends
+    import edgekit.runtime.backends.common as backends_common
+    import edgekit.runtime.backends.ort as backends_ort
 
     def _load_tokenizer(bundle_dir):
         from transformers import AutoTokenizer
@@ -63,8 +64,8 @@ OLD_PATH = textwrap.dedent(
         made = {o for n in model.graph.node if n.op_type == "GroupQueryAttention" for o in n.output}
         return bool(presents) and all(p in made for p in presents)
 
-    backends._load_tokenizer = _load_tokenizer
-    backends._appends_in_place = _appends_in_place
+    backends_common.load_tokenizer = _load_tokenizer
+    backends_ort.appends_in_place = _appends_in_place
     """
 )
 RUN_CLI = "import runpy, sys\nsys.argv = ['edgekit'] + sys.argv[1:]\nrunpy.run_module('edgekit', run_name='__main__')\n"

@@ -4,9 +4,9 @@ default and its description, for the recipe's top level and every registered sta
     python scripts/gen_recipe_reference.py            # rewrite docs/recipe_reference.md
     python scripts/gen_recipe_reference.py --check    # exit 1 if the file is out of date
 
-The descriptions are the ``Field(description=...)`` strings in edgekit/recipe.py and each
-stage's config class, so the reference cannot drift from the code (tests/test_recipe.py runs
---check).
+The descriptions are the ``Field(description=...)`` strings in edgekit/recipe.py,
+edgekit/runtime/config.py (the ``runtime:`` section) and each stage's config class, so the
+reference cannot drift from the code (tests/test_recipe.py runs --check).
 """
 
 from __future__ import annotations
@@ -60,9 +60,22 @@ def _default(field: Any) -> str:
     return f"`{json.dumps(value, default=str)}`"
 
 
+def _constraints(field: Any) -> list[Any]:
+    """The field's constraints, with those of a shared ``Annotated`` type inside ``X | None``
+    (pydantic keeps those on the union's member, not on the field)."""
+    found, stack = list(field.metadata), list(typing.get_args(field.annotation))
+    while stack:
+        annotation = stack.pop(0)
+        if typing.get_origin(annotation) is typing.Annotated:
+            for item in typing.get_args(annotation)[1:]:
+                found += getattr(item, "metadata", [item])
+        stack.extend(typing.get_args(annotation))
+    return found
+
+
 def _bounds(field: Any) -> str:
     parts = []
-    for item in field.metadata:
+    for item in _constraints(field):
         for name, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"), ("min_length", "min length"),
                              ("max_length", "max length")):
             value = getattr(item, name, None)

@@ -40,7 +40,7 @@ def test_bundle_contents_and_manifest(bundle_run):
 
 
 def test_tar_is_safe_and_reproducible(bundle_run, tmp_path):
-    from edgekit.bundle.writer import write_tar
+    from edgekit.bundle.manifest import write_tar
 
     _, stage_dir = bundle_run
     tar_path = stage_dir / "tiny.tar"

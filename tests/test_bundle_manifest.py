@@ -177,7 +177,7 @@ def test_every_reader_refuses_a_bad_manifest_with_the_same_words(tiny_bundle, tm
     (copy / MANIFEST_NAME).write_text("[1, 2]")
     with pytest.raises(EdgekitError, match=r"the bundle's manifest\.json is unusable: not a JSON object") as info:
         if reader == "validate":
-            from edgekit.evaluate.validate import validate_bundle
+            from edgekit.validate import validate_bundle
 
             validate_bundle(copy, output_dir=tmp_path / "out")
         elif reader == "deploy":
@@ -201,7 +201,7 @@ def test_every_reader_refuses_a_bad_manifest_with_the_same_words(tiny_bundle, tm
 
             verify_manifest_files(copy)
         else:
-            from edgekit.recipe import RuntimeConfig
+            from edgekit.runtime.config import RuntimeConfig
             from edgekit.serve.server import EdgekitServer, ServeOptions
 
             EdgekitServer(copy, ServeOptions(port=0), config=RuntimeConfig())

@@ -15,11 +15,12 @@ import pytest
 from conftest import REPO, run_cli
 
 from edgekit.errors import RecipeError
+from edgekit.models.source import model_shape_with_origin
 from edgekit.planning import roofline as rf
 from edgekit.planning.chain import build_chain, check_chain
 from edgekit.planning.training import TrainingSetup, distill_memory
 from edgekit.prune.shapes import ShapeError, plan_shape, solve_budget, total_parameters
-from edgekit.sizing import GB, model_shape_with_origin, published_config, shape_from_config
+from edgekit.sizing import GB, published_config, shape_from_config
 
 R1_ID = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
 R1_CONFIG = REPO / "edgekit" / "models" / "published" / "deepseek-ai--DeepSeek-R1-Distill-Qwen-7B" / "config.json"
@@ -56,7 +57,7 @@ def old_7b_recipe(tmp_path: Path) -> Path:
 
 def chain_of(path: Path):
     from edgekit.models.source import resolve_model_source
-    from edgekit.recipe import load_recipe
+    from edgekit.preflight import load_recipe
     from edgekit.targets import load_target
 
     loaded = load_recipe(path, check_sources=False)
@@ -250,7 +251,7 @@ def test_one_memory_model_in_decimal_gb(tmp_path):
     from edgekit import api, sizing
     from edgekit.engine import readiness
     from edgekit.models.source import resolve_model_source
-    from edgekit.sizing import model_shape
+    from edgekit.models.source import model_shape
     from edgekit.targets import load_target
 
     assert readiness.GB == sizing.GB == rf.GB == 1e9

@@ -82,7 +82,8 @@ from edgekit.models.text import (
     resolve_data,
     select_split_files,
 )
-from edgekit.recipe import DataConfig, load_recipe
+from edgekit.preflight import load_recipe
+from edgekit.recipe import DataConfig
 
 
 def _records(n: int, prefix: str = "record") -> list[str]:
@@ -393,7 +394,7 @@ def test_calibration_asking_more_than_the_text_is_refused(tmp_path):
 
 
 def test_shipped_recipes_data_budget():
-    from edgekit.recipe import check_recipe_sources  # noqa: F401  (validation calls check_data_budget)
+    from edgekit.preflight import check_recipe_sources  # noqa: F401  (validation calls check_data_budget)
 
     repo = Path(__file__).resolve().parent.parent
     for name in ("smollm2_to_orin_nano.yaml", "smollm2_draft_10l.yaml"):

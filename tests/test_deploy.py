@@ -125,7 +125,7 @@ def tiny_bundle(tmp_path_factory, tiny_model_dir) -> Path:
 
 def variant(base: Path, dest: Path, name: str, extra: dict[str, bytes] | None = None) -> Path:
     """A copy of ``base`` named ``name`` with ``extra`` files, its manifest's table rewritten."""
-    from edgekit.bundle.writer import bundle_files
+    from edgekit.bundle.manifest import bundle_files
 
     shutil.copytree(base, dest)
     for rel, data in (extra or {}).items():

@@ -198,7 +198,7 @@ def test_even_layer_map_and_combine():
 
 
 def test_learning_rate_warmup_then_cosine_to_the_floor():
-    from edgekit.distill.train import learning_rate_at
+    from edgekit.distill.schedule import learning_rate_at
 
     lr = lambda s: learning_rate_at(s, peak=1e-3, steps=110, warmup=10, min_ratio=0.1)  # noqa: E731
     assert lr(0) == pytest.approx(1e-4) and lr(4) == pytest.approx(5e-4) and lr(9) == pytest.approx(1e-3)
@@ -211,7 +211,7 @@ def test_learning_rate_warmup_then_cosine_to_the_floor():
 
 
 def test_window_order_is_a_function_of_seed_and_step():
-    from edgekit.distill.train import WindowOrder
+    from edgekit.distill.schedule import WindowOrder
 
     one = WindowOrder(10, seed=0, batch_size=2, accumulation=1, world=1)
     again = WindowOrder(10, seed=0, batch_size=2, accumulation=1, world=1)
@@ -231,7 +231,7 @@ def test_window_order_is_a_function_of_seed_and_step():
 
 
 def test_layer_map_from_pruning_json_or_even():
-    from edgekit.distill.train import layer_map
+    from edgekit.distill.hidden import layer_map
 
     cfg = lambda layers, hidden: SimpleNamespace(num_hidden_layers=layers, hidden_size=hidden)  # noqa: E731
     pruning = {"kept": {"layers": [0, 2, 5], "hidden": [0, 2, 3, 7]}}
@@ -531,7 +531,7 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from edgekit.distill import state as saved
-from edgekit.distill.train import local_training_state, restore_local_state
+from edgekit.distill.checkpoint import local_training_state, restore_local_state
 
 work, out, total, stop = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(1)
@@ -751,7 +751,7 @@ def test_fsdp_config_refused_up_front_where_it_cannot_run(tmp_path, pair, monkey
 
     from edgekit import devices
     from edgekit.distill.stage import run_distill
-    from edgekit.distill.train import check_accelerate_config
+    from edgekit.distill.launch import check_accelerate_config
 
     teacher, student = pair
     if not torch.cuda.is_available():

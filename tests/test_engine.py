@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ from conftest import REPO, run_cli, write_recipe
 from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.engine.record import check_compatible
-from edgekit.engine.settings import BuildOptions, build_settings, make_profiles, read_graph
+from edgekit.engine.options import BuildEngineOptions, BuildOptions
+from edgekit.engine.settings import build_settings, make_profiles, read_graph
 from edgekit.engine.trtexec import render_script, trtexec_args
 from edgekit.errors import EngineError
 from edgekit.targets import list_targets, load_target
@@ -247,6 +249,55 @@ def test_missing_execution_provider_is_refused_not_silently_cpu(tmp_path):
         pytest.skip("onnxruntime-gpu is installed here")
     with pytest.raises(EngineError, match="backend ort-cuda is not available"):
         create_session(tmp_path, "ort-cuda")
+
+
+# --- the build options: one model for the recipe stage, the CLI and the Python API ----------
+
+
+def _bounds(field):
+    return {key: getattr(item, key) for item in field.metadata for key in ("ge", "gt", "le", "lt") if hasattr(item, key)}
+
+
+def test_build_engine_stage_config_is_the_build_options():
+    from edgekit.engine.stage import BuildEngineConfig
+    from edgekit.pipeline.registry import StageConfig
+
+    assert issubclass(BuildEngineConfig, StageConfig) and issubclass(BuildEngineConfig, BuildEngineOptions)
+    # the same fields (pydantic copies FieldInfo into a subclass: compared by what they say)
+    assert ({name: repr(field) for name, field in BuildEngineConfig.model_fields.items()}
+            == {name: repr(field) for name, field in BuildEngineOptions.model_fields.items()})
+    assert all(field.description for field in BuildEngineOptions.model_fields.values())
+    config = BuildEngineConfig(max_prefill=64, workspace_gb=2, build="never")
+    assert config.build_options() == BuildOptions(max_prefill=64, workspace_gb=2)
+    for bad in ({"max_batch": 0}, {"workspace_gb": float("nan")}, {"typing": "loose"}, {"max_prefil": 64}):
+        with pytest.raises(ValueError):
+            BuildEngineConfig(**bad)
+
+
+@pytest.mark.parametrize("command, model, others", [
+    ("build-engine", BuildEngineOptions, {"path", "target", "context_length", "backend"}),
+    ("check", BuildOptions, {"path", "target", "context_length", "as_json"}),
+])
+def test_cli_engine_options_are_the_model_fields(command, model, others):
+    import click
+
+    from edgekit.cli import main
+
+    params = {param.name: param for param in main.commands[command].params}
+    assert set(params) == set(model.model_fields) | others
+    for name, field in model.model_fields.items():
+        param = params[name]
+        assert param.default == field.default, name
+        assert param.opts == ["--" + name.replace("_", "-")], name
+        if isinstance(param.type, click.Choice):
+            assert tuple(param.type.choices) == typing.get_args(field.annotation), name
+        if isinstance(param.type, (click.IntRange, click.FloatRange)):
+            bounds = _bounds(field)
+            assert (param.type.min, param.type.max) == (bounds.get("ge", bounds.get("gt")), bounds.get("le")), name
+            assert param.type.min_open == ("gt" in bounds), name
+    assert params["timing_cache"].secondary_opts == ["--no-timing-cache"]
+    if command == "build-engine":
+        assert params["check"].secondary_opts == ["--no-check"]
 
 
 # --- the build_engine stage on a tiny pipeline --------------------------------------------

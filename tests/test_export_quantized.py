@@ -318,12 +318,12 @@ def test_int4_shrinks_the_weights(variant_factory, tmp_path, name):
 
 
 def test_8bit_falls_back_to_dequantize_linear_without_8bit_matmulnbits(variant_factory, tmp_path, monkeypatch):
-    from edgekit.export import quantized
+    from edgekit.export.quantized import matmulnbits
 
     variant = variant_factory("int8_sym")
-    monkeypatch.setattr(quantized, "ort_supports_matmulnbits", lambda bits: bits != 8)
+    monkeypatch.setattr(matmulnbits, "ort_supports_matmulnbits", lambda bits: bits != 8)
     dst = tmp_path / "model.onnx"
-    report = quantized.to_matmulnbits(variant.float_onnx, dst, variant.weights)
+    report = matmulnbits.to_matmulnbits(variant.float_onnx, dst, variant.weights)
     assert report["opset"] == 21 and any("8-bit MatMulNBits" in note for note in report["notes"])
     counts = _op_counts(dst)
     assert counts["DequantizeLinear"] == len(variant.weights) and counts["MatMulNBits"] == 0

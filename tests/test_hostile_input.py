@@ -17,7 +17,7 @@ from conftest import run_cli, write_recipe
 
 from edgekit.errors import EdgekitError, ModelError, OutputError, RecipeError, TargetError
 from edgekit.names import check_name, is_inside, name_problem, remove_tree, rename_inside, require_inside
-from edgekit.recipe import load_recipe
+from edgekit.preflight import load_recipe
 from edgekit.yamlio import MAX_INPUT_BYTES, atomic_write_json, load_json_file, load_yaml
 
 HOSTILE_NAMES = {

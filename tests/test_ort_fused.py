@@ -178,7 +178,7 @@ def test_float_bundle_has_the_fused_graph_with_optimum_io(float_run):
 
 
 def test_float_prefill_decode_verify_rollback_match_pytorch_and_optimum(float_run, monkeypatch):
-    from edgekit.runtime.backends import SharedBufferSession
+    from edgekit.runtime.backends.ort import SharedBufferSession
 
     # a tiny first buffer: the 12-token prefill and the later feeds each grow the cache
     monkeypatch.setattr(SharedBufferSession, "_FIRST_CAPACITY", 4)

@@ -118,8 +118,8 @@ def test_memory_fit_flips_at_the_boundary(llama_dir):
 
 def test_recipe_supplies_pruned_shape_precision_target_and_budgets():
     from edgekit.prune.shapes import plan_shape
-    from edgekit.recipe import load_recipe
-    from edgekit.sizing import model_shape
+    from edgekit.models.source import model_shape
+    from edgekit.preflight import load_recipe
     from edgekit.models.source import resolve_model_source
 
     result = run_cli("plan", str(RECIPE), "--json")

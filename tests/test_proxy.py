@@ -26,7 +26,7 @@ def _published_config() -> dict:
 
 
 def test_proxy_config_of_the_7b_keeps_the_family_and_the_divisibility():
-    from edgekit.models.proxy import PROXY_MAX_POSITIONS, _prune_step, proxy_model_config, width_shift
+    from edgekit.models.proxy import PROXY_MAX_POSITIONS, prune_step, proxy_model_config, width_shift
 
     real = _published_config()
     proxy, mapping = proxy_model_config(real)
@@ -42,7 +42,7 @@ def test_proxy_config_of_the_7b_keeps_the_family_and_the_divisibility():
     for key in ("hidden_size", "intermediate_size"):
         for group in (16, 32, 64, 128):
             assert (real[key] % group == 0) == (proxy[key] % group == 0), (key, group)
-        assert _prune_step(real[key]) == _prune_step(proxy[key]) == 64
+        assert prune_step(real[key]) == prune_step(proxy[key]) == 64
     fields = {m["field"]: (m["from"], m["to"]) for m in mapping}
     assert fields["config.hidden_size"] == (3584, 896) and fields["config.num_hidden_layers"] == (28, 2)
 
@@ -63,7 +63,7 @@ def test_width_shift_rule(hidden, inter, heads, head_dim, shift):
 
 
 def _loaded_7b(tmp_path: Path):
-    from edgekit.recipe import load_recipe
+    from edgekit.preflight import load_recipe
 
     text = RECIPE_7B.read_text()
     path = tmp_path / "7b.yaml"
@@ -72,7 +72,7 @@ def _loaded_7b(tmp_path: Path):
 
 
 def test_proxy_recipe_scales_the_costs_and_records_every_change(tmp_path):
-    from edgekit.models.proxy import proxy_loaded_recipe
+    from edgekit.proxy_run import proxy_loaded_recipe
 
     loaded = _loaded_7b(tmp_path)
     proxied = proxy_loaded_recipe(loaded, processes=2)
@@ -99,8 +99,8 @@ def test_proxy_recipe_scales_the_costs_and_records_every_change(tmp_path):
 
 
 def test_proxy_recipe_maps_accelerate_config_and_local_data(tmp_path):
-    from edgekit.models.proxy import proxy_loaded_recipe
-    from edgekit.recipe import load_recipe
+    from edgekit.proxy_run import proxy_loaded_recipe
+    from edgekit.preflight import load_recipe
 
     (tmp_path / "corpus.txt").write_text("some text " * 100)
     (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\nnum_processes: 8\n")
@@ -153,7 +153,7 @@ def test_proxy_of_a_local_checkpoint_dir(tmp_path, tiny_model_dir):
 
 
 def test_proxy_and_real_runs_never_share_a_directory(tmp_path):
-    from edgekit.models.proxy import check_output_kind
+    from edgekit.proxy_run import check_output_kind
 
     check_output_kind(tmp_path, proxy=True)  # empty: fine either way
     (tmp_path / "manifest.json").write_text(json.dumps({"stages": []}))
@@ -166,8 +166,8 @@ def test_proxy_and_real_runs_never_share_a_directory(tmp_path):
 
 
 def test_a_proxy_recipe_cannot_be_proxied_again(tmp_path):
-    from edgekit.models.proxy import proxy_loaded_recipe
-    from edgekit.recipe import load_recipe
+    from edgekit.proxy_run import proxy_loaded_recipe
+    from edgekit.preflight import load_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: r\nmodel: proxy:{R1}\ntarget: jetson-orin-agx-64gb\nstages:\n  - type: load\n")

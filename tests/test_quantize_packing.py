@@ -127,7 +127,7 @@ def test_invalid_bits_and_unrepresentable_scales():
 def test_quantization_config_block():
     qc = gptq_quantization_config(bits=4, group_size=None, symmetric=False, act_order=True, damp=0.01, method="rtn")
     assert qc == {
-        "quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": True, "sym": False,
+        "quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": False, "edgekit_act_order": True, "sym": False,
         "static_groups": True, "damp_percent": 0.01, "true_sequential": True, "checkpoint_format": "gptq",
         "quantized_by": "edgekit", "edgekit_method": "rtn",
     }
@@ -195,7 +195,9 @@ def test_saved_files(quantized_checkpoint):
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "gptq"
-    assert config["quantization_config"]["desc_act"] is True and config["quantization_config"]["group_size"] == 32
+    # GPTQ ran in act-order, but the file's groups are static and g_idx is trivial: desc_act false
+    assert config["quantization_config"]["desc_act"] is False and config["quantization_config"]["group_size"] == 32
+    assert config["quantization_config"]["edgekit_act_order"] is True and config["quantization_config"]["static_groups"] is True
     assert is_quantized_checkpoint(out) == "gptq"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -364,6 +366,8 @@ def test_foreign_layout_arbitrary_g_idx_and_shards(tiny_model_dir, tmp_path):
     assert not qw.contiguous_groups
     qc = gptq_quantization_config(bits=4, group_size=32, symmetric=False, act_order=True, damp=0.01)
     save_quantized_checkpoint(model, {name: qw}, tmp_path, quantization_config=qc)
+    written = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert written["desc_act"] is True and written["static_groups"] is False  # the file says what g_idx is
     tensors = load_file(str(tmp_path / "model.safetensors"))
     keys = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}

@@ -24,10 +24,10 @@ TOTAL = "past_sequence_length + sequence_length"
 def _tensor(name, data_type, dims, fill=0):
     from onnx import helper
 
-    from edgekit.engine.readiness import _bits  # one size rule for 4-bit packing
+    from edgekit.engine.readiness.graph import bits  # one size rule for 4-bit packing
 
     numel = int(np.prod(dims)) if dims else 1
-    nbytes = (numel * _bits(data_type) + 7) // 8
+    nbytes = (numel * bits(data_type) + 7) // 8
     return helper.make_tensor(name, data_type, dims, bytes([fill]) * nbytes, raw=True)
 
 

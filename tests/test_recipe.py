@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, run_cli, write_recipe
 
 from edgekit.errors import DataError, ModelError, RecipeError, TargetError
-from edgekit.recipe import load_recipe
+from edgekit.preflight import load_recipe
 
 
 def assert_one_line_error(result, *fragments: str) -> str:

@@ -8,8 +8,9 @@ import pytest
 from conftest import run_cli
 
 from edgekit.errors import RecipeError
-from edgekit.recipe import load_recipe
-from edgekit.sizing import estimate_memory_gb, model_shape, shape_from_config
+from edgekit.models.source import model_shape
+from edgekit.preflight import load_recipe
+from edgekit.sizing import estimate_memory_gb, shape_from_config
 from edgekit.targets import target_names
 
 

@@ -148,3 +148,21 @@ def test_runtime_section_errors_name_the_field(tiny_model_dir, tmp_path):
     bundle.mkdir()
     result = run_cli("run", str(bundle), "--prompt", "x")
     assert result.returncode == 2 and "not a bundle" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_choices_and_bounds_are_the_runtime_settings():
+    from edgekit import cli
+    from edgekit.runtime.config import CALIBRATABLE, POLICIES, RuntimeConfig, choices
+
+    def option(command, name):
+        return next(p for p in cli.main.commands[command].params if p.name == name)
+
+    assert choices(RuntimeConfig, "policy") == POLICIES
+    for command in ("run", "serve"):
+        assert tuple(option(command, "policy").type.choices) == POLICIES
+        assert tuple(option(command, "backend").type.choices) == choices(RuntimeConfig, "backend")
+    assert tuple(option("run", "reasoning").type.choices) == choices(RuntimeConfig, "reasoning")
+    assert tuple(option("calibrate-router", "policy").type.choices) == CALIBRATABLE and set(CALIBRATABLE) < set(POLICIES)
+    draft, tokens = option("run", "draft_min_confidence").type, option("run", "draft_tokens").type
+    assert (draft.min, draft.max, draft.min_open, draft.max_open) == (0, 1, False, True)
+    assert (tokens.min, tokens.max) == (1, 32)

@@ -128,11 +128,19 @@ def test_reasoning_mode_auto_off_split():
         reasoning_enabled("maybe", _Tok(tags))
 
 
+def test_reasoning_modes_are_the_runtime_settings():
+    # reasoning.py stays stdlib-only, so it keeps its own tuple: it must equal the setting's choices
+    from edgekit.runtime.config import RuntimeConfig, choices
+    from edgekit.runtime.reasoning import MODES
+
+    assert MODES == choices(RuntimeConfig, "reasoning")
+
+
 # --------------------------------------------------------------------------- sampling defaults
 
 
 def test_sampling_precedence_recipe_then_generation_config_then_default():
-    from edgekit.recipe import RuntimeConfig
+    from edgekit.runtime.config import RuntimeConfig
     from edgekit.runtime.generation_config import read_generation_config, resolve_runtime
 
     gen = read_generation_config(R1_GENERATION_CONFIG)
@@ -314,7 +322,7 @@ def test_runtime_json_with_unset_values_is_completed_at_read(thinking, tmp_path)
 
 
 def test_bundle_stage_refuses_a_hostile_generation_config(thinking, tmp_path):
-    from edgekit.bundle.stage import _runtime_json
+    from edgekit.pack.stage import _runtime_json
     from edgekit.errors import ModelError
     from edgekit.recipe import Recipe
 

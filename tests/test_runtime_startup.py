@@ -54,10 +54,11 @@ def _runtime_modules() -> list[str]:
 
     import edgekit.runtime
     import edgekit.serve
+    import edgekit.validate
 
-    names = ["edgekit.cli", "edgekit.api", "edgekit.__main__", "edgekit.evaluate.validate", "edgekit.deploy.agent",
+    names = ["edgekit.cli", "edgekit.api", "edgekit.__main__", "edgekit.validate", "edgekit.deploy.agent",
              "edgekit.runtime", "edgekit.serve"]
-    for package in (edgekit.runtime, edgekit.serve):
+    for package in (edgekit.runtime, edgekit.serve, edgekit.validate):
         names += [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
     return sorted(set(names))
 

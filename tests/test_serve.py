@@ -48,12 +48,12 @@ def start(bundle):
 
     started = []
 
-    def _start(*, policy=None, large=None, thresholds=None, load=True, bundle_dir=None, **options):
+    def _start(*, policy=None, large=None, thresholds=None, load=True, bundle_dir=None, health=None, **options):
         where = bundle_dir or bundle
         config = resolve_config(where, policy=policy, large=large)
         if thresholds:
             config = config.model_copy(update={"thresholds": thresholds})
-        server = EdgekitServer(where, ServeOptions(port=0, access_log=False, **options), config=config, threads=1)
+        server = EdgekitServer(where, ServeOptions(port=0, access_log=False, **options), config=config, threads=1, health=health)
         server.start()
         started.append(server)
         if load:
@@ -610,7 +610,7 @@ def test_cascade_streams_only_what_the_router_commits_to(start, remote):
 
 
 def test_the_assembler_signals_every_retraction():
-    from edgekit.runtime.router import StreamEvent
+    from edgekit.runtime.answers import StreamEvent
     from edgekit.serve.generation import Assembler
 
     a = Assembler(["END"], hold_small=False)

@@ -32,7 +32,7 @@ from edgekit.bundle.signing import (
     sign_bundle,
     verify_bundle,
 )
-from edgekit.bundle.writer import write_tar
+from edgekit.bundle.manifest import write_tar
 from edgekit.cli import main
 from edgekit.errors import EdgekitError, OutputError, SignatureError
 from edgekit.hashing import file_table
@@ -256,7 +256,7 @@ def test_signing_refuses_a_bundle_that_disagrees_with_its_manifest(source_bundle
 
 
 def test_device_side_build_engine_keeps_the_publishers_signature(bundle, keys, monkeypatch):
-    from edgekit.engine.settings import BuildOptions
+    from edgekit.engine.options import BuildOptions
 
     _trust(monkeypatch, keys["publisher"]["public"])
     # the real build-engine as on a device without TensorRT: it verifies first, then writes the

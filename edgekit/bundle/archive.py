@@ -1,6 +1,6 @@
 """Safe extraction of a bundle's ``.tar`` and the check of its files against the manifest.
 
-A bundle archive is what :func:`edgekit.bundle.writer.write_tar` writes: one top directory
+A bundle archive is what :func:`edgekit.bundle.manifest.write_tar` writes: one top directory
 (the bundle's name) holding regular files and directories, nothing else, and every file
 listed with its size and sha256 in the bundle's ``manifest.json``. Anything else is refused
 *before a byte is written*, with the member named:
@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgekit.bundle.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME  # noqa: F401 (the format's names)
-from edgekit.errors import EdgekitError, OutputError
-from edgekit.names import MAX_PATH_DEPTH, STALE_AFTER_S, check_relative_path, clean_stale_temp_dirs, name_problem, relative_path_problem, require_inside
+from edgekit.errors import EdgekitError, OutputError, SignatureError
+from edgekit.names import MAX_PATH_DEPTH, STALE_AFTER_S, check_relative_path, clean_stale_temp_dirs, name_problem, relative_path_problem, require_inside, shown
 
 _HOW_ARCHIVE = "use the .tar written by `edgekit compress` (or re-create it from the bundle directory); do not unpack this file"
 
@@ -63,17 +63,12 @@ UNPACK_TEMP_PREFIX = ".edgekit-unpack-"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-# --------------------------------------------------------------------------- bundle-relative paths
+# --------------------------------------------------------------------------- bundle-relative paths and the file table
 
 
 # One rule for relative paths, shared with the runtime and the engine record (edgekit.names).
 bundle_path_problem = relative_path_problem
 check_bundle_path = check_relative_path
-
-
-def _shown(value: str) -> str:
-    text = ascii(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_file_table(files: Any, *, where: str, error_cls: type[EdgekitError] = EdgekitError,
@@ -98,12 +93,31 @@ def check_file_table(files: Any, *, where: str, error_cls: type[EdgekitError] = 
     return files
 
 
+def bundle_listing(bundle_dir: Path) -> list[str]:
+    """Every regular file below ``bundle_dir`` (relative, posix, sorted). A symbolic link or a
+    special file anywhere raises: what is verified must be what is in the bundle, and a link
+    can point anywhere (or be re-pointed after the check)."""
+    files = []
+    for root, dirs, names in os.walk(bundle_dir, followlinks=False):
+        for name in dirs + names:
+            path = Path(root) / name
+            rel = path.relative_to(bundle_dir).as_posix()
+            if path.is_symlink():
+                raise SignatureError(f"{rel} is a symbolic link (to {os.readlink(path)}); a signed bundle holds only plain files",
+                                     where=str(path), how="replace the link by the file it points to, or remove it")
+            if name in names:
+                if not path.is_file():
+                    raise SignatureError(f"{rel} is not a regular file", where=str(path), how="remove it from the bundle")
+                files.append(rel)
+    return sorted(files)
+
+
 # --------------------------------------------------------------------------- members
 
 
 def _refuse(member: tarfile.TarInfo | str, what: str, tar_path: Path) -> EdgekitError:
     name = member.name if isinstance(member, tarfile.TarInfo) else member
-    return EdgekitError(f"unsafe bundle archive: member {_shown(name)} {what}", where=str(tar_path), how=_HOW_ARCHIVE)
+    return EdgekitError(f"unsafe bundle archive: member {shown(name, 60)} {what}", where=str(tar_path), how=_HOW_ARCHIVE)
 
 
 def _parts(name: str) -> list[str]:
@@ -449,10 +463,8 @@ def verify_manifest_files(bundle_dir: Any) -> tuple[int, int]:
     ``signature.json`` aside). Raises :class:`EdgekitError` naming the first mismatch. This is
     integrity against accidents (a truncated copy, a flipped bit), not authenticity: anyone
     can rewrite a manifest; signatures (:mod:`edgekit.bundle.signing`) are for that."""
-    from edgekit.bundle.signing import SIGNATURE_NAME, bundle_listing
-    from edgekit.hashing import sha256_file
-
     from edgekit.bundle.manifest import Bundle
+    from edgekit.hashing import sha256_file
 
     bundle = Bundle.open(bundle_dir)
     bundle_dir, path = bundle.dir, bundle.manifest_path

@@ -75,7 +75,7 @@ class OnnxSection(BaseModel):
 
 
 class Manifest(BaseModel):
-    """manifest.json as the bundle stage writes it (edgekit.bundle.stage), plus what later
+    """manifest.json as the bundle stage writes it (edgekit.pack.stage), plus what later
     steps record (``engines`` by build-engine). ``raw`` is the parsed JSON object itself, for
     the code that rewrites the file (record_engine) or signs it (edgekit.bundle.signing)."""
 

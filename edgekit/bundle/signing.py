@@ -287,25 +287,6 @@ def is_device_built(rel: str, device_built: Iterable[str] = DEVICE_BUILT_PATHS) 
     return any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in device_built)
 
 
-def bundle_listing(bundle_dir: Path) -> list[str]:
-    """Every regular file below ``bundle_dir`` (relative, posix, sorted). A symbolic link or a
-    special file anywhere raises: what is verified must be what is in the bundle, and a link
-    can point anywhere (or be re-pointed after the check)."""
-    files = []
-    for root, dirs, names in os.walk(bundle_dir, followlinks=False):
-        for name in dirs + names:
-            path = Path(root) / name
-            rel = path.relative_to(bundle_dir).as_posix()
-            if path.is_symlink():
-                raise SignatureError(f"{rel} is a symbolic link (to {os.readlink(path)}); a signed bundle holds only plain files",
-                                     where=str(path), how="replace the link by the file it points to, or remove it")
-            if name in names:
-                if not path.is_file():
-                    raise SignatureError(f"{rel} is not a regular file", where=str(path), how="remove it from the bundle")
-                files.append(rel)
-    return sorted(files)
-
-
 def _signable(rel: str) -> bool:
     return rel not in (_MANIFEST, SIGNATURE_NAME) and not is_device_built(rel)
 
@@ -352,6 +333,7 @@ def sign_bundle(bundle_dir: str | Path, private_key_path: str | Path) -> dict[st
 
     Returns ``{"bundle", "key_id", "files", "bytes", "signature", "tar", "unsigned"}``;
     ``unsigned`` lists the device-built files present, which the signature does not cover."""
+    from edgekit.bundle.archive import bundle_listing, check_file_table
     from edgekit.hashing import sha256_file
     from edgekit.yamlio import atomic_write, atomic_write_json
 
@@ -361,8 +343,6 @@ def sign_bundle(bundle_dir: str | Path, private_key_path: str | Path) -> dict[st
     listing = bundle_listing(bundle_dir)
     recorded = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
     if recorded:
-        from edgekit.bundle.archive import check_file_table
-
         check_file_table(recorded, where=str(bundle_dir / _MANIFEST))
     table: dict[str, dict[str, Any]] = {}
     for rel in listing:
@@ -488,6 +468,7 @@ def verify_bundle(bundle_dir: Any, public_keys: Iterable[PublicKey | str | Path]
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from edgekit.bundle.archive import bundle_listing
     from edgekit.hashing import sha256_file
 
     handle, bundle_dir = bundle_dir, Path(bundle_dir)

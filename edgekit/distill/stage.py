@@ -65,7 +65,9 @@ def run_distill(ctx) -> dict:
     per-step losses: no timings, so a rerun hashes the same), ``distill_curve.png`` and the
     input's ``pruning.json`` into ``ctx.output_dir``; returns the metrics for the manifest.
     """
-    from edgekit.distill.train import TrainSpec, check_checkpoints, launch, train
+    from edgekit.distill.launch import launch
+    from edgekit.distill.loop import train
+    from edgekit.distill.spec import TrainSpec, check_checkpoints
 
     config = ctx.config
     data = ctx.recipe.data

@@ -26,11 +26,12 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from edgekit.bundle.manifest import MANIFEST_NAME, Bundle, Manifest
+from edgekit.engine.options import BuildMode, BuildOptions
+from edgekit.engine.settings import BUILD_SCRIPT, BuildSettings, build_settings, engine_paths, read_graph
 from edgekit.errors import EngineError
-from edgekit.engine.settings import BUILD_SCRIPT, BuildOptions, BuildSettings, build_settings, engine_paths, read_graph
 from edgekit.yamlio import atomic_write_json, atomic_write_text
 
 MANIFEST = MANIFEST_NAME
@@ -92,7 +93,7 @@ def prepare_engine(
     target: Any,
     options: BuildOptions,
     *,
-    build: Literal["auto", "always", "never"] = "auto",
+    build: BuildMode = "auto",
     check: bool = True,
     context_length: int | None = None,
     onnx_rel: str | None = None,

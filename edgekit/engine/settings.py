@@ -25,8 +25,9 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from edgekit.engine.options import BuildOptions
 from edgekit.errors import EngineError
 
 GIB = 1024**3
@@ -68,21 +69,6 @@ class GraphInfo:
     quantization: str | None
     #: the element type the graph computes in (its float inputs' type)
     float_dtype: str
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """The user's knobs (the ``build_engine`` stage's parameters / CLI options)."""
-
-    max_batch: int = 1
-    max_prefill: int = 512
-    opt_prefill: int | None = None  # default: min(128, max_prefill)
-    workspace_gb: float = 4.0
-    optimization_level: int = 3
-    timing_cache: bool = True
-    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = "none"
-    version_compatible: bool = False
-    typing: Literal["auto", "strong", "weak"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -11,39 +11,12 @@ with ``engine: planned`` and the reason; ``build: always`` makes that an error i
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
+from edgekit.engine.options import BuildEngineOptions
 from edgekit.pipeline.registry import BUNDLE, StageConfig, register_stage
 
 
-class BuildEngineConfig(StageConfig):
-    max_batch: int = Field(1, ge=1, description="largest batch the engine accepts")
-    max_prefill: int = Field(512, ge=1, description="longest prompt one prefill call takes (<= context_length)")
-    opt_prefill: int | None = Field(None, ge=1, description="prompt length TensorRT tunes prefill for (default min(128, max_prefill))")
-    workspace_gb: float = Field(4.0, gt=0, description="TensorRT workspace memory pool limit")
-    optimization_level: int = Field(3, ge=0, le=5, description="builder optimization level (higher: longer build, maybe faster engine)")
-    timing_cache: bool = Field(True, description="keep a timing cache beside the bundle and reuse it on rebuilds")
-    hardware_compatibility: Literal["none", "ampere_plus", "same_compute_capability"] = Field(
-        "none", description="engines that run on other GPUs (workstations only; slower)")
-    version_compatible: bool = Field(False, description="engine runs on later TensorRT releases of the same major version")
-    typing: Literal["auto", "strong", "weak"] = Field(
-        "auto", description="auto: strongly typed for Q/DQ graphs and on TensorRT 11, FP16 weak typing for float graphs on 10.x")
-    build: Literal["auto", "always", "never"] = Field(
-        "auto", description="auto: build when TensorRT and the target's GPU are here, else write the device build script")
-    check: bool = Field(True, description="run the TensorRT readiness checks first; an error fails the stage")
-
-
-def options_from_config(config: BuildEngineConfig):
-    from edgekit.engine.settings import BuildOptions
-
-    return BuildOptions(
-        max_batch=config.max_batch, max_prefill=config.max_prefill, opt_prefill=config.opt_prefill,
-        workspace_gb=config.workspace_gb, optimization_level=config.optimization_level, timing_cache=config.timing_cache,
-        hardware_compatibility=config.hardware_compatibility, version_compatible=config.version_compatible,
-        typing=config.typing,
-    )
+class BuildEngineConfig(StageConfig, BuildEngineOptions):
+    """The stage's parameters: exactly the engine build options (:mod:`edgekit.engine.options`)."""
 
 
 def run_build_engine(ctx) -> dict:
@@ -66,7 +39,7 @@ def run_build_engine(ctx) -> dict:
         # hard-linked external data).
         shutil.copytree(manifest_path.parent, bundle_dir)
     with ctx.progress(None, f"TensorRT readiness + build settings for {ctx.target.name}"):
-        summary = prepare_engine(bundle_dir, ctx.target, options_from_config(ctx.config), build=ctx.config.build,
+        summary = prepare_engine(bundle_dir, ctx.target, ctx.config.build_options(), build=ctx.config.build,
                                  check=ctx.config.check, echo=ctx.reporter.log)
     had_tar = (source / f"{name}.tar").is_file()
     if had_tar:

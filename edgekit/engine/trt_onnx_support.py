@@ -55,7 +55,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- element types
 
-# The operator table's type names. ONNX element types map onto them in readiness.py.
+# The operator table's type names. ONNX element types map onto them in readiness/graph.py.
 _F = ("FP32", "FP16", "BF16")
 _FI = _F + ("INT32", "INT64")
 _FIB = _FI + ("BOOL",)
@@ -102,7 +102,7 @@ _BASE_OPERATORS: dict[str, tuple[str, ...]] = {
     "CastLike": _FI + ("UINT8", "BOOL"),
     "Mean": _F + ("FP8", "INT32", "INT64"),
     "Gelu": _F + ("INT8", "INT32", "INT64"),
-    # Q/DQ are checked by readiness.py's quantization rules (types per version below), not here.
+    # Q/DQ are checked by readiness/quantization.py (types per version below), not here.
     "DequantizeLinear": ("INT8", "FP8", "INT4"),
 }
 
@@ -226,7 +226,7 @@ FP4_MIN_COMPUTE_CAPABILITY = (10, 0)
 #: ONNX operator revisions past opset 20 that only add element types (INT4/UINT4 in 21, BF16 in
 #: 22, FLOAT4E2M1 in 23, FLOAT8E8M0 in 24, INT2/UINT2 in 25) or attributes whose defaults keep
 #: the previous behaviour (onnx/onnx docs/Changelog.md). For a parser that reads operators by
-#: name, such a revision imports like the older one; readiness.py checks the element types
+#: name, such a revision imports like the older one; readiness/operators.py checks the element types
 #: themselves. Revisions not listed (GroupNormalization-21's per-channel scale, Attention-24,
 #: TopK-24, SplitToSequence-24, ...) may change meaning.
 TYPE_ONLY_REVISIONS: Mapping[int, frozenset[str]] = MappingProxyType(

@@ -12,7 +12,7 @@ weights, with ~11 nodes per layer:
   residual add fused into the next RMS norm);
 * one ``MatMul`` for q/k/v together and one for gate/up together: ``com.microsoft.MatMulNBits``
   for quantized weights (our GPTQ/RTN codes, packed by
-  :func:`edgekit.export.quantized.matmulnbits_weight`) or a float ``MatMul`` (``W^T``
+  :func:`edgekit.export.quantized.matmulnbits.matmulnbits_weight`) or a float ``MatMul`` (``W^T``
   initializers) for float weights;
 * ``com.microsoft.GroupQueryAttention`` on the packed q/k/v with ``do_rotary=1``: the rotary
   embedding (non-interleaved, HF ``rotate_half``), the causal mask and the KV-cache append in
@@ -87,7 +87,7 @@ def build_fused_decoder(
 
     import onnx
 
-    from edgekit.export.quantized import _save
+    from edgekit.export.quantized.onnx_file import save_onnx
 
     if lm_head_bits not in (None, 4, 8):
         raise StageError(f"lm_head_bits must be 4, 8 or None, got {lm_head_bits!r}", where="build_fused_decoder",
@@ -101,7 +101,7 @@ def build_fused_decoder(
     notes: list[str] = []
     proto = _build(builder, model, spec, lm_head_bits, lm_head_group_size, fuse_qkv, fuse_gate_up, notes)
     out_dir = Path(out_dir)
-    nbytes = _save(proto, out_dir / MODEL_FILE)
+    nbytes = save_onnx(proto, out_dir / MODEL_FILE)
     ops = collections.Counter(node.op_type for node in proto.graph.node)
     del proto
     if check:
@@ -291,9 +291,9 @@ class _GraphBuilder:
         return name
 
     def raw(self, name: str, data_type: int, dims: list[int], raw: bytes) -> str:
-        from edgekit.export.quantized import _tensor
+        from edgekit.export.quantized.onnx_edit import raw_tensor
 
-        self.initializers.append(_tensor(name, data_type, dims, raw))
+        self.initializers.append(raw_tensor(name, data_type, dims, raw))
         return name
 
     def linear(self, x: str, part: tuple[str, Any, Any], name: str) -> str:
@@ -301,7 +301,8 @@ class _GraphBuilder:
         import numpy as np
         from onnx import TensorProto
 
-        from edgekit.export.quantized import MS_DOMAIN, matmulnbits_weight
+        from edgekit.export.quantized.matmulnbits import matmulnbits_weight
+        from edgekit.export.quantized.onnx_edit import MS_DOMAIN
 
         kind, weight, bias = part
         if kind == "float":
@@ -337,7 +338,7 @@ def _build(b: _GraphBuilder, model: Any, spec: dict[str, Any], lm_head_bits: int
     import numpy as np
     from onnx import TensorProto, helper
 
-    from edgekit.export.quantized import MS_DOMAIN, _set_opsets
+    from edgekit.export.quantized.onnx_edit import MS_DOMAIN, set_opsets
 
     heads, kv_heads, head_dim, eps = spec["heads"], spec["kv_heads"], spec["head_dim"], spec["eps"]
     inputs = [
@@ -439,7 +440,7 @@ def _build(b: _GraphBuilder, model: Any, spec: dict[str, Any], lm_head_bits: int
     graph = helper.make_graph(b.nodes, "edgekit-ort-fused-decoder", inputs, outputs, b.initializers)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
                               producer_name="edgekit")
-    _set_opsets(proto, OPSET, ms=True)
+    set_opsets(proto, OPSET, ms=True)
     notes.append(f"{spec['layers']} layers: " + ", ".join(f"{count} x {form}" for form, count in sorted(forms.items())))
     notes.append(f"lm_head: {spec['lm_head_form']}")
     return proto
@@ -449,7 +450,7 @@ def _lm_head(b: _GraphBuilder, model: Any, spec: dict[str, Any], x: str, embed_n
              lm_head_bits: int | None, group_size: int, notes: list[str]) -> None:
     import numpy as np
 
-    from edgekit.export.quantized import MS_DOMAIN, ort_supports_matmulnbits
+    from edgekit.export.quantized.matmulnbits import ort_supports_matmulnbits
 
     head = model.get_output_embeddings()
     kind, weight, bias = _linear_parts(head, "lm_head")

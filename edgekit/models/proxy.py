@@ -1,30 +1,27 @@
-"""Proxy runs: the same recipe, with the model replaced by a tiny random model of the same
-architecture family, so that every stage of a 7B recipe runs in CI in a minute or two.
-
-``edgekit compress RECIPE --proxy`` (``api.compress(..., proxy=True)``) rewrites the recipe
-with :func:`proxy_recipe` and runs it into its own output directory (``runs/<name>-proxy``).
-The model becomes ``proxy:<spec>``, a model source kind of its own: the load stage builds the
-proxy deterministically (fixed seed) from the *real* model's config.json, read the way
+"""The proxy model: a tiny random model of the same architecture family as a real one, built
+deterministically (fixed seed) from the real model's config.json alone, read the way
 :mod:`edgekit.sizing` reads it (a local directory, a .gguf header, the Hugging Face cache, or
 the published config kept in ``edgekit/models/published/``) — no weights, no hub access.
 
-Pure parts (no torch): :func:`proxy_model_config` (real config -> proxy config, and the
-mapping applied), :func:`proxy_recipe` (recipe -> proxied recipe, and its mapping). The
-builder (:func:`write_proxy_checkpoint`) imports torch/transformers/tokenizers inside.
-Every rule is listed in docs/proxy.md; the mapping is recorded in the run manifest
-(``"proxy"``) and in the load stage's metrics (so in the bundle's manifest too), so a proxy
-bundle can never be mistaken for the real one.
+A recipe's model ``proxy:<spec>`` is a model source kind of its own
+(:mod:`edgekit.models.source`); ``edgekit compress RECIPE --proxy`` rewrites the recipe to name
+it (:mod:`edgekit.proxy_run`), so every stage of a 7B recipe runs in CI in a minute or two.
+
+Pure parts (no torch): :func:`real_model_config`, :func:`width_shift` and
+:func:`proxy_model_config` (real config -> proxy config, and the mapping applied). The builder
+(:func:`write_proxy_checkpoint`) imports torch/transformers/tokenizers inside. Every rule is
+listed in docs/proxy.md; the mapping is recorded in the run manifest (``"proxy"``) and in the
+load stage's metrics (so in the bundle's manifest too), so a proxy bundle can never be
+mistaken for the real one.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import ModelError, OutputError, RecipeError
-from edgekit.recipe import LoadedRecipe
+from edgekit.errors import ModelError
 
 PROXY_PREFIX = "proxy:"
 PROXY_FORMAT = "edgekit.proxy/1"  # bump when a rule below changes: it is part of the cache key
@@ -40,25 +37,6 @@ GROUP_DIVISORS = (16, 32, 64, 128)
 PRUNE_STEP, PRUNE_STEP_FROM = 64, 512
 MIN_HEAD_DIM = 16
 MAX_SHIFT = 8
-# Stage parameters: capped (by field name, in any stage that has the field) so the whole run
-# takes a minute or two on 2 CPU cores.
-FIELD_CAPS = {
-    "calibration_samples": 4,   # prune, quantize
-    "sequence_length": 128,     # prune, distill, quantize
-    "steps": 4,                 # distill
-    "batch_size": 2,            # distill
-    "gradient_accumulation": 2,  # distill
-    "warmup_steps": 1,          # distill
-    "checkpoint_every": 2,      # distill: a resumable checkpoint is written during the run
-    "eval_every": 2,            # distill
-    "eval_windows": 2,          # distill
-    "max_windows": 4,           # evaluate
-}
-FIELD_CLEARED = ("max_minutes",)  # distill: a time limit would make the proxy step-irreproducible
-DATA_EVAL_TOKENS = 1024
-DATA_WINDOW = 128
-PROXY_DATA = "builtin:python-docs"
-SUFFIX = "-proxy"
 
 # Model config keys copied from the real config unchanged (the architecture family); every
 # other key the proxy sets itself or drops (weights' provenance, versions, quantization).
@@ -90,7 +68,7 @@ def inner_spec(spec: str) -> str:
 def real_model_config(source: Any) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
     """(config.json, generation_config.json or None, where they came from) of a resolved
     (non-proxy) ModelSource, without weights and without network."""
-    from edgekit.models.source import read_model_config
+    from edgekit.sizing import read_model_config
     from edgekit.yamlio import load_json_file
 
     def generation(folder: Path) -> dict[str, Any] | None:
@@ -144,7 +122,7 @@ def _valuation(value: int) -> int:
     return (value & -value).bit_length() - 1
 
 
-def _prune_step(width: int) -> int:
+def prune_step(width: int) -> int:
     """The prune solver's width granularity for a width (edgekit.prune.shapes._size_choices)."""
     for step in (PRUNE_STEP, 8):
         if width % step == 0 and width >= 8 * step:
@@ -166,7 +144,7 @@ def width_shift(config: dict[str, Any]) -> int:
         scaled = [w // f for w in widths]
         if any((w % d == 0) != (s % d == 0) for w, s in zip(widths, scaled) for d in GROUP_DIVISORS):
             break
-        if any(_prune_step(w) != _prune_step(s) for w, s in zip(widths, scaled)):
+        if any(prune_step(w) != prune_step(s) for w, s in zip(widths, scaled)):
             break
         best = shift
     return best
@@ -221,164 +199,6 @@ def proxy_model_config(config: dict[str, Any], *, vocab_size: int = PROXY_VOCAB,
                     }.get(key, f"<= {PROXY_MAX_POSITIONS}")
             mapping.append({"field": f"config.{key}", "from": before, "to": after, "rule": rule})
     return proxy, mapping
-
-
-# --------------------------------------------------------------------------- recipe -> proxied recipe
-
-
-def proxy_name(name: str) -> str:
-    return name[: 128 - len(SUFFIX)] + SUFFIX
-
-
-def proxy_recipe(recipe: Any, *, width_factor: int, real_layers: int, processes: int = 2) -> tuple[Any, list[dict[str, Any]]]:
-    """(proxied Recipe, mapping): the same stages with the model, data and the parameters that
-    set the run's cost replaced (pure; see docs/proxy.md for each rule)."""
-    from edgekit.recipe import Recipe
-
-    data = recipe.to_dict()
-    mapping: list[dict[str, Any]] = []
-
-    def change(container: dict[str, Any], key: str, value: Any, where: str, rule: str) -> None:
-        if container.get(key) != value:
-            mapping.append({"field": where, "from": container.get(key), "to": value, "rule": rule})
-            container[key] = value
-
-    change(data, "name", proxy_name(data["name"]), "name", "+ '-proxy': its own output directory and bundle name")
-    change(data, "model", PROXY_PREFIX + inner_spec(PROXY_PREFIX + data["model"]), "model",
-           "a random model of the same family built from the real config (load stage)")
-    if data.get("output"):
-        change(data, "output", data["output"].rstrip("/") + SUFFIX, "output", "+ '-proxy'")
-    context = min(data["context_length"], PROXY_MAX_POSITIONS)
-    change(data, "context_length", context, "context_length", f"<= {PROXY_MAX_POSITIONS} (max_position_embeddings cap)")
-    old_data = data["data"]
-    eval_tokens = min(old_data.get("eval_tokens", DATA_EVAL_TOKENS), DATA_EVAL_TOKENS)
-    new_data = {"source": PROXY_DATA, "eval_tokens": eval_tokens,
-                "window": min(old_data.get("window", DATA_WINDOW), DATA_WINDOW, eval_tokens)}
-    from edgekit.recipe import DataConfig
-
-    if "allow_repeat" in DataConfig.model_fields:
-        new_data["allow_repeat"] = True
-    for key in sorted(set(old_data) | set(new_data)):
-        field = DataConfig.model_fields.get(key)
-        after = new_data.get(key, field.get_default(call_default_factory=True) if field is not None else None)
-        if old_data.get(key) != after:
-            mapping.append({"field": f"data.{key}", "from": old_data.get(key), "to": after,
-                            "rule": "local text (builtin:python-docs); other data settings at their defaults"})
-    data["data"] = new_data
-    runtime = data.get("runtime") or {}
-    if isinstance(runtime.get("max_new_tokens"), int) and runtime["max_new_tokens"] > context // 2:
-        change(runtime, "max_new_tokens", context // 2, "runtime.max_new_tokens", "<= half the proxy's context")
-    for index, stage in enumerate(data["stages"]):
-        kind = stage["type"]
-        where = f"stages[{index}]"
-        for key, cap in FIELD_CAPS.items():
-            if isinstance(stage.get(key), int) and not isinstance(stage[key], bool) and stage[key] > cap:
-                change(stage, key, cap, f"{where}.{key}", f"<= {cap}")
-        for key in FIELD_CLEARED:
-            if stage.get(key) is not None:
-                change(stage, key, None, f"{where}.{key}", "cleared")
-        if stage.get("device") == "cuda":
-            change(stage, "device", "auto", f"{where}.device", "cuda -> auto (the proxy runs where CI runs)")
-        if kind == "distill":
-            if stage.get("accelerate_config") or stage.get("processes", 1) > 1:
-                change(stage, "accelerate_config", None, f"{where}.accelerate_config",
-                       f"-> {processes}-process DDP (gloo on CPU)")
-                change(stage, "processes", processes, f"{where}.processes", f"{processes} processes")
-        if kind == "prune":
-            multiple = stage.get("width_multiple")
-            if isinstance(multiple, int) and multiple > max(GROUP_DIVISORS):
-                change(stage, "width_multiple", max(max(GROUP_DIVISORS), multiple // width_factor),
-                       f"{where}.width_multiple", f"/ {width_factor}, at least {max(GROUP_DIVISORS)}")
-            for key in ("hidden_size", "intermediate_size"):
-                if isinstance(stage.get(key), int):
-                    change(stage, key, max(1, stage[key] // width_factor), f"{where}.{key}", f"/ {width_factor}")
-            if isinstance(stage.get("num_layers"), int):
-                layers = min(real_layers, PROXY_LAYERS)
-                scaled = max(1, min(layers, math.ceil(stage["num_layers"] * layers / real_layers)))
-                if stage["num_layers"] < real_layers:
-                    scaled = min(scaled, max(1, layers - 1))
-                change(stage, "num_layers", scaled, f"{where}.num_layers", "scaled to the proxy's layers")
-        if kind == "bundle" and stage.get("name") and stage.get("name") != recipe.name:
-            change(stage, "name", proxy_name(stage["name"]), f"{where}.name", "+ '-proxy'")
-        if kind == "build_engine":
-            if isinstance(stage.get("max_prefill"), int) and stage["max_prefill"] > context:
-                change(stage, "max_prefill", context, f"{where}.max_prefill", "<= the proxy's context")
-            if isinstance(stage.get("opt_prefill"), int) and stage["opt_prefill"] > stage.get("max_prefill", context):
-                change(stage, "opt_prefill", stage["max_prefill"], f"{where}.opt_prefill", "<= max_prefill")
-    try:
-        return Recipe.model_validate(data), mapping
-    except Exception as exc:  # a rule above produced an invalid recipe: a bug in the proxy, said plainly
-        raise RecipeError(f"the proxied recipe is invalid: {str(exc).splitlines()[0]}", where="--proxy",
-                          how="report it; meanwhile run the proxy on a copy of the recipe") from None
-
-
-class ProxyLoadedRecipe(LoadedRecipe):
-    """A LoadedRecipe whose recipe is the proxied one; ``proxy`` goes into the run manifest,
-    and every place an error names says so."""
-
-    def __init__(self, loaded: LoadedRecipe, recipe: Any, proxy: dict[str, Any]):
-        super().__init__(recipe, loaded.path, loaded.lines, list(loaded.warnings))
-        self.proxy = proxy
-
-    def where(self, *loc: str | int) -> str:
-        return super().where(*loc) + " (--proxy)"
-
-
-def proxy_loaded_recipe(loaded: Any, *, processes: int = 2) -> ProxyLoadedRecipe:
-    """The proxied version of a parsed recipe, with the full mapping (model and recipe)."""
-    from edgekit.models.source import resolve_model_source
-
-    recipe = loaded.recipe
-    if is_proxy_spec(recipe.model):
-        raise RecipeError("the recipe's model is already a proxy", where=loaded.where("model"),
-                          how="run it without --proxy, or name the real model in the recipe")
-    try:
-        source = resolve_model_source(recipe.model, revision=recipe.revision, base_dir=loaded.base_dir)
-        config, _, origin = real_model_config(source)
-    except ModelError as exc:
-        raise ModelError(exc.what, where=loaded.where("model"), how=exc.how) from None
-    factor = 1 << width_shift(config)
-    proxied, recipe_mapping = proxy_recipe(recipe, width_factor=factor, real_layers=config["num_hidden_layers"],
-                                           processes=processes)
-    _, model_mapping = proxy_model_config(config)
-    record = {
-        "format": PROXY_FORMAT,
-        "proxy": True,
-        "of": {"recipe": recipe.name, "model": recipe.model, "config_from": origin},
-        "seed": PROXY_SEED,
-        "width_factor": factor,
-        "model": model_mapping,
-        "recipe": recipe_mapping,
-    }
-    return ProxyLoadedRecipe(loaded, proxied, record)
-
-
-def proxy_processes() -> int:
-    """Distillation processes of a proxy run: 2 (DDP over gloo) on the CPU; on a CUDA host one
-    per GPU, at most 2 (a 1-GPU check host trains in one process)."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return max(1, min(2, torch.cuda.device_count()))
-    except ImportError:
-        pass
-    return 2
-
-
-def check_output_kind(out: Path, *, proxy: bool) -> None:
-    """Refuse to write a proxy run over a real run's directory, and the other way round."""
-    manifest = Path(out) / "manifest.json"
-    if not manifest.is_file():
-        return
-    try:
-        recorded = json.loads(manifest.read_text()).get("proxy")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return  # the runner deals with an unreadable manifest (it rewrites it)
-    if bool(recorded) != proxy:
-        kind, other = ("a proxy", "real") if proxy else ("a real", "proxy")
-        raise OutputError(f"this directory holds a {other} run; {kind} run must not write over it", where=str(out),
-                          how="use another --output (proxy runs default to runs/<name>-proxy)")
 
 
 # --------------------------------------------------------------------------- the proxy model

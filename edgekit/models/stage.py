@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from edgekit.pipeline.registry import CHECKPOINT, StageConfig, register_stage
+from edgekit.pipeline.registry import CHECKPOINT, StageConfig, register_section_fingerprint, register_stage
 
 
 class LoadConfig(StageConfig):
@@ -78,3 +78,7 @@ register_stage(
     produces=CHECKPOINT,
     uses=("model",),
 )
+# The recipe's model and data are read through this package (models.source, models.text), so it
+# says what of them enters a cache key.
+register_section_fingerprint("model", "edgekit.models.source:recipe_model_fingerprint")
+register_section_fingerprint("data", "edgekit.models.text:recipe_data_fingerprint")

@@ -535,6 +535,13 @@ def resolve_data(data: Any, *, base_dir: Path | None = None) -> TextSource:
                                token_budget=get("token_budget"), text_field=get("text_field", "text") or "text")
 
 
+def recipe_data_fingerprint(recipe: Any, base_dir: Path | None) -> dict[str, Any]:
+    """The recipe's ``data`` section as a cache key holds it: the text's content fingerprint and
+    the other data settings (the runner's "data" section, edgekit.pipeline.registry)."""
+    source = resolve_text_source(recipe.data.source, base_dir=base_dir)
+    return {"source": source.fingerprint(), "config": recipe.data.model_dump(exclude={"source"})}
+
+
 @dataclass(frozen=True)
 class TokenSplits:
     calibration: Sequence[int]  # everything before the held-out split (a list, or a uint32 memmap)

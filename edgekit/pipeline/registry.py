@@ -31,7 +31,7 @@ BUILTIN_STAGE_MODULES = (
     "edgekit.prune.stage",
     "edgekit.distill.stage",
     "edgekit.quantize.stage",
-    "edgekit.bundle.stage",
+    "edgekit.pack.stage",
     "edgekit.engine.stage",
 )
 
@@ -89,6 +89,10 @@ class StageDef:
 
 
 _REGISTRY: dict[str, StageDef] = {}
+# Recipe sections that name inputs outside the recipe file (the model, the data) enter a stage's
+# cache key by content, which only the package that reads those inputs knows how to hash: it
+# registers a "package.module:function" taking (recipe, recipe_dir), imported when a run needs it.
+_SECTION_FINGERPRINTS: dict[str, str] = {}
 _loaded = False
 
 
@@ -110,6 +114,25 @@ def register_stage(
     stage = StageDef(type, config, summary, run, normalized, produces, uses, references, host)
     _REGISTRY[type] = stage
     return stage
+
+
+def register_section_fingerprint(section: str, function: str) -> None:
+    """Name the function (``"package.module:function"``, called with the recipe and the
+    recipe's directory) whose JSON-able result stands for recipe section ``section`` in the
+    cache key of every stage that ``uses`` it."""
+    if section in _SECTION_FINGERPRINTS:
+        raise ValueError(f"recipe section {section!r} fingerprinted twice")
+    _SECTION_FINGERPRINTS[section] = function
+
+
+def section_fingerprint(section: str) -> Callable[[object, object], object] | None:
+    """The function registered for ``section`` (imported now), or None."""
+    _load_builtins()
+    function = _SECTION_FINGERPRINTS.get(section)
+    if function is None:
+        return None
+    module_name, func_name = function.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def _load_builtins() -> None:

@@ -31,7 +31,7 @@ from edgekit.hashing import file_table, sha256_file, sha256_json
 from edgekit.names import check_name, is_inside, remove_tree, rename_inside
 from edgekit.pipeline.context import StageContext, StageRecord
 from edgekit.pipeline.progress import Reporter
-from edgekit.pipeline.registry import EarlierStage, ReferenceProblem, get_stage
+from edgekit.pipeline.registry import EarlierStage, ReferenceProblem, get_stage, section_fingerprint
 from edgekit.yamlio import atomic_write_json
 
 STAGES_DIR = "stages"
@@ -75,22 +75,15 @@ class _Fingerprints:
     def get(self, section: str) -> Any:
         if section not in self._cache:
             recipe, base = self._loaded.recipe, self._loaded.base_dir
-            if section == "model":
-                from edgekit.models.source import resolve_model_source
-
-                source = resolve_model_source(recipe.model, revision=recipe.revision, base_dir=base)
-                value = {"source": source.fingerprint(), "trust_remote_code": recipe.trust_remote_code}
-            elif section == "data":
-                from edgekit.models.text import resolve_text_source
-
-                source = resolve_text_source(recipe.data.source, base_dir=base)
-                value = {"source": source.fingerprint(), "config": recipe.data.model_dump(exclude={"source"})}
-            elif section == "target":
+            if section == "target":
                 value = self._target.model_dump(mode="json")
             elif section == "recipe":
                 value = recipe.portable_dict()
-            else:
-                raise ValueError(f"unknown cache section {section!r}")
+            else:  # the model, the data: hashed by the package that reads them (edgekit.models)
+                fingerprint = section_fingerprint(section)
+                if fingerprint is None:
+                    raise ValueError(f"unknown cache section {section!r}")
+                value = fingerprint(recipe, base)
             self._cache[section] = value
         return self._cache[section]
 

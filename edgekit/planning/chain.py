@@ -106,7 +106,7 @@ def _problem(chain: Chain, stage: str, what: str, where: str, how: str) -> None:
 
 
 def _source_shape(source: Any) -> tuple[ModelShape, str] | None:
-    from edgekit.sizing import model_shape_with_origin
+    from edgekit.models.source import model_shape_with_origin
 
     try:
         return model_shape_with_origin(source)
@@ -314,7 +314,7 @@ def deployed_memory(shape: ModelShape, weights: Any, *, context_length: int, bat
 
 
 def _check_deployment(chain: Chain, loaded: Any, target: Any, shape: ModelShape, engine: tuple[int, Any] | None) -> None:
-    from edgekit.rules import recipe_weights
+    from edgekit.planning.deployed import recipe_weights
 
     recipe = loaded.recipe
     weights = recipe_weights(recipe, shape)
@@ -413,7 +413,7 @@ def build_chain(loaded: Any, target: Any, source: Any) -> Chain | None:
         elif spec.type == "evaluate":
             row.tokens = recipe.data.eval_tokens
         if spec.type in ("export_onnx", "bundle"):
-            from edgekit.rules import recipe_weights
+            from edgekit.planning.deployed import recipe_weights
 
             weights = recipe_weights(recipe, shape) if any(s.type == "quantize" for s in recipe.stages[:index]) else None
             label = weights.label if weights else "16-bit float (TensorRT) / float32 (ONNX Runtime)"
@@ -431,7 +431,7 @@ def build_chain(loaded: Any, target: Any, source: Any) -> Chain | None:
 
 
 def _float_weights() -> Any:
-    from edgekit.rules import RecipeWeights
+    from edgekit.planning.deployed import RecipeWeights
 
     return RecipeWeights(16)
 

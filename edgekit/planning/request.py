@@ -37,7 +37,7 @@ def _check_positive(name: str, value: float | None, *, minimum: float = 1, integ
 
 
 def _model_shape(source: Any, spec: str) -> Any:
-    from edgekit.sizing import model_shape
+    from edgekit.models.source import model_shape
 
     try:
         shape = model_shape(source)
@@ -133,11 +133,11 @@ def plan_request(
     graph_info: dict[str, Any] = {}  # a bundle's graph: its real KV cache type
     if _is_recipe(source):
         from edgekit.models.source import resolve_model_source
-        from edgekit.recipe import load_recipe
-        from edgekit.rules import pruned_shape, recipe_weights
+        from edgekit.planning.deployed import pruned_shape, recipe_weights
+        from edgekit.recipe import read_recipe
 
-        # check_sources=False: recipe validation refuses a model that does not fit; a plan reports it
-        loaded = load_recipe(source, check_sources=False)
+        # the schema only: recipe validation refuses a model that does not fit; a plan reports it
+        loaded = read_recipe(source)
         recipe = loaded.recipe
         model_spec = recipe.model
         try:

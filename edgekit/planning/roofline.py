@@ -17,9 +17,6 @@ from typing import Literal
 
 from edgekit.sizing import GB, GIB, RUNTIME_ALLOWANCE_GB, ModelShape
 
-#: The former name of the runtime allowance (one constant: :data:`edgekit.sizing.RUNTIME_ALLOWANCE_GB`).
-RUNTIME_OVERHEAD_GB = RUNTIME_ALLOWANCE_GB
-
 #: Weight precisions ``edgekit plan`` predicts for. int8 and int4 are *weight-only* (what
 #: edgekit's GPTQ/RTN/AWQ export writes: integer weights dequantized in front of an fp16
 #: matmul), fp8 is W8A8 (weights and activations in fp8, Ada/Hopper only).

@@ -1,7 +1,7 @@
 """Device memory per GPU of the ``distill`` stage, predicted from the shapes alone.
 
 What one training process holds on its GPU (decimal GB, :data:`edgekit.sizing.GB`), for
-the way :mod:`edgekit.distill.train` trains:
+the way :mod:`edgekit.distill.loop` trains:
 
 * **student weights**: fp32 master weights (4 bytes per parameter; autocast computes in
   bf16/fp16 but the parameters stay fp32);
@@ -31,7 +31,6 @@ Every number is a prediction.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 from edgekit.sizing import GB, ModelShape
 

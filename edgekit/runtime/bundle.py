@@ -1,4 +1,4 @@
-"""A bundle's runtime: its ``runtime.json`` (``edgekit.recipe.RuntimeConfig``) turned into a
+"""A bundle's runtime: its ``runtime.json`` (:class:`edgekit.runtime.config.RuntimeConfig`) turned into a
 :class:`~edgekit.runtime.router.Router`, and calibration results written back.
 
 ``runtime.json`` is written by the bundle stage from the recipe's ``runtime:`` section and
@@ -27,7 +27,7 @@ def read_runtime_config(bundle_dir: Path) -> Any:
     from pydantic import ValidationError
 
     from edgekit.bundle.manifest import MANIFEST_NAME, RUNTIME_NAME
-    from edgekit.recipe import RuntimeConfig
+    from edgekit.runtime.config import RuntimeConfig, problem
 
     handle, bundle_dir = bundle_dir, Path(bundle_dir)
     if not (bundle_dir / MANIFEST_NAME).is_file():
@@ -50,8 +50,7 @@ def read_runtime_config(bundle_dir: Path) -> Any:
     try:
         config = RuntimeConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise EdgekitError(f"runtime.json: {'.'.join(map(str, first['loc'])) or 'value'}: {first['msg']}", where=str(path),
+        raise EdgekitError(f"runtime.json: {problem(exc)}", where=str(path),
                            how="fix the file or rebuild the bundle from its recipe") from None
     return complete_config(handle, config)
 
@@ -60,7 +59,7 @@ def complete_config(bundle_dir: Path, config: Any) -> Any:
     """``config`` with the values it leaves unset (sampling, ``max_new_tokens``: a runtime.json
     written by hand, or no runtime.json) filled in as the bundle stage fills them: the bundle's
     generation_config.json, else the defaults (edgekit.runtime.generation_config)."""
-    from edgekit.recipe import RuntimeConfig
+    from edgekit.runtime.config import RuntimeConfig
     from edgekit.runtime.generation_config import GENERATION_CONFIG, needs_resolving, read_generation_config, resolve_runtime
 
     data = config.model_dump()
@@ -99,7 +98,7 @@ def resolve_config(bundle_dir: Path, **overrides: Any) -> Any:
     ``sampling`` overrides are merged key by key."""
     from pydantic import ValidationError
 
-    from edgekit.recipe import RuntimeConfig
+    from edgekit.runtime.config import RuntimeConfig
 
     config = read_runtime_config(bundle_dir).model_dump()
     sampling = overrides.pop("sampling", None) or {}

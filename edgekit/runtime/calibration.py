@@ -39,8 +39,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from edgekit.errors import DataError, EdgekitError
-
-CALIBRATABLE = ("input_complexity", "cascade")
+from edgekit.runtime.config import CALIBRATABLE, Thresholds
 
 
 def quantile_threshold(escalation_scores: Sequence[float], large_rate: float) -> tuple[float, int]:
@@ -82,14 +81,12 @@ def calibrate(
     Returns ``{"policy", "threshold", "large_rate_target", "large_rate_achieved",
     "n_prompts", "scores", "rule", ...}`` with ``scores`` in prompt order and policy
     units."""
-    from dataclasses import asdict
-
     from edgekit.runtime.router import Router
 
     if isinstance(router_or_branches, Router):
         base = router_or_branches
         small, policy = base.small, policy or base.policy
-        thresholds = {**asdict(base.thresholds), **(thresholds or {})}
+        thresholds = {**base.thresholds.model_dump(), **(thresholds or {})}
         sampler_params = base.sampler_params if sampler_params is None else sampler_params
         max_new_tokens = base.max_new_tokens if max_new_tokens is None else max_new_tokens
         seed = base.seed
@@ -144,18 +141,12 @@ def calibrate(
 
 def apply_calibration(router: Any, calibration: dict) -> None:
     """Set the router's threshold (and the scoring settings it was calibrated with)."""
-    from dataclasses import replace
-
     if calibration["policy"] == "input_complexity":
-        router.thresholds = replace(router.thresholds, complexity=calibration["threshold"], length_weight=calibration["length_weight"])
+        fitted = {"complexity": calibration["threshold"], "length_weight": calibration["length_weight"]}
     else:
-        router.thresholds = replace(
-            router.thresholds,
-            confidence=calibration["threshold"],
-            quantile=calibration["quantile"],
-            min_tokens=calibration["min_tokens"],
-            check=calibration["check"],
-        )
+        fitted = {"confidence": calibration["threshold"], "quantile": calibration["quantile"],
+                  "min_tokens": calibration["min_tokens"], "check": calibration["check"]}
+    router.thresholds = Thresholds.model_validate({**router.thresholds.model_dump(), **fitted})
 
 
 def measured_large_rate(router: Any, prompts: Sequence[str | Sequence[int]], **overrides) -> float:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
+from edgekit.runtime.config import RuntimeConfig, SamplingConfig, bounds
 
 GENERATION_CONFIG = "generation_config.json"
 MAX_GENERATION_CONFIG_BYTES = 256 << 10
@@ -36,18 +37,25 @@ MAX_GENERATION_CONFIG_BYTES = 256 << 10
 #: edgekit's defaults for what a recipe and the file may leave unset
 SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 MAX_NEW_TOKENS_DEFAULT = 128
-MAX_NEW_TOKENS_LIMIT = 1_048_576
+MAX_NEW_TOKENS_LIMIT = bounds(RuntimeConfig, "max_new_tokens")["le"]
 
 RECIPE, FILE, DEFAULT = "recipe", GENERATION_CONFIG, "default"
 
+
+def _range(model: Any, key: str, kind: str) -> tuple[str, float, float, bool]:
+    # the file's values must fit where they go: the runtime settings' own bounds
+    b = bounds(model, key)
+    return kind, b.get("ge", b.get("gt")), b["le"], "gt" in b
+
+
 # key -> (kind, low, high, low open); temperature: 0 or [1e-6, 1e6], as the sampler takes it
 _RANGES: dict[str, tuple[str, float, float, bool]] = {
-    "temperature": ("number", 0.0, 1e6, False),
-    "top_p": ("number", 0.0, 1.0, True),
-    "top_k": ("int", 0, 2**31 - 1, False),
-    "min_p": ("number", 0.0, 1.0, False),
-    "repetition_penalty": ("number", 0.0, 1e6, True),
-    "max_new_tokens": ("int", 1, MAX_NEW_TOKENS_LIMIT, False),
+    "temperature": _range(SamplingConfig, "temperature", "number"),
+    "top_p": _range(SamplingConfig, "top_p", "number"),
+    "top_k": _range(SamplingConfig, "top_k", "int"),
+    "min_p": _range(SamplingConfig, "min_p", "number"),
+    "repetition_penalty": _range(SamplingConfig, "repetition_penalty", "number"),
+    "max_new_tokens": _range(RuntimeConfig, "max_new_tokens", "int"),
 }
 
 

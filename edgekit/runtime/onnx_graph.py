@@ -1,7 +1,7 @@
 """The nodes of an ONNX graph, read straight from the protobuf wire format.
 
 The runtime needs one fact about a bundle's graph before it opens it in ONNX Runtime: which op
-makes each ``present.*`` output (:func:`edgekit.runtime.backends._appends_in_place`). Importing
+makes each ``present.*`` output (:func:`edgekit.runtime.backends.ort.appends_in_place`). Importing
 the ``onnx`` package for that costs ~0.5 s (ml_dtypes, protobuf), more than the rest of a
 start-up; reading the few fields involved costs milliseconds. Only the main graph's nodes are
 read (``ModelProto.graph`` = field 7, ``GraphProto.node`` = 1, ``NodeProto.output`` = 2 and

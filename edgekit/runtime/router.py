@@ -69,68 +69,25 @@ the tokenizer) and decoded with a local tokenizer for a remote branch. Text prom
 encoded by each local branch's ``tokenizer.encode`` (special tokens as it adds them); no
 chat template is applied. A ``Router`` serves one request at a time (a sampler per request,
 but shared counters and branch sessions): use one per worker thread.
+
+Settings are checked as :class:`~edgekit.runtime.config.RouterSettings` (the field types of
+runtime.json's :class:`~edgekit.runtime.config.RuntimeConfig`); the scores live in
+:mod:`edgekit.runtime.scores`, the branch guards (fallback, timeouts) in
+:mod:`edgekit.runtime.guards`, one answer's decoding and stream events in
+:mod:`edgekit.runtime.answers`; this module holds the policies.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 from edgekit.errors import EdgekitError
-
-POLICIES = ("small_only", "large_only", "input_complexity", "cascade", "speculative")
-CHECKS = ("incremental", "end")
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Routing thresholds. The defaults are placeholders: calibrate them for a target share
-    of large calls with ``edgekit.runtime.calibration.calibrate``."""
-
-    complexity: float = 3.0  # input_complexity: large when score > complexity (nats/token)
-    length_weight: float = 0.0  # input_complexity: weight of log(1 + prompt tokens)
-    confidence: float = 0.2  # cascade: escalate when the low quantile falls below this
-    quantile: float = 0.1  # cascade: which low quantile of the confidences
-    min_tokens: int = 8  # cascade: first decision point (incremental check)
-    check: str = "incremental"  # cascade: "incremental" or "end"
-
-    @classmethod
-    def of(cls, value: Thresholds | dict | None) -> Thresholds:
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            value.validate()
-            return value
-        if not isinstance(value, dict):
-            raise EdgekitError(f"thresholds must be a dict, got {type(value).__name__}", where="thresholds", how="pass a dict")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise EdgekitError(
-                f"unknown threshold(s) {', '.join(unknown)}", where="thresholds", how=f"use only {', '.join(sorted(known))}"
-            )
-        out = cls(**value)
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        def bad(name, why):
-            raise EdgekitError(f"thresholds.{name} {why}, got {getattr(self, name)!r}", where=f"thresholds.{name}", how="fix the value")
-
-        for name in ("complexity", "length_weight", "confidence"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                bad(name, "must be a finite number")
-        if not (isinstance(self.quantile, (int, float)) and 0.0 <= self.quantile <= 1.0):
-            bad("quantile", "must be in [0, 1]")
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
-            bad("min_tokens", "must be an int >= 1")
-        if self.check not in CHECKS:
-            bad("check", f"must be one of {', '.join(CHECKS)}")
+from edgekit.runtime.answers import Answer, LocalRun, Output, RemoteText, Request, StreamEvent, Text, eos_ids, token_rate
+from edgekit.runtime.config import RouterSettings, Thresholds, checked
+from edgekit.runtime.guards import BranchFailed, Guard
+from edgekit.runtime.scores import ConfidenceMonitor, complexity_score
 
 
 @dataclass
@@ -161,395 +118,6 @@ class RouteResult:
         return asdict(self)
 
 
-@dataclass
-class StreamEvent:
-    kind: str  # "text" | "reset" | "done"
-    text: str = ""  # "text": the new piece
-    branch: str | None = None  # the branch the text comes from
-    reason: str = ""  # "reset": why
-    result: RouteResult | None = None  # "done"
-
-
-# --------------------------------------------------------------------------- scores
-
-
-def complexity_score(prefill_logits, prompt_ids: Sequence[int], length_weight: float = 0.0) -> tuple[float, float]:
-    """(score, mean_nll) of a prompt from the small model's prefill logits [n, vocab]:
-    mean_nll over tokens 2..n (0 for one token), score = mean_nll + length_weight*log(1+n)."""
-    import numpy as np
-
-    n = len(prompt_ids)
-    if n < 2:
-        mean_nll = 0.0
-    else:
-        x = np.asarray(prefill_logits[: n - 1], dtype=np.float64)
-        m = x.max(axis=1, keepdims=True)
-        lse = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
-        target = x[np.arange(n - 1), np.asarray(prompt_ids[1:], dtype=np.int64)]
-        mean_nll = float((lse - target).mean())
-    return mean_nll + length_weight * math.log1p(n), mean_nll
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    """numpy's default (linear) quantile of an ascending list."""
-    h = (len(sorted_values) - 1) * q
-    i = math.floor(h)
-    a, b = sorted_values[i], sorted_values[min(i + 1, len(sorted_values) - 1)]
-    return a + (b - a) * (h - i)
-
-
-class ConfidenceMonitor:
-    """The cascade rule: ``push`` each token's confidence; True = escalate now.
-    ``finish()`` applies the end-of-answer decision point; ``score`` is the running
-    minimum of Q(t) over the decision points seen (+inf before the first)."""
-
-    def __init__(self, threshold: float, *, quantile: float = 0.1, min_tokens: int = 8, check: str = "incremental"):
-        self.threshold, self.quantile, self.min_tokens, self.check = threshold, quantile, min_tokens, check
-        self.values: list[float] = []
-        self._sorted: list[float] = []
-        self.score = math.inf
-        self._scored_at = 0  # last t that was a decision point
-
-    def _decide(self) -> bool:
-        self._scored_at = len(self.values)
-        self.score = min(self.score, _quantile(self._sorted, self.quantile))
-        return self.score < self.threshold
-
-    def push(self, confidence: float) -> bool:
-        self.values.append(float(confidence))
-        bisect.insort(self._sorted, float(confidence))
-        if self.check == "incremental" and len(self.values) >= self.min_tokens:
-            return self._decide()
-        return False
-
-    def finish(self) -> bool:
-        if self.values and self._scored_at != len(self.values):
-            return self._decide()
-        return self.score < self.threshold
-
-
-# --------------------------------------------------------------------------- branch guards
-
-
-class _BranchFailed(Exception):
-    def __init__(self, label: str, message: str):
-        super().__init__(f"{label} branch unavailable: {message}")
-        self.label, self.message = label, message
-
-
-def _is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, (TimeoutError, ConnectionError)):
-        return True
-    return any(cls.__name__ == "BranchUnavailable" for cls in type(exc).__mro__)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class _Guard:
-    """One branch within one request: turns 'unavailable' failures and timeouts into
-    _BranchFailed, so the router can fall back."""
-
-    def __init__(self, branch: Any, label: str, timeout_s: float | None):
-        self.branch, self.label, self.timeout_s = branch, label, timeout_s
-        self.name = str(getattr(branch, "name", label))
-        self.has_logits = bool(getattr(branch, "has_logits", False))
-        self.started: float | None = None
-        self.sessions: list[_GuardedSession] = []
-
-    def __getattr__(self, name):  # vocab_size, context_length, tokenizer, ...
-        return getattr(self.branch, name)
-
-    def _start(self) -> None:
-        if self.started is None:
-            self.started = time.perf_counter()
-
-    def check_time(self) -> None:
-        if self.timeout_s is not None and self.started is not None and time.perf_counter() - self.started > self.timeout_s:
-            raise _BranchFailed(self.label, f"timed out after {self.timeout_s:g} s")
-
-    def call(self, fn, *args, **kwargs):
-        self._start()
-        try:
-            out = fn(*args, **kwargs)
-        except _BranchFailed:
-            raise
-        except Exception as exc:
-            if not self.has_logits or _is_unavailable(exc):
-                raise _BranchFailed(self.label, _describe(exc)) from exc
-            raise
-        self.check_time()
-        return out
-
-    def session(self) -> _GuardedSession:
-        sess = _GuardedSession(self, self.call(self.branch.session))
-        self.sessions.append(sess)
-        return sess
-
-    def complete(self, prompt: str, **kwargs) -> dict:
-        self._start()
-        if self.timeout_s is None:
-            out = self.call(self.branch.complete, prompt, **kwargs)
-        else:
-            box: dict = {}
-
-            def work():
-                try:
-                    box["value"] = self.branch.complete(prompt, **kwargs)
-                except BaseException as exc:  # handed to the request thread
-                    box["error"] = exc
-
-            # a daemon thread: a hung endpoint can neither block the answer nor the exit
-            worker = threading.Thread(target=work, daemon=True, name=f"edgekit-{self.label}-complete")
-            worker.start()
-            worker.join(max(0.0, self.timeout_s - (time.perf_counter() - self.started)))
-            if worker.is_alive():
-                raise _BranchFailed(self.label, f"no answer within {self.timeout_s:g} s")
-            if "error" in box:
-                raise _BranchFailed(self.label, _describe(box["error"])) from box["error"]
-            out = box["value"]
-        if not isinstance(out, dict) or not isinstance(out.get("text"), str):
-            raise _BranchFailed(self.label, f"malformed response (expected a dict with 'text'): {str(out)[:200]}")
-        return out
-
-    def close(self) -> None:
-        for sess in self.sessions:
-            sess.close()
-
-
-class _GuardedSession:
-    def __init__(self, guard: _Guard, session: Any):
-        self.guard, self.inner, self.closed = guard, session, False
-
-    @property
-    def length(self) -> int:
-        return self.inner.length
-
-    @property
-    def vocab_size(self) -> int:
-        return self.inner.vocab_size
-
-    def feed(self, token_ids):
-        return self.guard.call(self.inner.feed, token_ids)
-
-    def rollback(self, n: int) -> None:
-        self.guard.call(self.inner.rollback, n)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            try:
-                self.inner.close()
-            except Exception:  # closing a failed branch must not hide the answer
-                pass
-
-
-# --------------------------------------------------------------------------- text
-
-
-class _Text:
-    """Incremental detokenization of one answer (TGI's prefix/read offsets): a piece is
-    released once it does not end in a partial UTF-8 character."""
-
-    def __init__(self, tokenizer: Any, label: str):
-        self.tokenizer, self.label = tokenizer, label
-        self.ids: list[int] = []
-        self.emitted = ""
-        self._prefix = self._read = 0
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token: int) -> None:
-        self.ids.append(token)
-        before = self._decode(self.ids[self._prefix : self._read])
-        after = self._decode(self.ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.emitted += after[len(before) :]
-            self._prefix, self._read = self._read, len(self.ids)
-
-    def finish(self) -> str:
-        """The canonical text (a full decode); ``emitted`` becomes it."""
-        self.emitted = self._decode(self.ids)
-        return self.emitted
-
-
-class _RemoteText:
-    def __init__(self, label: str, text: str):
-        self.label, self.emitted = label, text
-
-
-class _Output:
-    """Keeps the client's view equal to one answer's text: a continuation of what was
-    shown is sent as a piece, anything else as a reset and the full text."""
-
-    def __init__(self):
-        self.current = None
-        self.shown = ""
-
-    def sync(self, source, reason: str = "") -> Iterator[StreamEvent]:
-        text = source.emitted
-        if source is self.current and text.startswith(self.shown):
-            if len(text) > len(self.shown):
-                yield StreamEvent("text", text[len(self.shown) :], source.label)
-        else:
-            if self.shown:
-                yield StreamEvent("reset", "", source.label, reason or f"switching to the {source.label} branch")
-            if text:
-                yield StreamEvent("text", text, source.label)
-        self.current, self.shown = source, text
-
-
-# --------------------------------------------------------------------------- answers
-
-
-@dataclass
-class _Answer:
-    label: str
-    name: str
-    text: str
-    tokens: list[int]
-    finish_reason: str
-    confidences: list[float]
-    ttft_s: float | None
-    tokens_per_s: float | None
-    token_times: list[float] = field(default_factory=list)
-    usage: dict | None = None
-    speculative: Any = None
-
-
-class _LocalRun:
-    """Plain decoding on one local branch; ``steps()`` is resumable (a cascade stops it
-    and may resume it if the large branch fails)."""
-
-    def __init__(self, guard: _Guard, ids: list[int], req: _Request):
-        self.guard, self.ids, self.req = guard, ids, req
-        self.session = None
-        self.last = None
-        self.prefill_logits = None
-        self.tokens: list[int] = []
-        self.confidences: list[float] = []
-        self.times: list[float] = []
-        self.finish: str | None = None
-        self.text = _Text(guard.tokenizer, guard.label)
-        self._steps = None
-
-    def prefill(self):
-        if self.session is None:
-            context = int(getattr(self.guard, "context_length", 0) or 0)
-            if context and len(self.ids) > context:
-                raise _BranchFailed(self.guard.label, f"the prompt has {len(self.ids)} tokens, over its context length {context}")
-            self.session = self.guard.session()
-            self.prefill_logits = self.session.feed(self.ids)
-            self.last = self.prefill_logits[-1]
-        return self.prefill_logits
-
-    def steps(self) -> Iterator[tuple[int | None, float]]:
-        if self._steps is None:
-            self._steps = self._generate()
-        return self._steps
-
-    def _generate(self):
-        import numpy as np
-
-        from edgekit.runtime import fastpath
-
-        self.prefill()
-        req = self.req
-        context = int(getattr(self.guard, "context_length", 0) or 0)
-        budget = min(req.max_new_tokens, context - len(self.ids) + 1) if context else req.max_new_tokens
-        sampler = fastpath.Sampler(int(self.guard.vocab_size), **req.sampler_params)
-        eos = _eos_ids(self.guard.tokenizer)
-        history = list(self.ids)
-        self.finish = "length"
-        while len(self.tokens) < budget:
-            row = np.ascontiguousarray(self.last, dtype=np.float32)
-            token = sampler.sample(row, history=history)
-            c = fastpath.confidence(row).max_prob
-            self.confidences.append(c)
-            self.times.append(time.perf_counter())
-            if token in eos:
-                self.finish = "eos"
-                yield None, c
-                return
-            self.tokens.append(token)
-            history.append(token)
-            self.text.push(token)
-            yield token, c
-            if len(self.tokens) < budget:
-                self.last = self.session.feed([token])[-1]
-
-    def answer(self) -> _Answer:
-        self.text.finish()
-        return _Answer(
-            self.guard.label,
-            self.guard.name,
-            self.text.emitted,
-            list(self.tokens),
-            self.finish or "length",
-            list(self.confidences),
-            self.times[0] - self.req.t0 if self.times else None,
-            _rate(self.times),
-            token_times=list(self.times),
-        )
-
-
-def _rate(times: list[float]) -> float | None:
-    if len(times) < 2 or times[-1] <= times[0]:
-        return None
-    return (len(times) - 1) / (times[-1] - times[0])
-
-
-def _eos_ids(tokenizer: Any) -> set[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(eos)} if isinstance(eos, int) else {int(t) for t in eos}
-
-
-@dataclass
-class _Request:
-    prompt: str | list[int]
-    max_new_tokens: int
-    sampler_params: dict  # fastpath.Sampler kwargs, seed included
-    t0: float
-    small: _Guard | None
-    large: _Guard | None
-    attempts: list[dict] = field(default_factory=list)
-    _ids: dict = field(default_factory=dict)
-
-    def ids_for(self, guard: _Guard) -> list[int]:
-        if guard.label not in self._ids:
-            if isinstance(self.prompt, str):
-                ids = [int(t) for t in guard.tokenizer.encode(self.prompt)]
-            else:
-                ids = list(self.prompt)
-            if not ids:
-                raise EdgekitError("the prompt is empty", where="prompt", how="give a non-empty prompt")
-            self._ids[guard.label] = ids
-        return self._ids[guard.label]
-
-    def text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        for guard in (self.small, self.large):
-            if guard is not None and guard.has_logits:
-                return guard.tokenizer.decode(self.prompt, skip_special_tokens=True)
-        raise EdgekitError("a token-id prompt needs a local branch's tokenizer", where="prompt", how="pass the prompt as text")
-
-    def other(self, guard: _Guard) -> _Guard | None:
-        return self.large if guard is self.small else self.small
-
-    def log(self, guard: _Guard, ok: bool, error: str | None = None) -> None:
-        seconds = time.perf_counter() - guard.started if guard.started is not None else 0.0
-        self.attempts.append({"branch": guard.label, "name": guard.name, "ok": ok, "error": error, "seconds": seconds})
-
-
-# --------------------------------------------------------------------------- router
-
-
 class Router:
     """Answers prompts with the small or the large branch per ``policy`` (module docstring)."""
 
@@ -569,10 +137,13 @@ class Router:
     ):
         from edgekit.runtime import fastpath, sampling_ref
 
-        if policy not in POLICIES:
-            raise EdgekitError(f"unknown routing policy {policy!r}", where="policy", how=f"use one of {', '.join(POLICIES)}")
+        # the values as runtime.json takes them (edgekit.runtime.config); what follows checks
+        # what only the loaded branches can tell
+        settings = checked(RouterSettings, "router", policy=policy, thresholds=thresholds, max_new_tokens=max_new_tokens,
+                           draft_tokens=draft_tokens, timeout_s=timeout_s, draft_min_confidence=draft_min_confidence)
+        policy = settings.policy
         self.small, self.large, self.policy = small, large, policy
-        self.thresholds = Thresholds.of(thresholds)
+        self.thresholds = settings.thresholds
         needs = {"small_only": ("small",), "large_only": ("large",)}.get(policy, ("small", "large"))
         for label in needs:
             if (small if label == "small" else large) is None:
@@ -595,18 +166,9 @@ class Router:
 
             speculative_params(sampler_params)  # refuses penalties up front
             self._check_same_tokenizer()
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise EdgekitError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}", where="max_new_tokens", how="use e.g. 128")
-        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
-            raise EdgekitError(f"draft_tokens must be an int >= 1, got {draft_tokens!r}", where="draft_tokens", how="use e.g. 4")
-        if isinstance(draft_min_confidence, bool) or not isinstance(draft_min_confidence, (int, float)) or not 0 <= draft_min_confidence < 1:
-            raise EdgekitError(f"draft_min_confidence must be in [0, 1), got {draft_min_confidence!r}", where="draft_min_confidence",
-                               how="use e.g. 0.5, or 0 to always draft draft_tokens")
-        self.draft_min_confidence = float(draft_min_confidence)
-        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-            raise EdgekitError(f"timeout_s must be > 0 or None, got {timeout_s!r}", where="timeout_s", how="use e.g. 30")
+        self.max_new_tokens, self.draft_tokens = settings.max_new_tokens, settings.draft_tokens
+        self.draft_min_confidence, self.timeout_s, self.seed = settings.draft_min_confidence, settings.timeout_s, seed
         self.sampler_params = self._check_sampler(sampler_params, sampling_ref)
-        self.max_new_tokens, self.draft_tokens, self.timeout_s, self.seed = max_new_tokens, draft_tokens, timeout_s, seed
         self.latency = fastpath.LatencyStats()
         self.counts = {"small": 0, "large": 0, "speculative": 0, "fell_back": 0, "escalated": 0}
 
@@ -663,15 +225,15 @@ class Router:
                 raise EdgekitError("the prompt is empty", where="prompt", how="give a non-empty prompt")
         else:
             prompt = [int(t) for t in prompt]
-        req = _Request(
+        req = Request(
             prompt,
             self.max_new_tokens if max_new_tokens is None else int(max_new_tokens),
             params,
             time.perf_counter(),
-            _Guard(self.small, "small", self.timeout_s) if self.small is not None else None,
-            _Guard(self.large, "large", self.timeout_s) if self.large is not None else None,
+            Guard(self.small, "small", self.timeout_s) if self.small is not None else None,
+            Guard(self.large, "large", self.timeout_s) if self.large is not None else None,
         )
-        out = _Output()
+        out = Output()
         try:
             result = yield from getattr(self, "_route_" + self.policy)(req, out)
         finally:
@@ -687,13 +249,13 @@ class Router:
 
     def prompt_score(self, prompt: str | Sequence[int]) -> float:
         """The input_complexity score of a prompt (one small prefill, nothing generated)."""
-        guard = _Guard(self.small, "small", None)
-        req = _Request(prompt if isinstance(prompt, str) else list(prompt), 1, {}, time.perf_counter(), guard, None)
-        run = _LocalRun(guard, req.ids_for(guard), req)
+        guard = Guard(self.small, "small", None)
+        req = Request(prompt if isinstance(prompt, str) else list(prompt), 1, {}, time.perf_counter(), guard, None)
+        run = LocalRun(guard, req.ids_for(guard), req)
         try:
             logits = run.prefill()
             return complexity_score(logits, run.ids, self.thresholds.length_weight)[0]
-        except _BranchFailed as exc:
+        except BranchFailed as exc:
             raise EdgekitError(str(exc), where="router.small", how="check the small branch") from None
         finally:
             guard.close()
@@ -703,9 +265,9 @@ class Router:
         early stop) and the score is min over the decision points of the low quantile; the
         cascade escalates iff this is below ``thresholds.confidence``."""
         t = self.thresholds
-        guard = _Guard(self.small, "small", None)
+        guard = Guard(self.small, "small", None)
         params = {**self.sampler_params, "seed": int(self.sampler_params.get("seed", self.seed))}
-        req = _Request(
+        req = Request(
             prompt if isinstance(prompt, str) else list(prompt),
             self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             params,
@@ -714,13 +276,13 @@ class Router:
             None,
         )
         monitor = ConfidenceMonitor(t.confidence, quantile=t.quantile, min_tokens=t.min_tokens, check=t.check)
-        run = _LocalRun(guard, req.ids_for(guard), req)
+        run = LocalRun(guard, req.ids_for(guard), req)
         try:
             for _, c in run.steps():
                 monitor.push(c)
             monitor.finish()
             return monitor.score
-        except _BranchFailed as exc:
+        except BranchFailed as exc:
             raise EdgekitError(str(exc), where="router.small", how="check the small branch") from None
         finally:
             guard.close()
@@ -742,7 +304,7 @@ class Router:
             self.latency.record_token(max(0.0, b - a))
 
     @staticmethod
-    def _result(req: _Request, answer: _Answer, policy: str, *, fell_back: bool, reason: str, **extra) -> RouteResult:
+    def _result(req: Request, answer: Answer, policy: str, *, fell_back: bool, reason: str, **extra) -> RouteResult:
         result = RouteResult(
             text=answer.text,
             tokens=answer.tokens,
@@ -763,12 +325,12 @@ class Router:
 
     # ------------------------------------------------------------------ answering
 
-    def _answer(self, guard: _Guard, req: _Request, out: _Output, run: _LocalRun | None = None):
-        """Generator: one branch answers in full, streaming; returns an _Answer or raises
-        _BranchFailed (logged)."""
+    def _answer(self, guard: Guard, req: Request, out: Output, run: LocalRun | None = None):
+        """Generator: one branch answers in full, streaming; returns an Answer or raises
+        BranchFailed (logged)."""
         try:
             if guard.has_logits:
-                run = run or _LocalRun(guard, req.ids_for(guard), req)
+                run = run or LocalRun(guard, req.ids_for(guard), req)
                 for token, _ in run.steps():
                     if token is not None:
                         yield from out.sync(run.text)
@@ -785,7 +347,7 @@ class Router:
                 elapsed = time.perf_counter() - req.t0
                 usage = reply.get("usage") or None
                 n_out = (usage or {}).get("completion_tokens")
-                answer = _Answer(
+                answer = Answer(
                     guard.label,
                     guard.name,
                     reply["text"],
@@ -798,21 +360,21 @@ class Router:
                 )
                 if isinstance(n_out, int) and n_out > 0 and guard.started is not None:
                     answer.tokens_per_s = n_out / max(1e-9, time.perf_counter() - guard.started)
-                yield from out.sync(_RemoteText(guard.label, reply["text"]))
-        except _BranchFailed as exc:
+                yield from out.sync(RemoteText(guard.label, reply["text"]))
+        except BranchFailed as exc:
             req.log(guard, False, exc.message)
             raise
         req.log(guard, True)
         return answer
 
-    def _answer_either(self, first: _Guard, req: _Request, out: _Output, reason: str, runs: dict | None = None, **extra):
+    def _answer_either(self, first: Guard, req: Request, out: Output, reason: str, runs: dict | None = None, **extra):
         """Generator: ``first`` answers, or the other branch when it is unavailable;
-        ``runs`` maps a label to a _LocalRun already prefilled for it (reused)."""
+        ``runs`` maps a label to a LocalRun already prefilled for it (reused)."""
         runs = runs or {}
         try:
             answer = yield from self._answer(first, req, out, runs.get(first.label))
             return self._result(req, answer, self.policy, fell_back=False, reason=reason, **extra)
-        except _BranchFailed as exc:
+        except BranchFailed as exc:
             failure = exc
         other = req.other(first)
         if other is None:
@@ -824,10 +386,10 @@ class Router:
             req, answer, self.policy, fell_back=True, reason=f"{reason}; {failure}, so the {other.label} branch answered", **extra
         )
 
-    def _last_resort(self, guard: _Guard, req: _Request, out: _Output, failure: _BranchFailed, run: _LocalRun | None = None):
+    def _last_resort(self, guard: Guard, req: Request, out: Output, failure: BranchFailed, run: LocalRun | None = None):
         try:
             return (yield from self._answer(guard, req, out, run))
-        except _BranchFailed as exc:
+        except BranchFailed as exc:
             raise EdgekitError(
                 f"both branches are unavailable: {failure}; {exc}",
                 where="router",
@@ -847,9 +409,9 @@ class Router:
         small = req.small
         run = None
         try:
-            run = _LocalRun(small, req.ids_for(small), req)
+            run = LocalRun(small, req.ids_for(small), req)
             score, mean_nll = complexity_score(run.prefill(), run.ids, t.length_weight)
-        except _BranchFailed as exc:
+        except BranchFailed as exc:
             req.log(small, False, exc.message)
             answer = yield from self._last_resort(req.large, req, out, exc)
             return self._result(
@@ -866,7 +428,7 @@ class Router:
         t = self.thresholds
         small, large = req.small, req.large
         monitor = ConfidenceMonitor(t.confidence, quantile=t.quantile, min_tokens=t.min_tokens, check=t.check)
-        run = _LocalRun(small, req.ids_for(small), req)
+        run = LocalRun(small, req.ids_for(small), req)
         escalate = False
         try:
             for token, c in run.steps():
@@ -877,7 +439,7 @@ class Router:
                     break
             else:
                 escalate = monitor.finish()
-        except _BranchFailed as exc:
+        except BranchFailed as exc:
             req.log(small, False, exc.message)
             answer = yield from self._last_resort(large, req, out, exc)
             return self._result(
@@ -893,7 +455,7 @@ class Router:
         reason = f"{q} < {t.confidence:g} after {len(monitor.values)} tokens: escalated"
         try:
             answer = yield from self._answer(large, req, _Escalation(out, reason))
-        except _BranchFailed as exc:  # resume the small answer where it stopped
+        except BranchFailed as exc:  # resume the small answer where it stopped
             answer = yield from self._last_resort(small, req, out, exc, run=run)
             return self._result(
                 req, answer, self.policy, fell_back=True, reason=f"{reason}, but {exc}, so the small branch answered", **extra
@@ -905,7 +467,7 @@ class Router:
 
         small, large = req.small, req.large
         ids = req.ids_for(small)
-        text = _Text(small.tokenizer, "speculative")
+        text = Text(small.tokenizer, "speculative")
         gen = iter_speculative(
             small,
             large,
@@ -915,7 +477,7 @@ class Router:
             draft_min_confidence=self.draft_min_confidence,
             sampler_params=req.sampler_params,
             seed=req.sampler_params["seed"],
-            eos_token_id=sorted(_eos_ids(small.tokenizer)) or None,
+            eos_token_id=sorted(eos_ids(small.tokenizer)) or None,
         )
         times: list[float] = []
         try:
@@ -928,7 +490,7 @@ class Router:
                 times.append(time.perf_counter())
                 text.push(token)
                 yield from out.sync(text)
-        except _BranchFailed as exc:
+        except BranchFailed as exc:
             failed = small if exc.label == "small" else large
             req.log(failed, False, exc.message)
             other = req.other(failed)
@@ -941,7 +503,7 @@ class Router:
         req.log(large, True)
         stats = {k: v for k, v in asdict(spec).items() if k not in ("tokens", "confidences", "rounds")}
         stats["tokens_per_large_call"] = spec.tokens_per_large_call
-        answer = _Answer(
+        answer = Answer(
             "speculative",
             f"{small.name}+{large.name}",
             text.emitted,
@@ -949,7 +511,7 @@ class Router:
             spec.finish_reason,
             spec.confidences[: len(spec.tokens)],
             times[0] - req.t0 if times else None,
-            _rate(times),
+            token_rate(times),
             token_times=times,
         )
         reason = f"speculative decoding: {spec.accepted}/{spec.drafted} drafts accepted, {spec.large_calls} large calls"
@@ -959,13 +521,13 @@ class Router:
 
 
 class _Escalation:
-    """The _Output seen by the large branch after an escalation: resets carry the reason."""
+    """The Output seen by the large branch after an escalation: resets carry the reason."""
 
-    def __init__(self, out: _Output, reason: str):
+    def __init__(self, out: Output, reason: str):
         self.out, self.reason = out, reason
 
     def sync(self, source, reason: str = ""):
         return self.out.sync(source, reason or self.reason)
 
 
-__all__ = ["POLICIES", "ConfidenceMonitor", "RouteResult", "Router", "StreamEvent", "Thresholds", "complexity_score"]
+__all__ = ["RouteResult", "Router"]

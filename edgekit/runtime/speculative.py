@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Sequence
 
 from edgekit.errors import EdgekitError
+from edgekit.runtime.config import SpeculativeSettings, checked
 
 PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
 
@@ -208,13 +209,10 @@ def iter_speculative(
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise EdgekitError("the prompt is empty", where="prompt", how="give at least one token")
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
-        raise EdgekitError(f"draft_tokens must be an int >= 1, got {draft_tokens!r}", where="draft_tokens", how="use e.g. 4")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise EdgekitError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}", where="max_new_tokens", how="use e.g. 128")
-    if isinstance(draft_min_confidence, bool) or not isinstance(draft_min_confidence, (int, float)) or not 0 <= draft_min_confidence < 1:
-        raise EdgekitError(f"draft_min_confidence must be in [0, 1), got {draft_min_confidence!r}", where="draft_min_confidence",
-                           how="use e.g. 0.5, or 0 to always draft draft_tokens")
+    settings = checked(SpeculativeSettings, "speculative", max_new_tokens=max_new_tokens, draft_tokens=draft_tokens,
+                       draft_min_confidence=draft_min_confidence)
+    max_new_tokens, draft_tokens = settings.max_new_tokens, settings.draft_tokens
+    draft_min_confidence = settings.draft_min_confidence
     eos = set() if eos_token_id is None else {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
     vocab = min(int(small.vocab_size), int(large.vocab_size))
     # The caches hold at most prompt + max_new_tokens - 1 tokens (the last one is never fed).

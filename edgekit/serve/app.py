@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 COMPLETIONS, CHAT, MODELS, HEALTH, METRICS = "/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz", "/metrics"
 POST_PATHS, GET_PATHS = (COMPLETIONS, CHAT), (MODELS, HEALTH, METRICS)
+MODEL = MODELS + "/{id}"  # GET one model (the official client's models.retrieve); the metrics label
 STREAM_BUFFER = 32  # stream pieces generated and not yet written to the client
 
 
@@ -74,7 +75,10 @@ class _Exchange:
         self.server, self.scope, self.receive, self.send = server, scope, receive, send
         self.request = Request(scope, receive)
         self.method, self.path = scope["method"], scope["path"]
-        self.endpoint = self.path if self.path in POST_PATHS + GET_PATHS else "other"
+        self.model_id = self.path[len(MODELS) + 1:] if self.path.startswith(MODELS + "/") else None
+        # the label is the route, never the raw path: a client cannot grow the metric's series
+        self.endpoint = (self.path if self.path in POST_PATHS + GET_PATHS
+                         else MODEL if self.model_id is not None else "other")
         headers = self.request.headers
         length = headers.get("content-length")
         # h11 has checked the framing: one non-negative Content-Length, or chunked
@@ -137,11 +141,12 @@ class _Exchange:
             raise oa.bad("the request has both Content-Length and Transfer-Encoding; send one", code="invalid_http")
         if path in POST_PATHS and method == "POST":
             await self._generation()
-        elif path in GET_PATHS and method in ("GET", "HEAD"):
+        elif (path in GET_PATHS or self.model_id is not None) and method in ("GET", "HEAD"):
             await self._get()
-        elif path in POST_PATHS + GET_PATHS:
+        elif path in POST_PATHS + GET_PATHS or self.model_id is not None:
             allowed = "POST" if path in POST_PATHS else "GET, HEAD"
-            raise oa.ApiError(405, f"{oa.printable(method)} is not allowed on {path}; use {allowed.split(',')[0]}",
+            where = path if self.model_id is None else oa.show(path, 80)  # a model id is the client's text
+            raise oa.ApiError(405, f"{oa.printable(method)} is not allowed on {where}; use {allowed.split(',')[0]}",
                               code="method_not_allowed", kind="method_not_allowed", headers={"Allow": allowed})
         else:
             raise oa.ApiError(404, f"no endpoint {oa.show(path, 80)}; this server has {', '.join(POST_PATHS + GET_PATHS)}",
@@ -202,8 +207,15 @@ class _Exchange:
         elif self.path == METRICS:
             await self._send_bytes(200, server.metrics.render().encode("utf-8"), CONTENT_TYPE)
         else:
-            await self._send_json(200, {"object": "list", "data": [
-                {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "edgekit"}]})
+            model = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "edgekit"}
+            if self.model_id is None:
+                await self._send_json(200, {"object": "list", "data": [model]})
+            elif self.model_id == server.model_name:
+                await self._send_json(200, model)
+            else:
+                raise oa.ApiError(404, f"the model {oa.show(self.model_id, 80)} does not exist; this server serves "
+                                  f"{server.model_name!r} (GET /v1/models)", param="model", code="model_not_found",
+                                  kind="not_found")
 
     # -- the request body
 
@@ -448,6 +460,11 @@ class _Exchange:
             m.ttft.observe((admitted - arrival) + outcome.ttft_s)
         if outcome.tpot_s is not None:
             m.tpot.observe(outcome.tpot_s)
+        if outcome.branch:
+            if outcome.ttft_s is not None:
+                m.branch_ttft.observe(outcome.ttft_s, branch=outcome.branch)
+            if outcome.tpot_s is not None:
+                m.branch_tpot.observe(outcome.tpot_s, branch=outcome.branch)
         m.duration.observe(time.perf_counter() - arrival)
 
     async def _complete(self, request: Any, arrival: float, admitted: float, deadline: float) -> None:

@@ -21,9 +21,9 @@ they would double the page).
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client import Counter as _Counter
 from prometheus_client import Gauge as _Gauge
 from prometheus_client import Histogram as _Histogram
@@ -146,6 +146,39 @@ class Registry:
         return generate_latest(self.collector_registry).decode("utf-8")
 
 
+class _HealthCollector:
+    """The device's health (:class:`edgekit.telemetry.DeviceHealth`) read at scrape time, as gauges
+    ``edgekit_<reading name>``; a source that fails to read leaves its gauges out of that scrape."""
+
+    HELP = {
+        "device_temperature_celsius": "Temperature by sensor (tegrastats: cpu, gpu, tj, ...; NVML: gpu0, ...).",
+        "device_utilization_ratio": "Busy fraction by unit (gpu from tegrastats' GR3D_FREQ; gpu0... from NVML; cpu).",
+        "device_memory_used_bytes": "Memory in use: ram (MemTotal - MemAvailable; on a Jetson the GPU's too), gpu0... (NVML).",
+        "device_memory_total_bytes": "Memory installed, by the same `memory` label as device_memory_used_bytes.",
+        "device_power_watts": "Instant power by rail (tegrastats: VDD_IN is the module input) or GPU (NVML).",
+        "device_load_1m": "The host's 1-minute load average (runnable threads).",
+    }
+
+    def __init__(self, health: Any):
+        self.health = health
+
+    def collect(self) -> Iterable:
+        from prometheus_client.core import GaugeMetricFamily
+
+        families: dict[str, GaugeMetricFamily] = {}
+        try:
+            readings = list(self.health.read())
+        except Exception:  # a sensor that fails must not fail /metrics; the gauges are simply absent
+            readings = []
+        for reading in readings:
+            family = families.get(reading.name)
+            if family is None:
+                family = families[reading.name] = GaugeMetricFamily(
+                    f"edgekit_{reading.name}", self.HELP.get(reading.name, reading.name), labels=sorted(reading.labels))
+            family.add_metric([reading.labels[k] for k in sorted(reading.labels)], reading.value)
+        yield from families.values()
+
+
 # Buckets: TTFT spans a fast local prefill (tens of ms) to a queued request behind a cold remote
 # branch (tens of s); time per output token spans a GPU (a few ms) to a loaded CPU (~1 s).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -164,7 +197,8 @@ class ServeMetrics:
     )
 
     def __init__(self, *, queue_depth: Callable[[], float], in_flight: Callable[[], float], info: dict[str, str],
-                 open_connections: Callable[[], float] | None = None):
+                 open_connections: Callable[[], float] | None = None, budgets: dict | None = None,
+                 health: Any = None):
         r = self.registry = Registry()
         self.info = r.gauge("edgekit_serve_info", "The served bundle and policy (always 1).", tuple(sorted(info)))
         self.info.set(1, **info)
@@ -194,6 +228,25 @@ class ServeMetrics:
         self.in_flight = r.gauge("edgekit_requests_in_flight", "Requests generating now.", read=in_flight)
         self.connections = r.gauge("edgekit_open_connections", "Client connections open now (--max-connections caps them).",
                                    read=open_connections or (lambda: 0))
+        # per answering branch: which one breaches the budget (a cascade's two branches differ by 10x)
+        self.branch_ttft = r.histogram("edgekit_branch_time_to_first_token_seconds", "Start of generation to the "
+                                       "answering branch's first token, by branch (no queue wait).", TTFT_BUCKETS, ("branch",))
+        self.branch_tpot = r.histogram("edgekit_branch_time_per_output_token_seconds", "Per answer: mean time per output "
+                                       "token after the first, by the branch that answered.", TPOT_BUCKETS, ("branch",))
+        # the bundle's budgets (recipe `budgets:`), so that one alert rule file serves every model of a fleet
+        self.budget = r.gauge("edgekit_budget_seconds", "The bundle's latency budget (p99), by what it bounds.",
+                              ("kind", "quantile"))
+        for key, kind in (("latency_p99_ms", "time_per_output_token"), ("ttft_p99_ms", "time_to_first_token")):
+            value = (budgets or {}).get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+                self.budget.set(value / 1000.0, kind=kind, quantile="0.99")
+        memory_gb = (budgets or {}).get("memory_gb")
+        if isinstance(memory_gb, (int, float)) and not isinstance(memory_gb, bool) and math.isfinite(memory_gb) and memory_gb > 0:
+            r.gauge("edgekit_budget_memory_bytes", "The bundle's peak-memory budget.").set(memory_gb * 2**30)
+        if health is not None:
+            r.collector_registry.register(_HealthCollector(health))
+        # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux /proc; nothing elsewhere)
+        ProcessCollector(registry=r.collector_registry)
 
     def render(self) -> str:
         return self.registry.render()

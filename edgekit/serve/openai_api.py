@@ -111,8 +111,15 @@ def check_json(body: Any) -> None:
 # --------------------------------------------------------------------------- requests
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
-_COMMON = {"model", "max_tokens", "seed", "stop", "stream", "stream_options", "n", "user", "logit_bias", "logprobs",
-           *SAMPLING_FIELDS}
+#: fields real clients send that do not change what is generated (storage, billing, caching and
+#: abuse-tracking hints of OpenAI's service): accepted when well-formed and bounded, then ignored.
+#: A field that would change the result and is not supported stays refused with 400.
+IGNORED_FIELDS = ("store", "metadata", "service_tier", "user", "prompt_cache_key", "prompt_cache_retention",
+                  "safety_identifier")
+SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512  # OpenAI's own bounds
+_COMMON = {"model", "max_tokens", "seed", "stop", "stream", "stream_options", "n", "logit_bias", "logprobs",
+           *IGNORED_FIELDS, *SAMPLING_FIELDS}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
                          "functions", "function_call", "parallel_tool_calls"}
@@ -234,6 +241,34 @@ class RequestParser:
         if name in body and body[name] not in neutral:
             raise bad(f"{message} ({name}={show(body[name])})", name)
 
+    @staticmethod
+    def _check_ignored(body: dict) -> None:
+        """:data:`IGNORED_FIELDS` do not change the answer, but they are still input: typed and bounded."""
+        for name in ("user", "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "service_tier"):
+            value = body.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise bad(f"'{name}' must be a string", name)
+            if len(value) > MAX_SHORT_STRING:
+                raise bad(f"'{name}' is longer than {MAX_SHORT_STRING} characters", name)
+        if body.get("service_tier") is not None and body["service_tier"] not in SERVICE_TIERS:
+            raise bad(f"'service_tier' must be one of {', '.join(SERVICE_TIERS)} (got {show(body['service_tier'])})",
+                      "service_tier")
+        if body.get("store") is not None and not isinstance(body["store"], bool):
+            raise bad("'store' must be true or false", "store")
+        metadata = body.get("metadata")
+        if metadata is None:
+            return
+        if not isinstance(metadata, dict):
+            raise bad("'metadata' must be an object of string keys and string values", "metadata")
+        if len(metadata) > MAX_METADATA_PAIRS:
+            raise bad(f"'metadata' has {len(metadata)} keys, more than {MAX_METADATA_PAIRS}", "metadata")
+        for key, value in metadata.items():
+            if len(key) > MAX_METADATA_KEY or not isinstance(value, str) or len(value) > MAX_METADATA_VALUE:
+                raise bad(f"'metadata' keys are strings of at most {MAX_METADATA_KEY} characters and values strings "
+                          f"of at most {MAX_METADATA_VALUE} (key {show(key)})", "metadata")
+
     def _messages(self, messages: Any) -> list[dict[str, str]]:
         if not isinstance(messages, list) or not messages:
             raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
@@ -285,11 +320,9 @@ class RequestParser:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise bad("'model' must be a string", "model")
-        if "user" in body and not isinstance(body["user"], str):
-            raise bad("'user' must be a string", "user")
-        for name in ("model", "user"):
-            if isinstance(body.get(name), str) and len(body[name]) > MAX_SHORT_STRING:
-                raise bad(f"'{name}' is longer than {MAX_SHORT_STRING} characters", name)
+        self._check_ignored(body)
+        if isinstance(model, str) and len(model) > MAX_SHORT_STRING:
+            raise bad(f"'model' is longer than {MAX_SHORT_STRING} characters", "model")
         if model is not None and model != self.model_name:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r} (GET /v1/models)",
                            param="model", code="model_not_found", kind="not_found")

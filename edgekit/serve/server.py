@@ -198,7 +198,9 @@ class EdgekitServer:
     """The served bundle: its routers, admission, metrics and the HTTP listener."""
 
     def __init__(self, bundle: str | Path, options: ServeOptions, *, config: Any, threads: int | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, health: Any = None):
+        """``health``: the device-health reader for /metrics (default: a
+        :class:`edgekit.telemetry.DeviceHealth` over whatever this host has)."""
         import uvicorn
 
         from edgekit import __version__
@@ -225,10 +227,16 @@ class EdgekitServer:
         self.guard = ConnectionGuard(max_connections=options.max_connections, header_timeout_s=options.header_timeout_s,
                                      send_timeout_s=options.send_timeout_s, count=self._count_connection_event,
                                      log=self.log, quiet=not options.access_log)
+        if health is None:
+            from edgekit.telemetry import DeviceHealth
+
+            health = DeviceHealth()
+        self.device_health = health
         self.metrics = ServeMetrics(queue_depth=lambda: self.admission.queued if self.admission else 0,
                                     in_flight=lambda: self.admission.running if self.admission else 0,
                                     info={"model": self.model_name, "policy": self.policy},
-                                    open_connections=lambda: self.guard.open)
+                                    open_connections=lambda: self.guard.open,
+                                    budgets=self.handle.manifest.budgets, health=health)
         self._duration_ewma: float | None = None
         self._ewma_lock = threading.Lock()
         self.unfinished = 0  # requests still running or queued when the grace period ended
@@ -270,6 +278,7 @@ class EdgekitServer:
             finally:
                 loop.close()
 
+        self.device_health.start()  # tegrastats in the background on a Jetson; nothing to start elsewhere
         self._thread = threading.Thread(target=run, daemon=True, name="edgekit-serve")
         self._thread.start()
         deadline = time.monotonic() + 30
@@ -345,6 +354,7 @@ class EdgekitServer:
         else:
             self.sock.close()
         self._parse_pool.shutdown(wait=False)
+        self.device_health.close()
         return drained
 
     def _in_loop(self, fn: Callable[[], None]) -> None:
@@ -398,7 +408,8 @@ class EdgekitServer:
 
     def health(self) -> dict[str, Any]:
         status = {"ready": "ok"}.get(self.state, self.state)
-        out = {"status": status, "bundle": self.model_name, "policy": self.policy, "branches": self.branches}
+        out = {"status": status, "bundle": self.model_name, "policy": self.policy, "branches": self.branches,
+               "device_health": self.device_health.sources}
         if self.admission is not None:
             out.update(in_flight=self.admission.running, queued=self.admission.queued,
                        max_concurrency=self.admission.max_concurrency, max_queue=self.admission.max_queue)

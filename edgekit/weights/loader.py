@@ -98,6 +98,9 @@ def save_quantized_checkpoint(model: Any, quantized: dict[str, QuantizedWeight],
 
     config = json.loads(model.config.to_json_string(use_diff=True))
     config["quantization_config"] = dict(quantization_config)
+    if not all(qw.contiguous_groups for qw in quantized.values()):
+        # the file must say what the weights are: a permuted g_idx is desc_act with dynamic groups
+        config["quantization_config"].update(desc_act=True, static_groups=False)
     if _output_embedding_name(model) in quantized:
         config["tie_word_embeddings"] = False  # the float embedding stays, lm_head is packed
     atomic_write(out_dir / "config.json", lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))

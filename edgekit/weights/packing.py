@@ -157,16 +157,23 @@ def gptq_quantization_config(
 ) -> dict[str, Any]:
     """The ``quantization_config`` block of config.json for a checkpoint in this layout.
 
-    ``static_groups`` is always true: edgekit's groups are contiguous (``g_idx`` trivial) even
-    with ``desc_act`` (act-order). ``edgekit_method`` records what produced the codes (gptq,
-    rtn, awq), since all of them use this one format.
+    The block describes the file, not the algorithm: edgekit's groups are contiguous (``g_idx ==
+    arange(in) // group_size``) even when GPTQ processed columns in act-order, so ``desc_act`` is
+    false and ``static_groups`` true. Readers take ``desc_act: true`` to mean a permuted ``g_idx``
+    and pick slower paths for it (ONNX Runtime's MatMulNBits with a ``g_idx`` input ignores the
+    zero points, so an asymmetric checkpoint read that way decodes to garbage).
+    :func:`edgekit.weights.loader.save_quantized_checkpoint` sets ``desc_act`` true only if a
+    layer's ``g_idx`` really is not contiguous. Whether GPTQ used act-order is recorded apart,
+    in ``edgekit_act_order``; ``edgekit_method`` records what produced the codes (gptq, rtn,
+    awq), since all of them use this one format.
     """
     _check_bits(bits)
     return {
         "quant_method": "gptq",
         "bits": bits,
         "group_size": -1 if group_size in (None, -1) else int(group_size),
-        "desc_act": bool(act_order),
+        "desc_act": False,
+        "edgekit_act_order": bool(act_order),
         "sym": bool(symmetric),
         "static_groups": True,
         "damp_percent": float(damp),

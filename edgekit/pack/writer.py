@@ -1,7 +1,8 @@
-"""Write a bundle directory and its tar.
+"""What the bundle stage copies into a bundle directory: the model files of the ONNX
+artifact (every graph variant), the tokenizer, and the versions of the packages that made it.
 
-The tar is reproducible (sorted members, mtime 0, uid/gid 0, fixed modes), so the same
-inputs give the same bytes and the same sha256 on every machine.
+The manifest, the file table and the reproducible tar are the format's
+(:mod:`edgekit.bundle.manifest`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,6 @@ import importlib.metadata
 import platform
 import shutil
 from pathlib import Path
-
-# The format's names and its reproducible tar live with the manifest (edgekit.bundle.manifest), which
-# the stages that rewrite a bundle (build_engine, sign) share; re-exported here for the bundle stage.
-from edgekit.bundle.manifest import BUNDLE_FORMAT, MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME, bundle_files, write_tar  # noqa: F401
 
 # Files of an ONNX artifact that a runtime needs; parity.json and stage.json stay behind.
 MODEL_FILES = ("model.onnx", "model.onnx_data", "config.json", "generation_config.json")

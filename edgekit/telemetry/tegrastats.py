@@ -11,7 +11,7 @@ lines would arrive late and the last ones be lost when it is stopped) but flushe
 to a terminal.
 
 What a line holds depends on the board and the JetPack release (the parser is tested on
-lines from each, ``tests/test_validate.py``):
+lines from each, ``tests/test_telemetry_tegrastats.py``):
 
 * JetPack 4 (Nano, TX1/TX2, Xavier): rails as ``NAME instant/average`` in mW without a unit
   (``POM_5V_IN 1022/1022`` on the Nano, ``VDD_IN 4067/4067`` on Xavier NX), temperatures
@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections import deque
 from typing import Any
 
 #: board input rails, in order of preference
@@ -54,6 +55,9 @@ _TEMP = re.compile(r"(?<![\w%@])([A-Za-z][A-Za-z0-9_]*)@(-?\d+(?:\.\d+)?)C\b")
 # keeps "RAM 534/3964MB" and "SWAP 0/1982MB" (megabytes, not milliwatts) out.
 _RAIL = re.compile(r"\b([A-Z][A-Z0-9_]*) (\d+)(?:mW)?/(\d+)(?:mW)?(?=\s|$)")
 _GPU_LOAD = re.compile(r"\bGR3D_FREQ (\d+)%")
+# "CPU [16%@204,9%@204,off,off]": per core load (a core that is off is left out)
+_CPU = re.compile(r"\bCPU \[([^\]]{0,2000})\]")
+_CORE_LOAD = re.compile(r"^(\d+)%")
 
 
 def parse_line(line: str) -> dict[str, Any] | None:
@@ -70,10 +74,13 @@ def parse_line(line: str) -> dict[str, Any] | None:
         return None
     input_rail = next((name for name in INPUT_RAILS if name in rails), None)
     gpu = _GPU_LOAD.search(text)
+    cpu = _CPU.search(text)
+    cores = [int(m.group(1)) for part in (cpu.group(1).split(",") if cpu else ()) if (m := _CORE_LOAD.match(part.strip()))]
     return {
         "ram_used_mb": int(ram.group(1)) if ram else None,
         "ram_total_mb": int(ram.group(2)) if ram else None,
         "gpu_load_pct": int(gpu.group(1)) if gpu else None,
+        "cpu_load_pct": sum(cores) / len(cores) if cores else None,  # mean over the cores that are on
         "temperatures_c": temperatures,
         "rails_mw": rails,
         "input_rail": input_rail,
@@ -134,10 +141,12 @@ def summarize(samples: list[dict[str, Any]], *, interval_ms: int, seconds: float
 class TegrastatsRecorder:
     """``tegrastats --interval N`` in the background while the measured requests run."""
 
-    def __init__(self, interval_ms: int = 200, executable: str | None = None):
+    def __init__(self, interval_ms: int = 200, executable: str | None = None, keep: int | None = None):
+        """``keep``: hold only the last ``keep`` samples (a server reads the latest one for hours;
+        a validation run keeps them all for its summary)."""
         self.interval_ms = int(interval_ms)
         self.executable = executable or shutil.which("tegrastats")
-        self.samples: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] | deque = deque(maxlen=keep) if keep else []
         self.reason: str | None = None
         self._process: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
@@ -187,6 +196,7 @@ class TegrastatsRecorder:
             for raw in lines:
                 sample = parse_line(raw.decode("utf-8", "replace").replace("\r", ""))
                 if sample is not None:
+                    sample["_received"] = time.monotonic()  # how fresh it is, for a reader of the latest one
                     self.samples.append(sample)
         if pending.strip():
             sample = parse_line(pending.decode("utf-8", "replace"))
@@ -216,7 +226,7 @@ class TegrastatsRecorder:
         elif self._process.stdout is not None:
             self._process.stdout.close()
         self._fd = None
-        summary = summarize(self.samples, interval_ms=self.interval_ms, seconds=seconds, generated_tokens=generated_tokens)
+        summary = summarize(list(self.samples), interval_ms=self.interval_ms, seconds=seconds, generated_tokens=generated_tokens)
         summary["executable"] = self.executable
         return summary
 

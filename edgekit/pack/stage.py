@@ -17,7 +17,8 @@ class BundleConfig(StageConfig):
 
 def run_bundle(ctx) -> dict:
     from edgekit import __version__
-    from edgekit.bundle.writer import BUNDLE_FORMAT, MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME, bundle_files, collect_model_files, package_versions, write_tar
+    from edgekit.bundle.manifest import BUNDLE_FORMAT, MANIFEST_NAME, RUNTIME_FORMAT, RUNTIME_NAME, bundle_files, write_tar
+    from edgekit.pack.writer import collect_model_files, package_versions
     from edgekit.yamlio import atomic_write_json, dump_yaml, finite_json
 
     recipe = ctx.recipe
@@ -64,7 +65,7 @@ def _runtime_json(recipe, bundle_dir, runtime_format: str) -> dict:
     resolved (recipe > the model's generation_config.json > default;
     edgekit.runtime.generation_config), and ``sources`` saying where each value came from."""
     from edgekit.errors import ModelError
-    from edgekit.recipe import RuntimeConfig
+    from edgekit.runtime.config import RuntimeConfig
     from edgekit.runtime.generation_config import GENERATION_CONFIG, read_generation_config, resolve_runtime
     from edgekit.runtime.reasoning import reasoning_enabled
     from edgekit.runtime.tokenizer import BundleTokenizer
@@ -89,7 +90,7 @@ register_stage(
     "bundle",
     config=BundleConfig,
     summary="ONNX + tokenizer + configs + manifest (sha256 of every file) -> directory and reproducible .tar",
-    run="edgekit.bundle.stage:run_bundle",
+    run="edgekit.pack.stage:run_bundle",
     requires=(ONNX,),
     produces=BUNDLE,
     uses=("recipe", "target"),
