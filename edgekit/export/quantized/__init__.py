@@ -16,8 +16,9 @@ forms, each written as ``dst`` + one ``model.onnx_data`` next to it (:mod:`.onnx
   ``DequantizeLinear``, optionally a per-tensor FP8 ``QuantizeLinear``/``DequantizeLinear``
   pair on the activation.
 
-The graph edits they share are in :mod:`.onnx_edit`, the code conversions in :mod:`.codes`,
-the report they return in :mod:`.report`. Heavy imports (onnx, numpy, torch) happen inside
+The rewrite they share (load, match, take the float weights, write, report) is
+:class:`.rewrite.Rewrite`; the graph edits are in :mod:`.onnx_edit`, the code conversions in
+:mod:`.codes`, the report in :mod:`.report`. Heavy imports (onnx, numpy, torch) happen inside
 the functions.
 """
 

@@ -8,12 +8,10 @@ from typing import Any
 
 from edgekit.errors import StageError
 from edgekit.export.quantized.codes import pack_nibbles, require_contiguous, to_numpy, zeros_equal
-from edgekit.export.quantized.match import WeightGraph, dequantized_getters, plan_matches
-from edgekit.export.quantized.onnx_edit import (
-    check_opset_change, drop_unused, ensure_node_names, float_type, insert_before, raw_tensor, set_opsets, unique_name,
-)
-from edgekit.export.quantized.onnx_file import check_onnx, load_onnx, save_onnx
-from edgekit.export.quantized.report import bits_field, matches_json, rewrite_report, shared_notes
+from edgekit.export.quantized.match import WeightGraph, dequantized_getters
+from edgekit.export.quantized.onnx_edit import float_type, raw_tensor, unique_name
+from edgekit.export.quantized.report import bits_field
+from edgekit.export.quantized.rewrite import Rewrite
 
 
 def blockwise_dq_node(
@@ -81,42 +79,19 @@ def to_blockwise_dq(src: Path, dst: Path, weights: dict[str, Any], *, opset: int
         raise StageError(
             f"DequantizeLinear with block_size and INT4/UINT4 needs opset 21, got opset {opset}", how="use opset 21 or newer"
         )
-    model = load_onnx(src)
-    g = WeightGraph(model)
-    ensure_node_names(g)
-    check_opset_change(model, opset, str(src))
     for module, qw in weights.items():
         require_contiguous(module, qw, "DequantizeLinear with block_size")
-    public, per_init = plan_matches(g, {name: dequantized_getters(qw) for name, qw in weights.items()}, str(src))
-    notes: list[str] = []
-    taken: set[str] = set()
-    new_inits: list[Any] = []
-    before: dict[str, list[Any]] = {}
-    touched: set[str] = set()
-    bypassed: set[str] = set()
-    forms: dict[str, int] = {}
-    bits_used: set[int] = set()
-    replaced = 0
-    for (init, transposed), (module, nodes) in per_init.items():
+    rw = Rewrite.open(src, {name: dequantized_getters(qw) for name, qw in weights.items()}, opset=opset)
+    for (init, transposed), (module, nodes) in rw.per_init.items():
         qw = weights[module]
-        bits_used.add(qw.bits)
-        touched.add(init)
-        if transposed:
-            bypassed.add(g.producer[nodes[0].input[1]].name)
-        dq, out, form = blockwise_dq_node(g, init, transposed, qw, taken, new_inits)
-        before.setdefault(nodes[0].name, []).append(dq)
-        for node in nodes:
-            node.input[1] = out
-        replaced += len(nodes)
-        forms[form] = forms.get(form, 0) + len(nodes)
-    insert_before(model.graph, before)
-    model.graph.initializer.extend(new_inits)
-    drop_unused(g, touched, bypassed)
-    opset = set_opsets(model, opset)
-    asymmetric = sorted({"INT4" if "UINT4" in form else "INT8" for form in forms if "asymmetric" in form})
-    tensorrt_ok = not asymmetric
-    notes += [f"{count} MatMul <- DequantizeLinear {form}, block_size = group_size" for form, count in sorted(forms.items())]
-    scale_types = sorted({TensorProto.DataType.Name(t.data_type) for t in new_inits if t.name.endswith("_scale")})
+        rw.bits_used.add(qw.bits)
+        rw.take(init, transposed, nodes)
+        dq, out, form = blockwise_dq_node(rw.g, init, transposed, qw, rw.taken, rw.new_inits)
+        rw.feed(nodes, dq, out, form)
+    asymmetric = sorted({"INT4" if "UINT4" in form else "INT8" for form in rw.forms if "asymmetric" in form})
+    notes = rw.notes
+    notes += [f"{count} MatMul <- DequantizeLinear {form}, block_size = group_size" for form, count in sorted(rw.forms.items())]
+    scale_types = sorted({TensorProto.DataType.Name(t.data_type) for t in rw.new_inits if t.name.endswith("_scale")})
     notes.append(f"scales: {', '.join(scale_types)} (the graph's float type: DequantizeLinear outputs its scale's type)")
     for kind in asymmetric:
         notes.append(
@@ -128,11 +103,5 @@ def to_blockwise_dq(src: Path, dst: Path, weights: dict[str, Any], *, opset: int
         "(int8 activations) by default; set session config 'session.qdq_matmulnbits_accuracy_level' = '0' "
         "for float32-exact results"
     )
-    notes += shared_notes(public)
-    nbytes = save_onnx(model, dst)
-    if check:
-        check_onnx(dst, notes)
-    return rewrite_report(
-        "qdq-blockwise", replaced, opset, bits_field(bits_used), nbytes, notes,
-        tensorrt_compatible=tensorrt_ok, scale_dtypes=scale_types, matches=matches_json(public),
-    )
+    return rw.finish(dst, "qdq-blockwise", opset=opset, bits=bits_field(rw.bits_used), check=check,
+                     tensorrt_compatible=not asymmetric, scale_dtypes=scale_types)

@@ -8,12 +8,8 @@ from typing import Any
 
 from edgekit.errors import StageError
 from edgekit.export.quantized.codes import to_numpy
-from edgekit.export.quantized.match import WeightGraph, plan_matches
-from edgekit.export.quantized.onnx_edit import (
-    check_opset_change, drop_unused, ensure_node_names, float_type, insert_before, raw_tensor, set_opsets, unique_name,
-)
-from edgekit.export.quantized.onnx_file import check_onnx, load_onnx, save_onnx
-from edgekit.export.quantized.report import matches_json, rewrite_report, shared_notes
+from edgekit.export.quantized.onnx_edit import float_type, raw_tensor, unique_name
+from edgekit.export.quantized.rewrite import Rewrite
 
 
 def _fp8_codes(module: str, entry: dict[str, Any]) -> tuple[Any, Any]:
@@ -58,28 +54,17 @@ def to_fp8_qdq(
     src, dst = Path(src), Path(dst)
     if opset < 19:
         raise StageError(f"FLOAT8E4M3FN Q/DQ needs opset 19, got opset {opset}", how="use opset 21")
-    model = load_onnx(src)
-    g = WeightGraph(model)
-    ensure_node_names(g)
-    check_opset_change(model, opset, str(src))
     arrays = {name: [lambda e=entry: to_numpy(e["weight"]).astype(np.float32)] for name, entry in fp8.items()}
-    public, per_init = plan_matches(g, arrays, str(src))
-    notes: list[str] = []
-    taken: set[str] = set()
-    new_inits: list[Any] = []
-    before: dict[str, list[Any]] = {}
-    touched: set[str] = set()
-    bypassed: set[str] = set()
+    rw = Rewrite.open(src, arrays, opset=opset)
+    g, taken, new_inits = rw.g, rw.taken, rw.new_inits
     act_qdq: dict[tuple[str, bytes], str] = {}
     act_nodes: dict[tuple[str, bytes], list[Any]] = {}
     act_users: dict[tuple[str, bytes], list[str]] = {}
-    position = {node.name: i for i, node in enumerate(model.graph.node)}
-    replaced = act = 0
-    for (init, transposed), (module, nodes) in per_init.items():
+    position = {node.name: i for i, node in enumerate(rw.model.graph.node)}
+    act = 0
+    for (init, transposed), (module, nodes) in rw.per_init.items():
         entry = fp8[module]
-        touched.add(init)
-        if transposed:
-            bypassed.add(g.producer[nodes[0].input[1]].name)
+        rw.take(init, transposed, nodes)
         data_type, fdt = float_type(g, init)
         w8, scale = _fp8_codes(module, entry)
         base = f"{init}_{'T_' if transposed else ''}F8"
@@ -95,10 +80,7 @@ def to_fp8_qdq(
         attrs = {} if per_tensor else {"axis": 1}
         name = unique_name(g, f"{base}_DequantizeLinear", taken)
         dq = helper.make_node("DequantizeLinear", [w_name, s_name], [out], name=name, **attrs)
-        before.setdefault(nodes[0].name, []).append(dq)
-        for node in nodes:
-            node.input[1] = out
-        replaced += len(nodes)
+        rw.feed(nodes, dq, out)
         input_scale = entry.get("input_scale")
         if input_scale is None:
             continue
@@ -126,19 +108,11 @@ def to_fp8_qdq(
             act_users.setdefault(key, []).append(node.name)
             node.input[0] = act_qdq[key]
     for key, pair in act_nodes.items():  # before the first reader in graph order
-        before.setdefault(min(act_users[key], key=position.__getitem__), []).extend(pair)
-    insert_before(model.graph, before)
-    model.graph.initializer.extend(new_inits)
-    drop_unused(g, touched, bypassed)
-    opset = set_opsets(model, opset)
-    notes.append(
-        f"{replaced} MatMul <- DequantizeLinear FLOAT8E4M3FN weight, per-output-channel scale (axis=1 on [in, out])"
+        rw.before.setdefault(min(act_users[key], key=position.__getitem__), []).extend(pair)
+    rw.notes.append(
+        f"{rw.replaced} MatMul <- DequantizeLinear FLOAT8E4M3FN weight, per-output-channel scale (axis=1 on [in, out])"
     )
     if act:
-        notes.append(f"{act} per-tensor FLOAT8E4M3FN QuantizeLinear/DequantizeLinear pairs on MatMul inputs (saturate=1)")
-    notes.append("FP8 needs compute capability >= 8.9 in TensorRT (no Jetson Orin)")
-    notes += shared_notes(public)
-    nbytes = save_onnx(model, dst)
-    if check:
-        check_onnx(dst, notes)
-    return rewrite_report("fp8-qdq", replaced, opset, 8, nbytes, notes, activation_qdq=act, matches=matches_json(public))
+        rw.notes.append(f"{act} per-tensor FLOAT8E4M3FN QuantizeLinear/DequantizeLinear pairs on MatMul inputs (saturate=1)")
+    rw.notes.append("FP8 needs compute capability >= 8.9 in TensorRT (no Jetson Orin)")
+    return rw.finish(dst, "fp8-qdq", opset=opset, bits=8, check=check, activation_qdq=act)

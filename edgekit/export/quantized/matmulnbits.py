@@ -10,12 +10,10 @@ from typing import Any, NamedTuple
 from edgekit.errors import StageError
 from edgekit.export.quantized.blockwise_dq import blockwise_dq_node
 from edgekit.export.quantized.codes import pack_nibbles, require_contiguous, to_numpy, zeros_equal
-from edgekit.export.quantized.match import WeightGraph, dequantized_getters, plan_matches
-from edgekit.export.quantized.onnx_edit import (
-    MS_DOMAIN, check_opset_change, drop_unused, ensure_node_names, float_type, raw_tensor, set_opsets, unique_name,
-)
-from edgekit.export.quantized.onnx_file import check_onnx, load_onnx, save_onnx
-from edgekit.export.quantized.report import bits_field, matches_json, rewrite_report, shared_notes
+from edgekit.export.quantized.match import WeightGraph, dequantized_getters
+from edgekit.export.quantized.onnx_edit import MS_DOMAIN, check_opset_change, float_type, raw_tensor, unique_name
+from edgekit.export.quantized.report import bits_field
+from edgekit.export.quantized.rewrite import Rewrite
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,66 +150,37 @@ def to_matmulnbits(
     from onnx import helper
 
     src, dst = Path(src), Path(dst)
-    model = load_onnx(src)
-    g = WeightGraph(model)
-    ensure_node_names(g)
     for module, qw in weights.items():
         require_contiguous(module, qw, "MatMulNBits")
-    public, per_init = plan_matches(g, {name: dequantized_getters(qw) for name, qw in weights.items()}, str(src))
-    notes: list[str] = []
-    taken: set[str] = set()
-    new_inits: list[Any] = []
+    rw = Rewrite.open(src, {name: dequantized_getters(qw) for name, qw in weights.items()})
     replace: dict[str, list[Any]] = {}  # MatMul name -> replacement nodes
-    before: dict[str, list[Any]] = {}  # node name -> nodes to insert before it (DQ fallback)
-    touched: set[str] = set()
-    bypassed: set[str] = set()
-    forms: dict[str, int] = {}
-    bits_used: set[int] = set()
     fallback = False
-    replaced = 0
-    for (init, transposed), (module, nodes) in per_init.items():
+    for (init, transposed), (module, nodes) in rw.per_init.items():
         qw = weights[module]
-        bits_used.add(qw.bits)
-        touched.add(init)
-        if transposed:
-            bypassed.add(g.producer[nodes[0].input[1]].name)
+        rw.bits_used.add(qw.bits)
+        rw.take(init, transposed, nodes)
         container = 4 if qw.bits <= 4 else 8
         if not ort_supports_matmulnbits(container):
-            dq, out, form = blockwise_dq_node(g, init, transposed, qw, taken, new_inits)
-            before.setdefault(nodes[0].name, []).append(dq)
-            for node in nodes:
-                node.input[1] = out
+            dq, out, form = blockwise_dq_node(rw.g, init, transposed, qw, rw.taken, rw.new_inits)
+            rw.feed(nodes, dq, out, f"DequantizeLinear {form} (fallback)")
             fallback = True
-            forms[f"DequantizeLinear {form} (fallback)"] = forms.get(f"DequantizeLinear {form} (fallback)", 0) + len(nodes)
-            replaced += len(nodes)
             continue
-        inputs, attrs, form = _matmulnbits_inputs(g, init, qw, taken, new_inits)
+        inputs, attrs, form = _matmulnbits_inputs(rw.g, init, qw, rw.taken, rw.new_inits)
         if accuracy_level is not None:
             attrs["accuracy_level"] = int(accuracy_level)
         for node in nodes:
-            name = unique_name(g, f"{node.name}_Q{qw.bits}", taken)
+            name = unique_name(rw.g, f"{node.name}_Q{qw.bits}", rw.taken)
             new = helper.make_node(
                 "MatMulNBits", [node.input[0]] + inputs[1:], list(node.output), name=name, domain=MS_DOMAIN, **attrs
             )
             replace[node.name] = [new]
-            replaced += 1
-        forms[f"MatMulNBits {form}"] = forms.get(f"MatMulNBits {form}", 0) + len(nodes)
-    nodes = list(model.graph.node)
-    del model.graph.node[:]
-    for node in nodes:
-        model.graph.node.extend(before.get(node.name, []))
-        model.graph.node.extend(replace.get(node.name, [node]))
-    model.graph.initializer.extend(new_inits)
-    drop_unused(g, touched, bypassed)
+            rw.replaced += 1
+        rw.count(f"MatMulNBits {form}", len(nodes))
     if fallback:
-        check_opset_change(model, 21, str(src))
-        notes.append(
+        check_opset_change(rw.model, 21, str(src))
+        rw.notes.append(
             "this onnxruntime cannot run 8-bit MatMulNBits on CPU: 8-bit weights use DequantizeLinear (opset 21) instead"
         )
-    opset = set_opsets(model, 21 if fallback else None, ms=bool(replace))
-    notes += [f"{count} MatMul -> {form}" for form, count in sorted(forms.items())]
-    notes += shared_notes(public)
-    nbytes = save_onnx(model, dst)
-    if check:
-        check_onnx(dst, notes)
-    return rewrite_report("matmulnbits", replaced, opset, bits_field(bits_used), nbytes, notes, matches=matches_json(public))
+    rw.notes += [f"{count} MatMul -> {form}" for form, count in sorted(rw.forms.items())]
+    return rw.finish(dst, "matmulnbits", opset=21 if fallback else None, bits=bits_field(rw.bits_used), check=check,
+                     ms=bool(replace), replace=replace)
