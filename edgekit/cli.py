@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from edgekit import __version__
-from edgekit.engine.options import BuildEngineOptions, BuildOptions
+from edgekit.engine.options import MAX_BATCH, BuildEngineOptions, BuildOptions
 from edgekit.errors import EdgekitError
 from edgekit.runtime.config import CALIBRATABLE, RuntimeConfig, SamplingConfig, bounds, choices, is_int
 
@@ -31,7 +31,6 @@ class _Finite(click.FloatRange):
 # Bounds of every numeric option: far beyond any real use, small enough that no option can ask
 # for an absurd allocation or a loop that never ends.
 MAX_TOKENS = 1 << 20  # context, prompt and generation lengths
-MAX_BATCH = 4096
 MAX_STREAMS = 1024
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekit.engine.options import BuildOptions
 from edgekit.errors import EdgekitError, RecipeError
 from edgekit.sizing import GB, GIB, RUNTIME_ALLOWANCE_GB, ModelShape
 
@@ -25,7 +26,9 @@ _FLOAT_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 #: group sizes the quantize stage offers (largest first: fewest scales)
 GROUP_SIZES = (128, 64, 32)
 #: defaults of the engine a recipe without a build_engine stage is planned for
-DEFAULT_MAX_BATCH, DEFAULT_MAX_PREFILL = 1, 512
+#: the build_engine stage's defaults, from the one model of the build options
+DEFAULT_MAX_BATCH = BuildOptions.model_fields["max_batch"].default
+DEFAULT_MAX_PREFILL = BuildOptions.model_fields["max_prefill"].default
 
 
 @dataclass

@@ -12,13 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgekit.engine.options import BuildOptions
 from edgekit.errors import EdgekitError, ModelError, TargetError
 from edgekit.planning import roofline as rf
 from edgekit.planning.report import PlanRequest, shape_dict
 
 DEFAULT_CONTEXT = 2048
 #: The engine's default largest prefill call (the build_engine stage's max_prefill default).
-DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_PREFILL_CHUNK = BuildOptions.model_fields["max_prefill"].default
 DEFAULT_GROUP_SIZE = 128
 _RECIPE_SUFFIXES = (".yaml", ".yml")
 

@@ -35,6 +35,7 @@ bundle bases every local branch builds on, :func:`greedy_generate`),
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 from edgekit.bundle.manifest import Bundle
 from edgekit.errors import EdgekitError, EngineError
@@ -48,6 +49,7 @@ from edgekit.runtime.backends.common import (
 from edgekit.runtime.backends.ort import OnnxRuntimeBranch
 from edgekit.runtime.backends.remote import BranchUnavailable, RemoteBranch
 from edgekit.runtime.backends.trt import TensorRTBranch
+from edgekit.runtime.config import Backend
 
 __all__ = [
     "BACKENDS",
@@ -64,7 +66,7 @@ __all__ = [
 ]
 
 #: values of ``load_branch(backend=...)``
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = get_args(Backend)  # the runtime.json / --backend choices (edgekit.runtime.config)
 
 
 def _tensorrt_importable() -> bool:
