@@ -268,10 +268,12 @@ def run_prompt(
     draft_tokens: int | None = None,
     draft_min_confidence: float | None = None,
     reasoning: str | None = None,
+    stop: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """Answer ``prompt`` with the bundle's runtime (its runtime.json; arguments override it for
     this call). ``on_event(StreamEvent)`` receives "text" pieces, "reset" and "done" as they
     happen. Returns the RouteResult as a dict (text, branch, fell_back, reason, ttft_s, ...).
+    ``stop``: stop sequences (the answer ends before the first, finish_reason "stop").
 
     When the runtime splits a reasoning model's ``<think>`` block (``reasoning``: auto | off |
     split, default the bundle's; edgekit.runtime.reasoning), the block's pieces arrive as
@@ -291,7 +293,7 @@ def run_prompt(
                               where="--reasoning" if reasoning else f"{bundle}/runtime.json: reasoning")
     parser = ReasoningParser(in_reasoning=prompt_opens_reasoning(prompt)) if split else None
     result = None
-    for event in router.stream(prompt):
+    for event in router.stream(prompt, stop=stop):
         if event.kind == "done":
             result = event.result
         if on_event is None:

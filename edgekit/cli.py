@@ -12,6 +12,7 @@ import click
 from edgekit import __version__
 from edgekit.engine.options import MAX_BATCH, BuildEngineOptions, BuildOptions
 from edgekit.errors import EdgekitError
+from edgekit.runtime.answers import MAX_STOP_CHARS, MAX_STOPS
 from edgekit.runtime.config import CALIBRATABLE, RuntimeConfig, SamplingConfig, bounds, choices, is_int
 
 
@@ -121,6 +122,17 @@ _SHOWN_METRICS = (
 )
 
 
+def _set_line(label: str, score: dict) -> str:
+    def number(key: str, fmt: str) -> str:
+        value = score.get(key)
+        return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
+
+    line = f"{label}: perplexity={number('perplexity', '.4g')}"
+    if "agreement" in score:
+        line += f" agreement={number('agreement', '.3f')} kl={number('kl', '.4g')}"
+    return line
+
+
 def _print_run(manifest: dict, output: str | None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -130,11 +142,15 @@ def _print_run(manifest: dict, output: str | None) -> None:
         table.add_column(column)
     for stage in manifest["stages"]:
         metrics = stage.get("metrics") or {}
+        sets = metrics.get("sets") if isinstance(metrics.get("sets"), dict) else None
         shown = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in metrics.items()
-            if k in _SHOWN_METRICS
+            if k in _SHOWN_METRICS and not (sets and k == "perplexity")  # an evaluate stage: per set below
         )
+        if sets:  # every held-out set, labelled: perplexity, and top-1 agreement / KL to the teacher
+            shown = "; ".join([_set_line(label, score) for label, score in sets.items() if isinstance(score, dict)]
+                              + ([shown] if shown else []))
         seconds = f"{stage['seconds']:.1f}" if "seconds" in stage else ""
         table.add_row(stage["name"], stage["type"], stage["status"], seconds, shown)
     console = Console()
@@ -456,10 +472,13 @@ def _setting(model, name: str, *, cap: float | None = None) -> click.ParamType:
 @click.option("--reasoning", type=_setting(RuntimeConfig, "reasoning"),
               help="A reasoning model's <think> block: split = apart from the answer (dimmed on stderr; --json "
               "'reasoning'), off = as written (default: the bundle's, auto).")
+@click.option("--stop", "stops", multiple=True, metavar="TEXT",
+              help=f"A stop sequence: the answer ends before it (repeatable, up to {MAX_STOPS} of 1-{MAX_STOP_CHARS} characters).")
 @click.option("--stream", is_flag=True, help="Print the text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 def run_cmd(bundle: str, prompt: str, policy, large, backend, max_new_tokens, temperature, top_k, top_p, min_p,
-            repetition_penalty, seed, draft_tokens, draft_min_confidence, reasoning, stream: bool, as_json: bool) -> None:
+            repetition_penalty, seed, draft_tokens, draft_min_confidence, reasoning, stops: tuple[str, ...], stream: bool,
+            as_json: bool) -> None:
     """Answer a prompt with the bundle: prints the answer on stdout (a reasoning model's
     thinking dimmed on stderr), which branch answered (and why), tokens/s and time to first
     token."""
@@ -487,7 +506,7 @@ def run_cmd(bundle: str, prompt: str, policy, large, backend, max_new_tokens, te
 
     result = api.run_prompt(bundle, prompt, policy=policy, large=large, backend=backend, max_new_tokens=max_new_tokens,
                             sampling=sampling, on_event=on_event, draft_tokens=draft_tokens,
-                            draft_min_confidence=draft_min_confidence, reasoning=reasoning)
+                            draft_min_confidence=draft_min_confidence, reasoning=reasoning, stop=list(stops) or None)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

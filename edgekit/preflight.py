@@ -31,7 +31,7 @@ def load_recipe(path: Path | str, *, check_sources: bool = True) -> LoadedRecipe
 def check_recipe_sources(loaded: LoadedRecipe) -> None:
     """Target, model and data exist and are usable. Errors point at the recipe line."""
     from edgekit.models.source import check_gguf_supported, resolve_model_source
-    from edgekit.models.text import check_data_budget, resolve_data
+    from edgekit.models.text import check_data_budget, resolve_data, resolve_eval_sets, resolve_text_source
     from edgekit.rules import check_target_rules
     from edgekit.targets import load_target
 
@@ -58,6 +58,15 @@ def check_recipe_sources(loaded: LoadedRecipe) -> None:
         resolve_data(recipe.data, base_dir=loaded.base_dir)
     except EdgekitError as exc:
         raise _relocate(exc, "data", "source") from None
+    explicit = recipe.data.eval_sets is not None
+    for index, entry in enumerate(resolve_eval_sets(recipe.data)):
+        try:
+            resolve_text_source(entry.source, base_dir=loaded.base_dir, text_field=entry.text_field)
+        except EdgekitError as exc:
+            if exc.what.startswith("data path"):
+                exc = type(exc)(exc.what, where=exc.where, how="fix the path (relative to the recipe's directory) or use "
+                                "builtin:package-readmes")
+            raise _relocate(exc, *(("data", "eval_sets", index, "source") if explicit else ("data",))) from None
     check_data_budget(loaded)  # each stage's tokens against the text's (edgekit.models.text)
     check_target_rules(loaded, target, source)
 

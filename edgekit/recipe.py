@@ -24,6 +24,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+IN_DOMAIN = "in_domain"  # the label of data.source's own held-out split in the evaluate stage's results
+MAX_EVAL_SETS = 8
+
+
+class EvalSetConfig(_Strict):
+    """An extra held-out text the evaluate stages score (docs/data.md, "Evaluation sets:
+    in-domain and out-of-domain"). Read only by evaluate: no stage calibrates or trains on it."""
+
+    label: SafeName = Field(description="names the set in the manifest (metrics.sets.<label>) and the summary table")
+    source: str = Field(
+        min_length=1, max_length=4096,
+        description="builtin:package-readmes (English READMEs of edgekit's installed dependencies), "
+        "builtin:python-docs, or a local .txt, .jsonl or .parquet file or a directory of them (hf: ids: save the "
+        "dataset to a local file first)",
+    )
+    text_field: str = Field("text", min_length=1, max_length=256, description="the field holding text in .jsonl "
+                            "records / parquet columns")
+    tokens: int | None = Field(None, ge=2, le=10_000_000, description="tokens scored, as windows of data.window "
+                               "spread evenly over the text (null: data.eval_tokens)")
+
+    @field_validator("label")
+    @classmethod
+    def _not_in_domain(cls, value: str) -> str:
+        if value == IN_DOMAIN or len(value) > 64:
+            raise ValueError(f"label {value!r} is reserved or too long: '{IN_DOMAIN}' names data.source's own "
+                             "held-out split; use a short name such as ood or news (at most 64 characters)")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        if value.startswith("hf:"):
+            raise ValueError("an evaluation set is read whole and never downloaded: save the hub dataset to a local "
+                             ".jsonl/.parquet file (or a save_to_disk directory) and name that")
+        if any(ord(c) < 32 for c in value):
+            raise ValueError("a source path has no control characters")
+        return value
+
+
 class DataConfig(_Strict):
     """Calibration, distillation and evaluation text (docs/data.md)."""
 
@@ -46,6 +85,12 @@ class DataConfig(_Strict):
     window: int = Field(512, ge=2, le=1_048_576, description="perplexity window (tokens); windows do not overlap")
     text_field: str = Field("text", min_length=1, max_length=256,
                             description="the field holding text in .jsonl records / parquet and datasets columns")
+    eval_sets: list[EvalSetConfig] | None = Field(
+        None, max_length=MAX_EVAL_SETS,
+        description="held-out texts from other sources that every evaluate stage scores besides data.source's own "
+        "split, each with a label (null: one set, ood = builtin:package-readmes, or builtin:python-docs when that "
+        "is data.source; []: none). Read only by evaluate: never calibrated or trained on",
+    )
 
     @model_validator(mode="after")
     def _window_fits(self):
@@ -62,6 +107,18 @@ class DataConfig(_Strict):
         if self.token_budget is not None and self.token_budget <= self.eval_tokens:
             raise ValueError(f"token_budget ({self.token_budget}) leaves nothing before the held-out eval_tokens "
                              f"({self.eval_tokens})")
+        labels: set[str] = set()
+        for index, entry in enumerate(self.eval_sets or ()):
+            where = f"eval_sets[{index}]"
+            if entry.label in labels:
+                raise ValueError(f"{where}: label {entry.label!r} is used twice; give each set its own label")
+            labels.add(entry.label)
+            if entry.source == self.source:
+                raise ValueError(f"{where}: source {entry.source!r} is data.source itself, whose held-out split is "
+                                 f"already scored (as {IN_DOMAIN}); name text from another source")
+            if entry.tokens is not None and entry.tokens < self.window:
+                raise ValueError(f"{where}: tokens ({entry.tokens}) is shorter than one window (data.window "
+                                 f"{self.window}); set tokens to at least {self.window}")
         return self
 
 
@@ -286,4 +343,4 @@ def read_recipe(path: Path | str) -> LoadedRecipe:
     return LoadedRecipe(recipe, path, lines, warnings)
 
 
-__all__ = ["Recipe", "DataConfig", "Budgets", "StageSpec", "LoadedRecipe", "read_recipe", "format_loc"]
+__all__ = ["Recipe", "DataConfig", "EvalSetConfig", "IN_DOMAIN", "Budgets", "StageSpec", "LoadedRecipe", "read_recipe", "format_loc"]

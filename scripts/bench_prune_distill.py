@@ -152,6 +152,10 @@ def part_b(work: Path, minutes: float, steps: int, only: list[str]) -> list[dict
             "train_seconds": distill["train_seconds"], "tokens_per_second": distill["tokens_per_second"],
             "precision": distill["precision"], "curve": distill["curve"],
         })
+        # every held-out set the evaluate stages scored (in_domain, ood, ...): perplexity, agreement, KL
+        for stage_name, key in (("evaluate_pruned", "sets_pruned"), ("evaluate_distilled", "sets")):
+            result[key] = {label: {k: v for k, v in score.items() if k in ("perplexity", "agreement", "kl", "source", "sha256")}
+                           for label, score in (stages[stage_name]["metrics"].get("sets") or {}).items()}
         results.append(result)
         print(f"[b] {name}: {result['perplexity_pruned']:.2f} -> {result['perplexity']:.3f} after {result['steps']} steps", file=sys.stderr, flush=True)
     return results
@@ -202,6 +206,17 @@ def write_reports(out: Path, payload: dict) -> None:
             f"{r['perplexity']:.3f} | {ratio:.2f} | {'met' if ratio <= 1.35 else 'missed'} | {r['steps']} ({r['stopped']}) | "
             f"{r['tokens_seen']} | {r['train_seconds'] / 60:.1f} min | {r['tokens_per_second']:.0f} ({r['precision']}) |"
         )
+    with_sets = [r for r in payload.get("b", []) if r.get("sets")]
+    if with_sets:
+        lines += ["", "Every held-out set (in_domain = the end of the stdlib docs; the others from sources no stage "
+                  "calibrates or trains on, docs/data.md); agreement and KL against the teacher:", "",
+                  "| configuration | set | pruned perplexity | distilled perplexity | agreement | KL (nats/token) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in with_sets:
+            for label, score in r["sets"].items():
+                before = (r.get("sets_pruned") or {}).get(label, {}).get("perplexity")
+                lines.append(f"| {r['name']} | {label} | {ppl(before) if before else ''} | {ppl(score['perplexity'])} | "
+                             f"{score.get('agreement', float('nan')):.3f} | {score.get('kl', float('nan')):.3f} |")
     (out / "bench_prune_distill.md").write_text("\n".join(lines) + "\n")
     plot(out, payload, ref)
 
@@ -224,7 +239,11 @@ def plot(out: Path, payload: dict, ref: float | None) -> None:
     for r in payload.get("b", []):
         if "perplexity" in r:
             left.scatter(r["parameters"] / 1e6, r["perplexity"], color=colors[r["axes"]], marker="D", s=70, edgecolors="black",
-                         label=f"{r['axes']} + distill {r['train_seconds'] / 60:.0f} min", zorder=4)
+                         label=f"{r['axes']} + distill {r['train_seconds'] / 60:.0f} min (in_domain)", zorder=4)
+            for label, score in (r.get("sets") or {}).items():  # the same student on the other held-out sets
+                if label != "in_domain" and score.get("perplexity"):
+                    left.scatter(r["parameters"] / 1e6, score["perplexity"], color=colors[r["axes"]], marker="P", s=70,
+                                 edgecolors="black", label=f"{r['axes']} + distill ({label})", zorder=4)
             curve = [c for c in r["curve"] if c.get("perplexity")]
             minutes = [c["step"] * r["train_seconds"] / max(r["steps"], 1) / 60 for c in curve]
             right.plot(minutes, [c["perplexity"] for c in curve], marker=".", color=colors[r["axes"]], label=r["name"])

@@ -8,6 +8,7 @@ is the large one plus noise, so speculative acceptance is partial.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -80,7 +81,8 @@ class Session:
         assert len(ids) >= 1 and not self.closed
         b.feed_calls += 1
         if b.delay:
-            time.sleep(b.delay)
+            with b.device or contextlib.nullcontext():  # a shared device: one forward pass at a time
+                time.sleep(b.delay)
         if b.fail_after is not None and b.feed_calls > b.fail_after:
             raise b.error
         rows = []
@@ -103,9 +105,11 @@ class Local:
     has_logits = True
     backend = "fake"
 
-    def __init__(self, name, model, *, fail_after=None, error=None, context_length=4096, delay=0.0):
+    def __init__(self, name, model, *, fail_after=None, error=None, context_length=4096, delay=0.0, device=None):
+        """``delay``: seconds per forward pass; ``device``: a lock the passes of every session
+        take (an unbatched device: concurrent streams wait for each other)."""
         self.name, self.model, self.vocab_size, self.context_length = name, model, V, context_length
-        self.delay = delay
+        self.delay, self.device = delay, device
         self.tokenizer = Tok()
         self.fail_after, self.error = fail_after, error or BranchUnavailable(f"{name} is down")
         self.feed_calls = 0

@@ -182,3 +182,67 @@ def test_router_refuses_what_runtime_json_refuses(bad):
         RuntimeConfig(**bad)
     with pytest.raises(EdgekitError, match=next(iter(bad))):
         R.Router(small(), large(), "small_only", **bad)
+
+
+# --------------------------------------------------------------------------- stop sequences
+
+
+def assert_never_shown_then_cut(events):
+    """The streamed text only grows, is at every point a prefix of the final (cut) answer, and
+    adds up to it: nothing shown was later cut."""
+    result, shown = events[-1].result, ""
+    for event in events[:-1]:
+        assert event.kind == "text", event
+        shown += event.text
+        assert result.text.startswith(shown)
+    assert shown == result.text
+
+
+def sure_pair():
+    return Local("small", Model(SMALL_TABLE, eos_bias=-50)), Local("large", Model(LARGE_TABLE, eos_bias=-50))
+
+
+@pytest.mark.parametrize("policy", ["small_only", "large_only", "speculative"])
+def test_stop_sequences_end_the_answer_in_the_router(policy):
+    full = R.Router(*sure_pair(), policy, max_new_tokens=30).generate("hello")
+    assert len(full.text) == 30 and full.finish_reason == "length"
+    stop = full.text[10:13]  # one character per token: spans three tokens
+    cut = full.text.find(stop)
+    s, big = sure_pair()
+    router = R.Router(s, big, policy, max_new_tokens=30)
+    events = list(router.stream("hello", stop=["zzzzzzzz", stop]))
+    r = events[-1].result
+    assert r.text == full.text[:cut] and r.finish_reason == "stop" and r.branch == full.branch
+    # generation stopped at the token that completed the stop sequence
+    assert r.tokens == full.tokens[: cut + len(stop)]
+    assert_never_shown_then_cut(events)
+    assert all(sess.closed for sess in s.sessions + big.sessions)
+    # a stop sequence that never appears changes nothing; a string is one stop sequence
+    assert router.generate("hello", stop="zzzzzzzz").text == full.text
+    assert router.generate("hello", stop=full.text[:2]).text == ""
+
+
+def test_stop_sequences_in_a_cascade_and_on_a_remote_branch():
+    s, big = cascade_pair()
+    router = R.Router(s, big, "cascade", thresholds={"confidence": 0.3, "min_tokens": 4}, max_new_tokens=16)
+    sure, unsure = router.generate("ace"), router.generate("bce")
+    assert sure.branch == "small" and unsure.branch == "large" and unsure.escalated
+    for prompt, whole in (("ace", sure), ("bce", unsure)):
+        stop = whole.text[6:8]
+        events = list(router.stream(prompt, stop=[stop]))
+        r = events[-1].result
+        assert r.text == whole.text[: whole.text.find(stop)] and r.finish_reason == "stop" and r.branch == whole.branch
+        kinds = [e.kind for e in events]
+        after = kinds.index("reset") + 1 if "reset" in kinds else 0  # an escalation restarts the text
+        assert "".join(e.text for e in events[after:-1]) == r.text and stop not in "".join(e.text for e in events)
+    remote = Remote()
+    events = list(R.Router(small(), remote, "large_only", max_new_tokens=7).stream("abc", stop=[" says", "hi"]))
+    r = events[-1].result
+    assert r.text == "remote" and r.finish_reason == "stop" and r.branch == "large"
+    assert_never_shown_then_cut(events)
+
+
+@pytest.mark.parametrize("bad", [[""], [1], ["a"] * 17, ["x" * 257], 5])
+def test_bad_stop_sequences_are_refused(bad):
+    with pytest.raises(EdgekitError, match="stop"):
+        R.Router(small(), large(), "small_only").generate("abc", stop=bad)

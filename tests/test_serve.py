@@ -609,6 +609,22 @@ def test_cascade_streams_only_what_the_router_commits_to(start, remote):
     assert large.received == 1
 
 
+def test_edgekit_run_stop_cuts_as_the_server_does(plain, bundle):
+    from conftest import run_cli
+
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    text = post(plain.url, "/v1/completions", body)[2]["choices"][0]["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    _, _, served = post(plain.url, "/v1/completions", {**body, "stop": stop})
+    out = run_cli("run", str(bundle), "--prompt", PROMPT, "--max-new-tokens", "24", "--temperature", "0", "--stop", stop,
+                  "--stop", "\x01never", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["text"] == served["choices"][0]["text"] == text[: text.find(stop)] and result["finish_reason"] == "stop"
+    bad = run_cli("run", str(bundle), "--prompt", PROMPT, *["--stop", "x"] * 17)
+    assert bad.returncode != 0 and "stop" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_the_assembler_signals_every_retraction():
     from edgekit.runtime.answers import StreamEvent
     from edgekit.serve.generation import Assembler
@@ -728,3 +744,60 @@ def test_metric_text_format_escapes_and_accumulates():
     assert parsed.get("demo_seconds_sum") == 3.65 and parsed.get("demo_seconds_count") == 4
     with pytest.raises(ValueError):
         counter.inc(-1, path="x")
+
+
+def test_batched_requests_sharing_a_system_prompt_reuse_its_prefix(start):
+    """Batching on (max_concurrency 4): concurrent requests that share a 100+-token system
+    prompt restore it from the prefix cache into their rows of the batch and answer exactly as
+    a server without the cache; /metrics counts the hits."""
+    from edgekit.runtime.config import PrefixCacheConfig
+
+    servers = {}
+    for name, max_mb in (("off", 0.0), ("on", 64.0)):
+        server = start(max_concurrency=4, load=False)
+        server.config = server.config.model_copy(update={"prefix_cache": PrefixCacheConfig(max_mb=max_mb)})
+        server.load()
+        servers[name] = server
+    assert servers["off"].prefix_caches == [] and len(servers["on"].prefix_caches) == 1
+    tokenizer = servers["on"].parser.tokenizer
+    system = tokenizer("You are the assistant of a Python course. Answer in one short sentence, quote the language "
+                       "reference where it helps, never invent a function, and say so when a question is outside "
+                       "the standard library. " * 3)["input_ids"][:110]
+    questions = ["The for statement is used to iterate over", "A list comprehension builds", "Exceptions are raised",
+                 "Each module has its own namespace", "Generators yield"]
+    prompts = [system + tokenizer(" " + q)["input_ids"] for q in questions]
+    block = servers["on"].config.prefix_cache.block_tokens
+    reuse = len(system) // block * block
+    assert reuse >= 96
+
+    def ask(server, prompt):
+        status, _, body = post(server.url, "/v1/completions", {"prompt": prompt, "max_tokens": 16, "temperature": 0})
+        assert status == 200, body
+        return body["choices"][0]["text"]
+
+    answers = {}
+    for name, server in servers.items():
+        first = ask(server, prompts[0])  # on: a miss that stores the system prompt's blocks
+        got = [None] * (len(prompts) - 1)
+        barrier = threading.Barrier(len(got))
+
+        def client(i, server=server, got=got, barrier=barrier):
+            barrier.wait(30)
+            got[i] = ask(server, prompts[i + 1])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(got))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        answers[name] = [first] + got
+        idle(server)
+    assert answers["on"] == answers["off"] and all(answers["on"])
+    seen = {name: metrics(server) for name, server in servers.items()}
+    assert seen["on"].get("edgekit_prefix_cache_misses_total") == 1
+    assert seen["on"].get("edgekit_prefix_cache_hits_total") == 4
+    assert seen["on"].get("edgekit_prefix_cache_tokens_reused_total") == 4 * reuse
+    assert seen["off"].get("edgekit_prefix_cache_hits_total") == seen["off"].get("edgekit_prefix_cache_misses_total") == 0
+    for name in servers:  # the concurrent requests decoded in shared steps
+        steps = seen[name].get("edgekit_batch_size_count", branch="small")
+        assert steps > seen[name].get("edgekit_batch_size_bucket", branch="small", le="1.0"), name

@@ -77,7 +77,8 @@ def run_distill(ctx) -> dict:
         output_dir=str(ctx.output_dir),
         work_dir=str(ctx.work_dir),
         config=config.model_dump(mode="json"),
-        data={**data.model_dump(mode="json"), "token_file": _token_file(ctx)},
+        # data.source only: the evaluation sets (data.eval_sets) never reach training.
+        data={**data.model_dump(mode="json", exclude={"eval_sets"}), "token_file": _token_file(ctx)},
         recipe_dir=str(ctx.recipe_dir),
         trust_remote_code=bool(ctx.recipe.trust_remote_code),
         stage=ctx.name,

@@ -1,35 +1,72 @@
-"""The ``evaluate`` stage: held-out perplexity of the latest model, recorded in the manifest.
+"""The ``evaluate`` stage: held-out quality of the latest model, recorded in the manifest.
 
 Place it after any stage that produces a model: after ``load`` it scores the checkpoint in
 PyTorch, after ``export_onnx`` it scores the exported graph in ONNX Runtime, so the
 manifest shows quality stage by stage.
+
+Every evaluate stage scores more than one held-out text (docs/data.md, "What each number
+means"): ``in_domain``, the end of ``data.source`` (the text the other stages calibrate and
+distil on, before that end), and each of ``data.eval_sets`` (by default ``ood``, the READMEs
+of edgekit's installed dependencies: a source no stage calibrates or trains on). On each it
+reports perplexity, and, against the teacher (the run's first checkpoint: the model the
+recipe loaded), the top-1 agreement and KL(teacher || student).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 from pydantic import Field
 
-from edgekit.pipeline.registry import CHECKPOINT, ONNX, StageConfig, register_stage
+from edgekit.pipeline.registry import CHECKPOINT, ONNX, EarlierStage, ReferenceProblem, StageConfig, register_stage
 
 
 class EvaluateConfig(StageConfig):
     backend: Literal["auto", "pytorch", "onnxruntime"] = Field(
         "auto", description="auto = the latest model artifact: a checkpoint in PyTorch, an ONNX export in ONNX Runtime"
     )
-    max_windows: int | None = Field(None, ge=1, description="score only the first N windows (quick checks)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="pytorch backend: where the checkpoint is scored (auto: a CUDA GPU if torch sees one; EDGEKIT_DEVICE overrides auto)")
+    max_windows: int | None = Field(None, ge=1, description="score only the first N windows of each set (quick checks)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="pytorch backend (and the teacher): where the checkpoint is scored (auto: a CUDA GPU if torch sees one; EDGEKIT_DEVICE overrides auto)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="pytorch backend: auto = float32 on the CPU; on a GPU the checkpoint's own half dtype (bf16 for most 7B checkpoints) or bf16/fp16, log-probabilities in float32"
+        "auto", description="pytorch backend (and the teacher): auto = float32 on the CPU; on a GPU the checkpoint's own half dtype (bf16 for most 7B checkpoints) or bf16/fp16, log-probabilities in float32"
     )
+    teacher: str = Field(
+        "auto", min_length=1, max_length=128,
+        description="the model the scored one is compared with (top-1 agreement, KL(teacher || student), on every "
+        "set): auto = the run's first checkpoint (the load stage's: the model the recipe starts from), an earlier "
+        "checkpoint stage's name, or none (perplexity only; the teacher costs one more model in memory). Not "
+        "compared when the scored model is the teacher itself",
+    )
+
+
+def resolve_teacher(config: EvaluateConfig, earlier: Sequence[EarlierStage]) -> dict[str, int]:
+    """``{"teacher": index of the earlier stage}`` or ``{}`` (none). Pure: validation and run."""
+    if config.teacher == "none":
+        return {}
+    if config.teacher == "auto":
+        first = next((i for i, s in enumerate(earlier) if s.produces == CHECKPOINT), None)
+        return {} if first is None else {"teacher": first}
+    for index in range(len(earlier) - 1, -1, -1):
+        if earlier[index].name == config.teacher:
+            if earlier[index].produces != CHECKPOINT:
+                raise ReferenceProblem(f"teacher '{config.teacher}' is a {earlier[index].type} stage, which produces no checkpoint",
+                                       how="name a stage that produces a checkpoint (load, prune, distill, ...), or use auto or none",
+                                       field="teacher")
+            return {"teacher": index}
+    names = [s.name for s in earlier if s.produces == CHECKPOINT]
+    raise ReferenceProblem(f"teacher '{config.teacher}' is not an earlier stage",
+                           how=f"use auto, none or one of: {', '.join(names) or '(none)'}", field="teacher")
+
+
+def _rounded(score: dict) -> dict:
+    return {k: round(v, 6) if k in ("perplexity", "agreement", "kl") else v for k, v in score.items()}
 
 
 def run_evaluate(ctx) -> dict:
     import json
 
     from edgekit.weights.checkpoint import load_tokenizer
-    from edgekit.models.text import read_token_splits
+    from edgekit.models.text import IN_DOMAIN, read_eval_set, read_token_splits, resolve_eval_sets
 
     wanted = {"auto": (CHECKPOINT, ONNX), "pytorch": (CHECKPOINT,), "onnxruntime": (ONNX,)}[ctx.config.backend]
     try:
@@ -43,37 +80,72 @@ def run_evaluate(ctx) -> dict:
             how="move it after the stage that produces one, or use backend: auto",
         ) from None
     data = ctx.recipe.data
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=ctx.recipe.trust_remote_code)
+    trust = ctx.recipe.trust_remote_code
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
     splits = read_token_splits(data, tokenizer, base_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, log=ctx.log)
-    windows = min(splits.eval_windows, ctx.config.max_windows or splits.eval_windows)
-    with ctx.progress(windows, f"perplexity ({'PyTorch' if kind == CHECKPOINT else 'ONNX Runtime'})") as bar:
+    # (label, token ids, what the text is): data.source's held-out end, then each other set.
+    sets = [(IN_DOMAIN, splits.evaluation, {"source": data.source})]
+    for entry in resolve_eval_sets(data):
+        ids, info = read_eval_set(entry, tokenizer, window=data.window, base_dir=ctx.recipe_dir)
+        sets.append((entry.label, ids, info))
+
+    def windows_of(ids) -> int:
+        return min(len(ids) // data.window, ctx.config.max_windows or len(ids) // data.window)
+
+    teacher, teacher_name = _teacher(ctx, model_dir)
+    variants = _onnx_variants(model_dir) if kind == ONNX else {}
+    # ONNX: every graph on the in-domain split (as before), the primary graph on the other sets.
+    total = sum(windows_of(ids) for _, ids, _ in sets) + max(0, len(variants) - 1) * windows_of(splits.evaluation)
+    scores: dict[str, dict] = {}
+    extra_graphs: dict[str, dict] = {}
+    with ctx.progress(total, f"held-out sets ({'PyTorch' if kind == CHECKPOINT else 'ONNX Runtime'})") as bar:
         if kind == CHECKPOINT:
             from edgekit.measure.perplexity import perplexity_torch
 
-            model, device, dtype = load_for_scoring(model_dir, ctx.config, stage=ctx.name, trust_remote_code=ctx.recipe.trust_remote_code)
-            bar.update(description=f"{ctx.name}: perplexity (PyTorch, {device}, {dtype})")
-            result = perplexity_torch(model, splits.evaluation, window=data.window, max_windows=windows, advance=bar.advance)
-            result.update(device=device, dtype=dtype)
+            model, device, dtype = load_for_scoring(model_dir, ctx.config, stage=ctx.name, trust_remote_code=trust)
+            for label, ids, _ in sets:
+                bar.update(description=f"{ctx.name}: {label} (PyTorch, {device}, {dtype})")
+                scores[label] = perplexity_torch(model, ids, window=data.window, max_windows=windows_of(ids),
+                                                 advance=bar.advance, teacher=teacher)
+            extra = {"device": device, "dtype": dtype}
         else:
             from edgekit.measure.perplexity import perplexity_onnx
 
-            variants = _onnx_variants(model_dir)
-            scores = {}
-            for fmt, rel in variants.items():
-                bar.update(description=f"{ctx.name}: perplexity (ONNX Runtime, {fmt} graph)", completed=0)
-                scores[fmt] = perplexity_onnx(model_dir / rel, splits.evaluation, window=data.window, max_windows=windows, advance=bar.advance)
             primary = next(iter(variants))
-            result = dict(scores[primary])
+            for label, ids, _ in sets:
+                bar.update(description=f"{ctx.name}: {label} (ONNX Runtime, {primary} graph)")
+                scores[label] = perplexity_onnx(model_dir / variants[primary], ids, window=data.window,
+                                                max_windows=windows_of(ids), advance=bar.advance, teacher=teacher)
+            for fmt, rel in list(variants.items())[1:]:
+                bar.update(description=f"{ctx.name}: {IN_DOMAIN} (ONNX Runtime, {fmt} graph)")
+                extra_graphs[fmt] = perplexity_onnx(model_dir / rel, splits.evaluation, window=data.window,
+                                                    max_windows=windows_of(splits.evaluation), advance=bar.advance)
+            extra = {}
             if len(variants) > 1 or primary != "float":
-                result["graph"] = primary
-                for fmt, score in scores.items():
-                    if fmt != primary:
-                        result[f"perplexity_{fmt}"] = round(score["perplexity"], 6)
-    result = {"perplexity": round(result["perplexity"], 6), **{k: v for k, v in result.items() if k != "perplexity"}}
+                extra["graph"] = primary
+                for fmt, score in extra_graphs.items():
+                    extra[f"perplexity_{fmt}"] = round(score["perplexity"], 6)
+    # The in-domain keys stay where they always were (perplexity, nll, windows, window, tokens).
+    result = _rounded(scores[IN_DOMAIN])
+    result.update(extra)
     result["backend"] = "pytorch" if kind == CHECKPOINT else "onnxruntime"
     result["evaluated"] = kind
+    result["teacher"] = teacher_name
+    result["sets"] = {label: {**info, **_rounded(scores[label])} for label, _, info in sets}
     (ctx.output_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _teacher(ctx, model_dir):
+    """(the teacher loaded for scoring or None, what the manifest says about it)."""
+    teacher_dir = ctx.references.get("teacher")
+    if teacher_dir is None:
+        return None, "none"
+    if teacher_dir.resolve() == model_dir.resolve():
+        return None, "self"  # the scored model is the teacher: nothing to compare
+    name = next((r.name for r in ctx.history if r.dir == teacher_dir), str(teacher_dir))
+    model, _, _ = load_for_scoring(teacher_dir, ctx.config, stage=ctx.name, trust_remote_code=ctx.recipe.trust_remote_code)
+    return model.eval(), name
 
 
 def load_for_scoring(model_dir, config, *, stage: str, trust_remote_code: bool = False):
@@ -109,8 +181,10 @@ def _onnx_variants(model_dir) -> dict:
 register_stage(
     "evaluate",
     config=EvaluateConfig,
-    summary="held-out perplexity of the latest model (PyTorch or ONNX Runtime), into the manifest",
+    summary="held-out perplexity (in-domain and other sets) of the latest model, with top-1 agreement and KL to "
+    "the teacher (PyTorch or ONNX Runtime), into the manifest",
     run="edgekit.evaluate.stage:run_evaluate",
     requires=((CHECKPOINT, ONNX),),
-    uses=("data",),
+    uses=("data", "eval_sets"),
+    references=resolve_teacher,
 )

@@ -82,3 +82,5 @@ register_stage(
 # says what of them enters a cache key.
 register_section_fingerprint("model", "edgekit.models.source:recipe_model_fingerprint")
 register_section_fingerprint("data", "edgekit.models.text:recipe_data_fingerprint")
+# The held-out sets from other sources: only the evaluate stage uses this section.
+register_section_fingerprint("eval_sets", "edgekit.models.text:recipe_eval_sets_fingerprint")

@@ -36,6 +36,21 @@ from edgekit.errors import DataError
 from edgekit.hashing import sha256_file
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+# Out-of-domain held-out text (docs/data.md, "Evaluation sets"): the PyPI long
+# descriptions (README files) that edgekit's own dependencies ship in their installed METADATA.
+BUILTIN_PACKAGE_READMES = "builtin:package-readmes"
+BUILTINS = (BUILTIN_PYTHON_DOCS, BUILTIN_PACKAGE_READMES)
+# The packages whose READMEs make builtin:package-readmes, in this order: edgekit's direct
+# dependencies (pyproject.toml), so every install has them. A missing one is skipped (and
+# the fingerprint says so); versions and the text's sha256 are recorded with every score.
+README_PACKAGES = (
+    "torch", "transformers", "onnx", "onnxruntime", "accelerate", "tokenizers", "safetensors", "nncf", "optimum-onnx",
+    "numpy", "pyarrow", "rich", "click", "jinja2", "starlette", "uvicorn", "h11", "cryptography", "prometheus-client",
+    "matplotlib", "gguf", "pydantic", "pyyaml",
+)
+# Each README contributes at most this many characters (cut at a paragraph end), so no one
+# package (pydantic's README carries its whole changelog) dominates the text.
+README_MAX_CHARS = 12_000
 HUB_PREFIX = "hf:"
 TextKind = Literal["builtin", "txt", "jsonl", "parquet", "dir", "datasets", "hub"]
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -95,6 +110,9 @@ class TextSource:
         if self.kind == "builtin":
             import sys
 
+            if self.spec == BUILTIN_PACKAGE_READMES:
+                # The READMEs change with the installed versions: key on them and on the text.
+                return package_readmes_fingerprint()
             # pydoc_data changes with the Python version: key on it.
             return {"builtin": self.spec, "python": sys.version.split()[0]}
         if self.kind == "hub":
@@ -142,6 +160,10 @@ class TextSource:
     def _records(self, text_field: str) -> Iterator[Iterator[str]]:
         """Each record as an iterator of pieces (a large .txt file comes in chunks)."""
         if self.kind == "builtin":
+            if self.spec == BUILTIN_PACKAGE_READMES:
+                for _, _, text in package_readmes():
+                    yield iter([text])
+                return
             from pydoc_data import topics
 
             yield iter(["\n".join(topics.topics.values())])
@@ -161,6 +183,65 @@ class TextSource:
             else:
                 for text in _iter_data_file(str(path), lambda p=path: open(p, "rb"), text_field):
                     yield iter([text])
+
+
+# -- builtin:package-readmes -----------------------------------------------------------------
+
+_FENCE = re.compile(r"^[\s>]*(```|~~~)")  # also inside a block quote
+# Lines that are markup, not prose: HTML, badges and images, reStructuredText directives,
+# interactive sessions and shell commands.
+_MARKUP_LINE = ("<", "[![", "![", ".. image::", ".. |", ".. raw::", ">>>", "$ ")
+
+
+def _readme_prose(body: str) -> str:
+    """A README's prose: fenced code blocks and markup-only lines dropped, blank runs
+    collapsed, at most :data:`README_MAX_CHARS` characters (cut at a paragraph end)."""
+    lines, fenced = [], False
+    for line in body.splitlines():
+        if _FENCE.match(line):
+            fenced = not fenced
+            continue
+        if fenced or line.strip().startswith(_MARKUP_LINE):
+            continue
+        lines.append(line.rstrip())
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    if len(text) > README_MAX_CHARS:
+        cut = text.rfind("\n\n", 0, README_MAX_CHARS)
+        text = text[: cut if cut > 0 else README_MAX_CHARS].rstrip()
+    return text
+
+
+def package_readmes() -> list[tuple[str, str, str]]:
+    """``(package, version, prose)`` for each installed package of :data:`README_PACKAGES`
+    that ships a README in its METADATA (the PyPI long description), in that order: the text of
+    ``builtin:package-readmes``. Read from the installed dist-info; nothing is downloaded."""
+    import importlib.metadata as metadata
+
+    out = []
+    for name in README_PACKAGES:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        meta = dist.metadata
+        body = meta.get_payload() if hasattr(meta, "get_payload") else None
+        if not body:  # metadata 1.x / 2.0: the description is a header, continuation lines indented
+            body = re.sub(r"\n {7}\|?", "\n", meta.get("Description") or "")
+        prose = _readme_prose(body if isinstance(body, str) else "")
+        if prose:
+            out.append((name, dist.version, prose))
+    return out
+
+
+def package_readmes_fingerprint() -> dict[str, Any]:
+    """What builtin:package-readmes is on this machine: the packages and versions it was made
+    from and the sha256 of its text. Scores on it compare only where the sha256 matches."""
+    import hashlib
+
+    readmes = package_readmes()
+    text = "\n".join(prose for _, _, prose in readmes)
+    return {"builtin": BUILTIN_PACKAGE_READMES, "packages": {name: version for name, version, _ in readmes},
+            "sha256": hashlib.sha256(text.encode()).hexdigest(), "characters": len(text)}
 
 
 # -- local files ------------------------------------------------------------------------------
@@ -495,9 +576,10 @@ def resolve_text_source(spec: str, *, base_dir: Path | None = None, subset: str 
             raise not_cached_error(source)
         return source
     if spec.startswith("builtin:"):
-        if spec != BUILTIN_PYTHON_DOCS:
+        if spec not in BUILTINS:
             raise DataError(
-                f"unknown built-in text '{spec}'", where="data.source", how=f"use '{BUILTIN_PYTHON_DOCS}' or a file path"
+                f"unknown built-in text '{spec}'", where="data.source",
+                how=f"use {' or '.join(repr(b) for b in BUILTINS)} or a file path"
             )
         return TextSource("builtin", spec, **options)
     path = Path(spec).expanduser()
@@ -537,9 +619,100 @@ def resolve_data(data: Any, *, base_dir: Path | None = None) -> TextSource:
 
 def recipe_data_fingerprint(recipe: Any, base_dir: Path | None) -> dict[str, Any]:
     """The recipe's ``data`` section as a cache key holds it: the text's content fingerprint and
-    the other data settings (the runner's "data" section, edgekit.pipeline.registry)."""
+    the other data settings (the runner's "data" section, edgekit.pipeline.registry). The
+    evaluation sets are not part of it (only evaluate reads them: its "eval_sets" section), so
+    changing them reruns no stage that calibrates or trains."""
     source = resolve_text_source(recipe.data.source, base_dir=base_dir)
-    return {"source": source.fingerprint(), "config": recipe.data.model_dump(exclude={"source"})}
+    return {"source": source.fingerprint(), "config": recipe.data.model_dump(exclude={"source", "eval_sets"})}
+
+
+# -- evaluation sets: held-out text from other sources, read only by the evaluate stage --------
+
+IN_DOMAIN = "in_domain"  # data.source's own held-out split (edgekit.recipe.IN_DOMAIN)
+DEFAULT_EVAL_LABEL = "ood"
+# An evaluation set is read up to this many characters (≈8M tokens): its windows are spread
+# over what was read.
+EVAL_SET_MAX_CHARS = 32 << 20
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One resolved evaluation set (``data.eval_sets`` entry, or the default)."""
+
+    label: str
+    source: str
+    tokens: int
+    text_field: str = "text"
+    where: str = "data.eval_sets"
+
+
+def resolve_eval_sets(data: Any) -> list[EvalSet]:
+    """The held-out sets the evaluate stage scores besides data.source's own split: the recipe's
+    ``data.eval_sets``, or by default one set labelled ``ood``: builtin:package-readmes
+    (builtin:python-docs when the recipe calibrates and trains on the READMEs)."""
+    get = (lambda k, d=None: data.get(k, d)) if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
+    eval_tokens = get("eval_tokens", 8192)
+    entries = get("eval_sets")
+    if entries is None:
+        default = BUILTIN_PYTHON_DOCS if get("source") == BUILTIN_PACKAGE_READMES else BUILTIN_PACKAGE_READMES
+        return [EvalSet(DEFAULT_EVAL_LABEL, default, eval_tokens, where="data.eval_sets (default)")]
+    out = []
+    for index, entry in enumerate(entries):
+        item = (lambda k, d=None, e=entry: e.get(k, d)) if isinstance(entry, dict) else (lambda k, d=None, e=entry: getattr(e, k, d))
+        out.append(EvalSet(item("label"), item("source"), item("tokens") or eval_tokens, item("text_field", "text") or "text",
+                           where=f"data.eval_sets[{index}].source"))
+    return out
+
+
+def eval_set_source(entry: EvalSet, *, base_dir: Path | None = None) -> TextSource:
+    """The set's text source, checked (exists, supported); errors name the recipe field."""
+    try:
+        return resolve_text_source(entry.source, base_dir=base_dir, text_field=entry.text_field)
+    except DataError as exc:
+        where = entry.where + (f" -> {exc.where}" if exc.where and exc.where != "data.source" else "")
+        raise DataError(exc.what, where=where, how=exc.how) from None
+
+
+def spread_windows(ids: Sequence[int], *, tokens: int, window: int, where: str = "data.eval_sets") -> list[int]:
+    """``tokens // window`` windows of ``window`` tokens spread evenly over ``ids`` (no two
+    overlap; fewer when the text is shorter), concatenated: the perplexity protocol cuts them
+    back at the same boundaries. Deterministic."""
+    fit = len(ids) // window
+    count = min(max(1, tokens // window), fit)
+    if count < 1:
+        raise DataError(f"the evaluation text has {len(ids)} tokens, shorter than one window of {window}", where=where,
+                        how=f"give more text (at least {window} tokens) or lower data.window")
+    span = len(ids) - window
+    starts = [i * span // (count - 1) for i in range(count)] if count > 1 else [0]
+    out: list[int] = []
+    for start in starts:
+        out.extend(ids[start: start + window])
+    return out
+
+
+def read_eval_set(entry: EvalSet, tokenizer: Any, *, window: int, base_dir: Path | None = None) -> tuple[list[int], dict[str, Any]]:
+    """The token ids the evaluate stage scores on ``entry`` and what they are: ``{"source",
+    "sha256" (of the text read), "text_tokens", "fingerprint"}`` (for builtin:package-readmes the
+    package versions: its scores compare only where the sha256 matches)."""
+    import hashlib
+
+    source = eval_set_source(entry, base_dir=base_dir)
+    text = source.read(max_chars=EVAL_SET_MAX_CHARS)
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    chosen = spread_windows(ids, tokens=entry.tokens, window=window, where=entry.where)
+    info: dict[str, Any] = {"source": entry.source, "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                            "text_tokens": len(ids)}
+    if source.kind == "builtin" and source.spec == BUILTIN_PACKAGE_READMES:
+        info["packages"] = package_readmes_fingerprint()["packages"]
+    return chosen, info
+
+
+def recipe_eval_sets_fingerprint(recipe: Any, base_dir: Path | None) -> list[dict[str, Any]]:
+    """The evaluation sets as the evaluate stage's cache key holds them (section "eval_sets"):
+    each set's label, token count, text field and content fingerprint."""
+    return [{"label": e.label, "tokens": e.tokens, "text_field": e.text_field,
+             "source": eval_set_source(e, base_dir=base_dir).fingerprint()}
+            for e in resolve_eval_sets(recipe.data)]
 
 
 @dataclass(frozen=True)
@@ -677,8 +850,12 @@ def token_splits_from_file(path: Path | str, *, eval_tokens: int, window: int, w
 
 # -- token accounting (no tokenizing) ---------------------------------------------------------
 
-def _builtin_tokens() -> int:
+def _builtin_tokens(spec: str = BUILTIN_PYTHON_DOCS) -> int:
     import sys
+
+    if spec == BUILTIN_PACKAGE_READMES:
+        chars = sum(len(text) for _, _, text in package_readmes())
+        return int(chars / CHARS_PER_TOKEN)
 
     from pydoc_data import topics
 
@@ -736,7 +913,7 @@ def estimate_tokens(source: TextSource | str, *, text_field: str | None = None, 
     text_field = text_field or source.text_field
     size: float | None
     if source.kind == "builtin":
-        size = _builtin_tokens()
+        size = _builtin_tokens(source.spec)
     elif source.kind == "datasets":
         found = _saved_text_bytes(source.path, source.split, text_field)
         size = None if found is None else found / CHARS_PER_TOKEN
@@ -808,7 +985,7 @@ def data_budget_rows(loaded: Any) -> list[dict[str, Any]]:
     source = resolve_data(data, base_dir=loaded.base_dir)
     total = estimate_tokens(source)
     available = None if total is None else max(0, total - data.eval_tokens)
-    exact = source.kind == "builtin"
+    exact = source.spec == BUILTIN_PYTHON_DOCS
     approx = "" if exact else "≈"
     described = (f"{data.source}" + (f" (token_budget {data.token_budget:,})" if data.token_budget else ""))
     rows = []
@@ -871,7 +1048,8 @@ def check_data_budget(loaded: Any) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "BUILTIN_PYTHON_DOCS", "HUB_PREFIX", "MAX_DISTILL_PASSES", "TextSource", "TokenSplits", "check_data_budget",
+    "BUILTIN_PACKAGE_READMES", "BUILTIN_PYTHON_DOCS", "EvalSet", "HUB_PREFIX", "IN_DOMAIN", "eval_set_source",
+    "package_readmes", "read_eval_set", "resolve_eval_sets", "spread_windows", "MAX_DISTILL_PASSES", "TextSource", "TokenSplits", "check_data_budget",
     "data_budget_rows", "estimate_tokens", "hub_offline", "read_token_splits", "resolve_data", "resolve_text_source",
     "select_split_files", "token_splits_from_file", "tokenize_splits", "tokenize_to_file",
 ]

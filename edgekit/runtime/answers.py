@@ -1,6 +1,12 @@
 """How one answer is produced and shown: the request, plain decoding on a local branch,
-incremental detokenization and the stream events that keep the client's text equal to the
-answer's (pieces, resets)."""
+incremental detokenization, stop sequences and the stream events that keep the client's text
+equal to the answer's (pieces, resets).
+
+Stop sequences (``Request.stop``) are applied here, once for every consumer of the router
+(``edgekit run``, the server): an answer's text ends before the first stop sequence it
+contains, its generation stops there (finish reason ``"stop"``), and while it is still being
+generated the end of its text that could be the start of a stop sequence is held back
+(:class:`StopScan`), so a stream never shows text that is later cut."""
 
 from __future__ import annotations
 
@@ -24,14 +30,72 @@ class StreamEvent:
     result: RouteResult | None = None  # "done"
 
 
+MAX_STOPS = 16  # stop sequences per request
+MAX_STOP_CHARS = 256  # characters per stop sequence
+
+
+def check_stops(stop: Any) -> list[str]:
+    """A request's stop sequences (a string, or a list of strings) as a list, or a one-line
+    EdgekitError: at most MAX_STOPS non-empty strings of at most MAX_STOP_CHARS characters."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise EdgekitError("stop sequences must be strings", where="stop", how="pass a string or a list of strings")
+    if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise EdgekitError(f"at most {MAX_STOPS} stop sequences of 1 to {MAX_STOP_CHARS} characters", where="stop",
+                           how="shorten the list")
+    return list(stops)
+
+
+class StopScan:
+    """Where a growing text must end: its first stop sequence, and how much of its end must be
+    held back because it could be the start of one. ``find`` scans only what is new since its
+    last call (a stop sequence can straddle the old end), so a long answer is scanned once."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._longest = max((len(s) for s in self.stops), default=0)
+        self._scanned = 0  # text[:_scanned] holds no stop sequence
+
+    def reset(self) -> None:
+        """A new text follows (it does not continue the one scanned)."""
+        self._scanned = 0
+
+    def find(self, text: str) -> int | None:
+        """The index of the first stop sequence in ``text`` (which continues the text of the
+        previous call), or None."""
+        if not self.stops:
+            return None
+        start = max(0, self._scanned - self._longest + 1)
+        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        self._scanned = len(text)
+        return min(hits) if hits else None
+
+    def held(self, text: str) -> int:
+        """How many trailing characters of ``text`` could begin a stop sequence."""
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
+                    keep = n
+                    break
+        return keep
+
+
 class Text:
     """Incremental detokenization of one answer (TGI's prefix/read offsets): a piece is
-    released once it does not end in a partial UTF-8 character."""
+    released once it does not end in a partial UTF-8 character. With stop sequences,
+    ``emitted`` ends before the first one (``stopped``), and ``visible`` (what may be shown
+    now) leaves out a tail that could still become one."""
 
-    def __init__(self, tokenizer: Any, label: str):
+    def __init__(self, tokenizer: Any, label: str, stops: list[str] | None = None):
         self.tokenizer, self.label = tokenizer, label
         self.ids: list[int] = []
         self.emitted = ""
+        self.stopped = False  # cut at a stop sequence
+        self.finished = False
+        self.scan = StopScan(stops or [])
         self._prefix = self._read = 0
 
     def _decode(self, ids) -> str:
@@ -39,21 +103,45 @@ class Text:
 
     def push(self, token: int) -> None:
         self.ids.append(token)
+        if self.stopped:
+            return
         before = self._decode(self.ids[self._prefix : self._read])
         after = self._decode(self.ids[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.emitted += after[len(before) :]
             self._prefix, self._read = self._read, len(self.ids)
+            cut = self.scan.find(self.emitted)
+            if cut is not None:
+                self.emitted, self.stopped = self.emitted[:cut], True
+
+    @property
+    def visible(self) -> str:
+        if self.stopped or self.finished:
+            return self.emitted
+        return self.emitted[: len(self.emitted) - self.scan.held(self.emitted)]
 
     def finish(self) -> str:
-        """The canonical text (a full decode); ``emitted`` becomes it."""
-        self.emitted = self._decode(self.ids)
+        """The canonical text (a full decode, cut at its first stop sequence); ``emitted``
+        becomes it."""
+        full = self._decode(self.ids)
+        self.scan.reset()
+        cut = self.scan.find(full)
+        if cut is not None:
+            self.emitted, self.stopped = full[:cut], True
+        elif not self.stopped:  # a decode that lost the stop sequence the pieces had keeps the cut text
+            self.emitted = full
+        self.finished = True
         return self.emitted
 
 
 class RemoteText:
-    def __init__(self, label: str, text: str):
-        self.label, self.emitted = label, text
+    """A remote branch's whole answer, cut at its first stop sequence (whether or not the
+    endpoint applied them)."""
+
+    def __init__(self, label: str, text: str, stops: list[str] | None = None):
+        cut = StopScan(stops or []).find(text)
+        self.label, self.stopped = label, cut is not None
+        self.emitted = self.visible = text if cut is None else text[:cut]
 
 
 class Output:
@@ -65,7 +153,7 @@ class Output:
         self.shown = ""
 
     def sync(self, source, reason: str = "") -> Iterator[StreamEvent]:
-        text = source.emitted
+        text = source.visible
         if source is self.current and text.startswith(self.shown):
             if len(text) > len(self.shown):
                 yield StreamEvent("text", text[len(self.shown) :], source.label)
@@ -105,7 +193,7 @@ class LocalRun:
         self.confidences: list[float] = []
         self.times: list[float] = []
         self.finish: str | None = None
-        self.text = Text(guard.tokenizer, guard.label)
+        self.text = Text(guard.tokenizer, guard.label, req.stop)
         self._steps = None
 
     def prefill(self):
@@ -149,6 +237,10 @@ class LocalRun:
             self.tokens.append(token)
             history.append(token)
             self.text.push(token)
+            if self.text.stopped:
+                self.finish = "stop"
+                yield token, c
+                return
             yield token, c
             if len(self.tokens) < budget:
                 self.last = self.session.feed([token])[-1]
@@ -189,6 +281,7 @@ class Request:
     t0: float
     small: Guard | None
     large: Guard | None
+    stop: list[str] = field(default_factory=list)  # stop sequences (check_stops)
     attempts: list[dict] = field(default_factory=list)
     _ids: dict = field(default_factory=dict)
 
@@ -219,4 +312,5 @@ class Request:
         self.attempts.append({"branch": guard.label, "name": guard.name, "ok": ok, "error": error, "seconds": seconds})
 
 
-__all__ = ["Answer", "LocalRun", "Output", "RemoteText", "Request", "StreamEvent", "Text", "eos_ids", "token_rate"]
+__all__ = ["MAX_STOPS", "MAX_STOP_CHARS", "Answer", "LocalRun", "Output", "RemoteText", "Request", "StopScan", "StreamEvent",
+           "Text", "check_stops", "eos_ids", "token_rate"]

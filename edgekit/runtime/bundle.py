@@ -195,10 +195,15 @@ def open_router(bundle_dir: Path, config: Any, *, threads: int | None = None) ->
     if spec:
         large = load_branch(spec, name="large", backend=config.backend if not spec.startswith("http") else "auto",
                             timeout=config.timeout_s, threads=threads, spin_wait=config.spin_wait)
+    load = None
+    if config.policy == "degrade":  # its budgets: runtime.degrade's, else the manifest's (budgets: in the recipe)
+        from edgekit.runtime.load import load_monitor
+
+        load = load_monitor(config.degrade, bundle.manifest.budgets)
     return Router(
         small, large, config.policy, thresholds=dict(config.thresholds), sampler_params=config.sampling.model_dump(),
         max_new_tokens=config.max_new_tokens, draft_tokens=config.draft_tokens, timeout_s=config.timeout_s,
-        seed=config.sampling.seed, draft_min_confidence=config.draft_min_confidence,
+        seed=config.sampling.seed, draft_min_confidence=config.draft_min_confidence, degrade=config.degrade, load=load,
     )
 
 

@@ -26,7 +26,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-PolicyName = Literal["small_only", "large_only", "input_complexity", "cascade", "speculative"]
+PolicyName = Literal["small_only", "large_only", "input_complexity", "cascade", "speculative", "degrade"]
 POLICIES: tuple[str, ...] = get_args(PolicyName)
 #: the policies with a threshold that ``edgekit calibrate-router`` fits
 CalibratablePolicy = Literal["input_complexity", "cascade"]
@@ -36,6 +36,8 @@ ReasoningMode = Literal["auto", "off", "split"]
 DraftGraph = Literal["auto", "off"]
 Check = Literal["incremental", "end"]
 CHECKS: tuple[str, ...] = get_args(Check)
+#: the policies ``degrade`` can protect (speculative is not one: its small branch is a draft graph)
+ProtectedPolicy = Literal["large_only", "input_complexity", "cascade"]
 
 
 def _known_policy(value: Any) -> Any:
@@ -99,6 +101,54 @@ class Thresholds(_Strict, frozen=True):
         return value
 
 
+class PrefixCacheConfig(_Strict):
+    """Prompt-prefix KV reuse in edgekit serve (edgekit.runtime.prefix_cache): a prompt that
+    begins with a prefix prefilled before (a system prompt, the chat template header) starts
+    from a copy of that prefix's KV cache and prefills only the rest. Exact: keyed by the
+    token ids themselves. Not used with policy input_complexity (it scores every prompt row)."""
+
+    max_mb: float = Field(64.0, ge=0, le=1_048_576, description="memory for cached prefixes per local branch, in MiB "
+                          "(least recently used evicted first; 0 = off)")
+    max_blocks: int = Field(4096, ge=1, le=1_048_576, description="most blocks kept per branch")
+    block_tokens: int = Field(32, ge=1, le=4096, description="the cache holds prefixes in blocks of this many tokens "
+                              "(a prompt reuses the whole blocks it shares with a cached prefix)")
+    min_tokens: int = Field(64, ge=1, le=1_048_576, description="shorter prefixes are not cached or reused")
+
+
+class DegradeSettings(_Strict):
+    """Policy ``degrade`` (edgekit.runtime.load): requests follow ``protects`` until the large
+    branch is loaded past the latency budget, then go to the small branch until it recovers. The
+    budgets unset here come from the bundle's manifest (budgets.latency_p99_ms, ttft_p99_ms)."""
+
+    protects: ProtectedPolicy = Field("large_only", description="the policy followed while the large branch is within "
+                                      "budget: large_only | input_complexity | cascade")
+    tpot_p99_ms: float | None = Field(None, gt=0, le=600_000, description="per-token latency budget (p99, ms) of the "
+                                      "large branch (unset: the manifest's budgets.latency_p99_ms)")
+    ttft_p99_ms: float | None = Field(None, gt=0, le=3_600_000, description="time-to-first-token budget (p99, ms) of "
+                                      "the large branch (unset: the manifest's budgets.ttft_p99_ms)")
+    max_large_in_flight: int | None = Field(None, ge=1, le=4096, description="most requests on the large branch at once "
+                                            "(unset: predicted from the window, assuming the streams share the branch "
+                                            "one after another, as an unbatched branch does)")
+    window: int = Field(64, ge=1, le=10_000, description="the p99s are over the last this many large-branch answers")
+    window_s: float = Field(30.0, gt=0, le=86_400, description="... no older than this many seconds (so that a window "
+                            "with no new large answers empties and the policy tries the large branch again)")
+    recover: float = Field(0.8, gt=0, lt=1, description="once degraded, back to the large branch only when every signal "
+                           "is at most this fraction of its budget (hysteresis: no flapping at the budget)")
+
+
+class BatchingConfig(_Strict):
+    """Batched decoding in edgekit serve (edgekit.runtime.backends.batched): with
+    --max-concurrency above 1, the decode steps of the streams on one local branch run as one
+    forward pass (continuous batching: streams join and leave between steps); each stream's
+    tokens are what it generates alone."""
+
+    max_batch: int = Field(8, ge=1, le=64, description="most streams in one decode step per branch (1 = off: every "
+                           "stream runs its own forward passes); streams beyond it decode unbatched")
+    max_wait_ms: float = Field(20.0, ge=0, le=100, description="how long a step waits for streams that have not "
+                               "submitted their next token yet (one busy sampling, or a thread slow to wake on a loaded "
+                               "CPU) before it runs without them; never more than half the recent step time")
+
+
 class SpeculativeSettings(_Strict):
     """What one speculative decoding run takes (edgekit.runtime.speculative)."""
 
@@ -116,6 +166,7 @@ class RouterSettings(_Strict):
     draft_tokens: DraftTokens = 8
     draft_min_confidence: DraftMinConfidence = 0.5
     timeout_s: BranchTimeout | None = None
+    degrade: DegradeSettings = Field(default_factory=DegradeSettings)
 
 
 class RuntimeConfig(_Strict):
@@ -144,6 +195,10 @@ class RuntimeConfig(_Strict):
         True, description="ONNX Runtime: worker threads busy-wait between the kernels of a decode step (faster on a "
         "dedicated device); false: they sleep (better on a host whose cores other processes keep busy)")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    degrade: DegradeSettings = Field(default_factory=DegradeSettings, description="policy degrade: the policy it "
+                                     "protects, the budgets and the load window")
+    prefix_cache: PrefixCacheConfig = Field(default_factory=PrefixCacheConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     thresholds: dict[str, float | int | str] = Field(
         default_factory=dict, description="router thresholds (complexity, length_weight, confidence, quantile, "
         "min_tokens, check); edgekit calibrate-router fits them")
@@ -237,8 +292,9 @@ def bounds(model: type[BaseModel], name: str) -> dict[str, float]:
 
 
 __all__ = [
-    "CALIBRATABLE", "CHECKS", "POLICIES", "Backend", "BranchTimeout", "CalibratablePolicy", "Check", "DraftGraph",
-    "DraftMinConfidence", "DraftTokens", "MaxNewTokens", "Policy", "PolicyName", "ReasoningMode", "RouterSettings",
-    "RuntimeConfig", "SamplingConfig", "SpeculativeSettings", "Thresholds", "bounds", "checked", "choices", "is_int",
-    "problem",
+    "CALIBRATABLE", "CHECKS", "POLICIES", "Backend", "BatchingConfig", "BranchTimeout", "CalibratablePolicy", "Check", "DegradeSettings",
+    "DraftGraph", "ProtectedPolicy",
+    "DraftMinConfidence", "DraftTokens", "MaxNewTokens", "Policy", "PolicyName", "PrefixCacheConfig", "ReasoningMode",
+    "RouterSettings", "RuntimeConfig", "SamplingConfig", "SpeculativeSettings", "Thresholds", "bounds", "checked",
+    "choices", "is_int", "problem",
 ]

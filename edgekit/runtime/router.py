@@ -43,6 +43,22 @@ Policies
 ``speculative``
     ``edgekit.runtime.speculative``: the small branch drafts, the large one verifies. Both
     must be local with logits and share the tokenizer; penalties are refused.
+``degrade``
+    Keeps the large branch within its latency budget under load: the request follows the
+    policy ``degrade.protects`` (large_only, input_complexity or cascade) unless the
+    :class:`~edgekit.runtime.load.LoadMonitor` (``load=``; shared by the Routers of a
+    server) says one more request on the large branch would breach the budget, in which
+    case the small branch answers (``degraded`` True, ``degraded_reason`` queue | ttft_p99 |
+    tpot_p99) until the monitor recovers. Each answer the large branch gives is recorded in
+    the monitor's window.
+
+Stop sequences
+--------------
+``stop=`` (a string or up to 16): the answer ends before the first one its text contains,
+generation stops there and ``finish_reason`` is ``"stop"``; while streaming, the end of the
+text that could be the start of one is held back, so no event shows text that is later cut
+(``edgekit.runtime.answers``: ``StopScan``). A remote branch gets them too (at most 4, what
+OpenAI's API takes) and its answer is cut here whatever it did with them.
 
 Fallback
 --------
@@ -84,9 +100,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 from edgekit.errors import EdgekitError
-from edgekit.runtime.answers import Answer, LocalRun, Output, RemoteText, Request, StreamEvent, Text, eos_ids, token_rate
-from edgekit.runtime.config import RouterSettings, Thresholds, checked
+from edgekit.runtime.answers import (Answer, LocalRun, Output, RemoteText, Request, StreamEvent, Text, check_stops, eos_ids,
+                                     token_rate)
+from edgekit.runtime.config import DegradeSettings, RouterSettings, Thresholds, checked
 from edgekit.runtime.guards import BranchFailed, Guard
+from edgekit.runtime.load import LoadMonitor, load_monitor
 from edgekit.runtime.scores import ConfidenceMonitor, complexity_score
 
 
@@ -99,7 +117,7 @@ class RouteResult:
     policy: str
     fell_back: bool  # the policy's choice was unavailable and the other branch answered
     reason: str  # one line: why this branch answered
-    finish_reason: str  # "eos" | "length" | a remote's finish_reason
+    finish_reason: str  # "eos" | "length" | "stop" (a stop sequence) | a remote's finish_reason
     score: float | None = None  # input_complexity: prompt score; cascade: confidence score
     threshold: float | None = None  # the threshold the score was compared with
     escalated: bool = False  # cascade: the small answer was dropped for the large branch
@@ -113,6 +131,8 @@ class RouteResult:
     speculative: dict | None = None  # speculative: accepted, drafted, large_calls, small_calls, ...
     usage: dict | None = None  # a remote branch's usage
     attempts: list[dict] = field(default_factory=list)  # every branch tried: branch, ok, error, seconds
+    degraded: bool = False  # policy degrade: the large branch was over budget, the small one answered
+    degraded_reason: str | None = None  # "queue" | "ttft_p99" | "tpot_p99"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,21 +154,30 @@ class Router:
         timeout_s: float | None = None,
         seed: int = 0,
         draft_min_confidence: float = 0.5,
+        degrade: DegradeSettings | dict | None = None,
+        load: LoadMonitor | None = None,
     ):
+        """``degrade``, ``load``: policy degrade's settings and the load monitor it shares with
+        other Routers (default: one of its own from ``degrade``'s explicit budgets)."""
         from edgekit.runtime import fastpath, sampling_ref
 
         # the values as runtime.json takes them (edgekit.runtime.config); what follows checks
         # what only the loaded branches can tell
         settings = checked(RouterSettings, "router", policy=policy, thresholds=thresholds, max_new_tokens=max_new_tokens,
-                           draft_tokens=draft_tokens, timeout_s=timeout_s, draft_min_confidence=draft_min_confidence)
+                           draft_tokens=draft_tokens, timeout_s=timeout_s, draft_min_confidence=draft_min_confidence,
+                           degrade=degrade.model_dump() if isinstance(degrade, DegradeSettings) else degrade)
         policy = settings.policy
         self.small, self.large, self.policy = small, large, policy
-        self.thresholds = settings.thresholds
+        self.thresholds, self.degrade = settings.thresholds, settings.degrade
+        # the policy whose checks apply: degrade routes with the policy it protects (or small_only)
+        self.protects = settings.degrade.protects if policy == "degrade" else policy
+        self.load = load if load is not None or policy != "degrade" else load_monitor(settings.degrade)
+        self.active_policy = self.protects  # the policy deciding the request in progress (degrade: it may be small_only)
         needs = {"small_only": ("small",), "large_only": ("large",)}.get(policy, ("small", "large"))
         for label in needs:
             if (small if label == "small" else large) is None:
                 raise EdgekitError(f"policy {policy} needs a {label} branch", where="router", how=f"configure the {label} branch")
-        if policy in ("input_complexity", "cascade") and not getattr(small, "has_logits", False):
+        if self.protects in ("input_complexity", "cascade") and not getattr(small, "has_logits", False):
             raise EdgekitError(
                 f"policy {policy} needs the small branch's logits, but {getattr(small, 'name', 'small')!r} is remote",
                 where="router.small",
@@ -171,6 +200,8 @@ class Router:
         self.sampler_params = self._check_sampler(sampler_params, sampling_ref)
         self.latency = fastpath.LatencyStats()
         self.counts = {"small": 0, "large": 0, "speculative": 0, "fell_back": 0, "escalated": 0}
+        if policy == "degrade":
+            self.counts["degraded"] = 0
 
     @staticmethod
     def _check_sampler(params: dict | None, sampling_ref) -> dict:
@@ -196,7 +227,7 @@ class Router:
 
     def generate(self, prompt: str | Sequence[int], **overrides) -> RouteResult:
         """Answer one prompt (text, or token ids); ``overrides``: max_new_tokens,
-        sampler_params, seed for this request only."""
+        sampler_params, seed, stop for this request only."""
         for event in self.stream(prompt, **overrides):
             if event.kind == "done":
                 return event.result
@@ -209,11 +240,14 @@ class Router:
         max_new_tokens: int | None = None,
         sampler_params: dict | None = None,
         seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
     ) -> Iterator[StreamEvent]:
         """Yield ``StreamEvent``s: "text" pieces, "reset" (drop what was shown: a new
-        answer follows from its start), and last "done" with the RouteResult."""
+        answer follows from its start), and last "done" with the RouteResult. ``stop``: stop
+        sequences (module docstring)."""
         from edgekit.runtime import sampling_ref
 
+        stops = check_stops(stop)
         params = self.sampler_params if sampler_params is None else self._check_sampler(sampler_params, sampling_ref)
         if self.policy == "speculative" and sampler_params is not None:
             from edgekit.runtime.speculative import speculative_params
@@ -232,8 +266,10 @@ class Router:
             time.perf_counter(),
             Guard(self.small, "small", self.timeout_s) if self.small is not None else None,
             Guard(self.large, "large", self.timeout_s) if self.large is not None else None,
+            stops,
         )
         out = Output()
+        self.active_policy = self.protects
         try:
             result = yield from getattr(self, "_route_" + self.policy)(req, out)
         finally:
@@ -297,6 +333,8 @@ class Router:
         self.counts[result.branch] += 1
         self.counts["fell_back"] += int(result.fell_back)
         self.counts["escalated"] += int(result.escalated)
+        if result.degraded:
+            self.counts["degraded"] += 1
         if result.ttft_s is not None:
             self.latency.record_ttft(max(0.0, result.ttft_s))
         times = getattr(result, "_token_times", None) or []
@@ -342,17 +380,18 @@ class Router:
                     req.text(),
                     max_new_tokens=req.max_new_tokens,
                     temperature=0.0 if greedy else float(req.sampler_params.get("temperature", 1.0)),
-                    stop=None,
+                    stop=req.stop[:4] or None,  # OpenAI's API takes 4; the text is cut here in any case
                 )
                 elapsed = time.perf_counter() - req.t0
                 usage = reply.get("usage") or None
                 n_out = (usage or {}).get("completion_tokens")
+                text = RemoteText(guard.label, reply["text"], req.stop)
                 answer = Answer(
                     guard.label,
                     guard.name,
-                    reply["text"],
+                    text.emitted,
                     [],
-                    str(reply.get("finish_reason") or "stop"),
+                    "stop" if text.stopped else str(reply.get("finish_reason") or "stop"),
                     [],
                     elapsed,
                     None,
@@ -360,7 +399,7 @@ class Router:
                 )
                 if isinstance(n_out, int) and n_out > 0 and guard.started is not None:
                     answer.tokens_per_s = n_out / max(1e-9, time.perf_counter() - guard.started)
-                yield from out.sync(RemoteText(guard.label, reply["text"]))
+                yield from out.sync(text)
         except BranchFailed as exc:
             req.log(guard, False, exc.message)
             raise
@@ -462,12 +501,29 @@ class Router:
             )
         return self._result(req, answer, self.policy, fell_back=False, reason=reason, escalated=True, **extra)
 
+    def _route_degrade(self, req, out):
+        decision = self.load.admit()
+        if not decision.large:
+            self.active_policy = "small_only"
+            result = yield from self._answer_either(req.small, req, out, f"degraded ({decision.reason}): {decision.detail}; "
+                                                    "the small branch answered")
+            result.degraded, result.degraded_reason = True, decision.reason
+            return result
+        result = None
+        try:
+            result = yield from getattr(self, "_route_" + self.protects)(req, out)
+            return result
+        finally:  # also when the request is abandoned (the stream closed): the queue must not leak
+            answered = result is not None and result.branch == "large"
+            tpot = 1.0 / result.tokens_per_s if answered and result.tokens_per_s else None
+            self.load.release(decision.ticket, ttft_s=result.ttft_s if answered else None, tpot_s=tpot)
+
     def _route_speculative(self, req, out):
         from edgekit.runtime.speculative import iter_speculative
 
         small, large = req.small, req.large
         ids = req.ids_for(small)
-        text = Text(small.tokenizer, "speculative")
+        text = Text(small.tokenizer, "speculative", req.stop)
         gen = iter_speculative(
             small,
             large,
@@ -483,7 +539,7 @@ class Router:
         try:
             while True:
                 try:
-                    token = next(gen)
+                    token = gen.send(text.stopped or None)  # a true value: stop after the token just yielded
                 except StopIteration as stop:
                     spec = stop.value
                     break

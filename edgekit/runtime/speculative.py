@@ -95,7 +95,7 @@ class SpeculativeResult:
     large_calls: int  # large `feed` calls, prefill included
     small_calls: int  # small `feed` calls, prefill included
     acceptance_rate: float  # accepted / drafted (0.0 when nothing was drafted)
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "length" | "stop" (the caller stopped it)
     confidences: list[float] = field(default_factory=list)  # large max_prob per token
     rounds: list[Round] = field(default_factory=list)
     ttft_s: float | None = None  # prefill + first token
@@ -199,7 +199,9 @@ def iter_speculative(
     draft_min_confidence: float = 0.0,
 ) -> Generator[int, None, SpeculativeResult]:
     """Yield generated token ids as they are decided; return the :class:`SpeculativeResult`
-    (``StopIteration.value``). Closing the generator closes both sessions."""
+    (``StopIteration.value``). Closing the generator closes both sessions. ``send(True)`` in
+    place of ``next()`` ends the generation after the token just yielded (finish_reason
+    ``"stop"``: the caller found a stop sequence), with the statistics so far."""
     import numpy as np
 
     from edgekit.runtime import fastpath
@@ -261,7 +263,9 @@ def iter_speculative(
             budget = 0
         else:
             tokens.append(first)
-            yield first
+            if (yield first):
+                finish = "stop"
+                budget = 0
         pending, backlog = first, []
         while len(tokens) < budget:
             k = min(draft_tokens, budget - len(tokens) - 1)
@@ -319,11 +323,13 @@ def iter_speculative(
                     finish = "eos"
                     break
                 tokens.append(token)
-                yield token
-            # drop the confidences of tokens cut by EOS (the EOS decision itself is kept)
+                if (yield token):
+                    finish = "stop"
+                    break
+            # drop the confidences of tokens cut by EOS or a stop (the EOS decision itself is kept)
             del confidences[len(tokens) + (finish == "eos") :]
             rounds.append(Round(k, accepted, len(emitted), large_sess.length, s_sess.length, len(backlog), len(tokens)))
-            if finish == "eos":
+            if finish != "length":
                 break
             pending = emitted[-1]
     finally:

@@ -442,6 +442,8 @@ class _Exchange:
             out.update(score=outcome.result.score, threshold=outcome.result.threshold)
         if outcome.result is not None and outcome.result.acceptance_rate is not None:
             out["acceptance_rate"] = outcome.result.acceptance_rate
+        if self.server.policy == "degrade":
+            out.update(degraded=outcome.degraded, degraded_reason=outcome.degraded_reason)
         return out
 
     def _record_answer(self, request: Any, outcome: Any, arrival: float, admitted: float) -> None:
@@ -452,6 +454,8 @@ class _Exchange:
         m.answers.inc(branch=outcome.branch or "none", fell_back=fell_back)
         if outcome.escalated:
             m.escalations.inc()
+        if outcome.degraded and outcome.degraded_reason:
+            m.downgrades.inc(reason=outcome.degraded_reason)
         if outcome.result is not None:
             for attempt in outcome.result.attempts:
                 if not attempt.get("ok"):

@@ -185,6 +185,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class ServeMetrics:
@@ -198,7 +199,7 @@ class ServeMetrics:
 
     def __init__(self, *, queue_depth: Callable[[], float], in_flight: Callable[[], float], info: dict[str, str],
                  open_connections: Callable[[], float] | None = None, budgets: dict | None = None,
-                 health: Any = None):
+                 health: Any = None, prefix_cache_bytes: Callable[[], float] | None = None):
         r = self.registry = Registry()
         self.info = r.gauge("edgekit_serve_info", "The served bundle and policy (always 1).", tuple(sorted(info)))
         self.info.set(1, **info)
@@ -211,6 +212,12 @@ class ServeMetrics:
                                  ("branch", "fell_back"))
         self.escalations = r.counter("edgekit_cascade_escalations_total",
                                      "Cascade answers the small branch handed to the large one.")
+        # policy degrade (edgekit.runtime.load): requests the small branch answered because the large one was over budget
+        self.downgrades = r.counter("edgekit_downgrades_total", "Answers policy degrade sent to the small branch because the "
+                                    "large one was over its latency budget, by the signal (queue, ttft_p99, tpot_p99).",
+                                    ("reason",))
+        for reason in ("queue", "ttft_p99", "tpot_p99"):
+            self.downgrades.touch(reason=reason)
         self.branch_failures = r.counter("edgekit_branch_failures_total", "Branch attempts that failed (timeout, unreachable) "
                                          "within answered requests.", ("branch",))
         self.errors = r.counter("edgekit_errors_total", "Requests that ended in an error, by kind.", ("kind",))
@@ -243,10 +250,47 @@ class ServeMetrics:
         memory_gb = (budgets or {}).get("memory_gb")
         if isinstance(memory_gb, (int, float)) and not isinstance(memory_gb, bool) and math.isfinite(memory_gb) and memory_gb > 0:
             r.gauge("edgekit_budget_memory_bytes", "The bundle's peak-memory budget.").set(memory_gb * 2**30)
+        # batched decoding (edgekit.runtime.backends.batched): how many streams share each decode step
+        self.batch_size = r.histogram("edgekit_batch_size", "Streams decoded by one batched forward pass, by branch "
+                                      "(small, large); only with batching on and --max-concurrency above 1.",
+                                      BATCH_BUCKETS, ("branch",))
+        # prompt-prefix KV reuse (edgekit.runtime.prefix_cache), summed over the local branches
+        self.prefix_hits = r.counter("edgekit_prefix_cache_hits_total", "Prompts that started from a cached prefix's KV "
+                                     "cache (per branch prefill).")
+        self.prefix_misses = r.counter("edgekit_prefix_cache_misses_total", "Prompts long enough for a cached prefix that "
+                                       "found none (per branch prefill).")
+        self.prefix_tokens_reused = r.counter("edgekit_prefix_cache_tokens_reused_total", "Prompt tokens taken from the "
+                                              "prefix cache instead of being prefilled.")
+        self.prefix_bytes = r.gauge("edgekit_prefix_cache_bytes", "Memory the prefix caches hold now.",
+                                    read=prefix_cache_bytes or (lambda: 0))
         if health is not None:
             r.collector_registry.register(_HealthCollector(health))
         # process_resident_memory_bytes, process_cpu_seconds_total, ... (Linux /proc; nothing elsewhere)
         ProcessCollector(registry=r.collector_registry)
+
+    def prefix_lookup(self, hit: bool, tokens: int) -> None:
+        """One prefix-cache lookup (PrefixCache's ``on_lookup``)."""
+        if hit:
+            self.prefix_hits.inc()
+            self.prefix_tokens_reused.inc(tokens)
+        else:
+            self.prefix_misses.inc()
+
+    def watch_load(self, monitor: Any) -> None:
+        """Policy degrade's load monitor (edgekit.runtime.load.LoadMonitor) as gauges read at
+        scrape time (NaN: no large-branch answer in the window)."""
+        def p99(key: str) -> Callable[[], float]:
+            return lambda: math.nan if (v := monitor.state()[key]) is None else v
+
+        r = self.registry
+        r.gauge("edgekit_degraded", "1 while policy degrade sends new requests to the small branch (the large one is over "
+                "its latency budget), else 0.", read=lambda: float(monitor.state()["degraded"]))
+        r.gauge("edgekit_large_in_flight", "Requests on the large branch now (policy degrade's queue).",
+                read=lambda: monitor.state()["large_in_flight"])
+        r.gauge("edgekit_large_ttft_p99_seconds", "Policy degrade's window: the large branch's time to first token, p99.",
+                read=p99("ttft_p99_s"))
+        r.gauge("edgekit_large_tpot_p99_seconds", "Policy degrade's window: the large branch's time per output token, p99.",
+                read=p99("tpot_p99_s"))
 
     def render(self) -> str:
         return self.registry.render()

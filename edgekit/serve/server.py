@@ -219,6 +219,7 @@ class EdgekitServer:
         self.parser: oa.RequestParser | None = None
         self.branches: dict[str, Any] = {}
         self.policy = config.policy
+        self.load_monitor: Any = None  # policy degrade: the large branch's load, shared by the routers (runtime/load.py)
         self.ssl: ssl.SSLContext | None = None
         if options.tls_cert is not None:
             self.ssl, warnings = tls_context(options.tls_cert, options.tls_key, options.tls_client_ca)
@@ -236,7 +237,9 @@ class EdgekitServer:
                                     in_flight=lambda: self.admission.running if self.admission else 0,
                                     info={"model": self.model_name, "policy": self.policy},
                                     open_connections=lambda: self.guard.open,
-                                    budgets=self.handle.manifest.budgets, health=health)
+                                    budgets=self.handle.manifest.budgets, health=health,
+                                    prefix_cache_bytes=lambda: sum(c.bytes for c in self.prefix_caches))
+        self.prefix_caches: list = []  # one per local branch when prompt-prefix reuse is on
         self._duration_ewma: float | None = None
         self._ewma_lock = threading.Lock()
         self.unfinished = 0  # requests still running or queued when the grace period ended
@@ -294,14 +297,28 @@ class EdgekitServer:
         from edgekit.runtime.router import Router
 
         first = open_router(self.handle, self.config, threads=self.threads)
+        batching = getattr(self.config, "batching", None)
+        if self.options.max_concurrency > 1 and batching is not None and batching.max_batch > 1:
+            from edgekit.runtime.backends.batched import batch_branches
+
+            # the streams of each local branch share its decode steps (docs/serve.md, "Batched decoding")
+            batch_branches(first, batching, on_step=lambda label, size: self.metrics.batch_size.observe(size, branch=label))
         # A Router serves one request at a time; the others share its loaded branches (one ONNX
         # Runtime session or TensorRT context per branch), every request getting its own KV cache.
         routers = [first] + [
             Router(first.small, first.large, first.policy, thresholds=first.thresholds, sampler_params=first.sampler_params,
                    max_new_tokens=first.max_new_tokens, draft_tokens=first.draft_tokens, timeout_s=first.timeout_s,
-                   seed=first.seed, draft_min_confidence=first.draft_min_confidence)
+                   seed=first.seed, draft_min_confidence=first.draft_min_confidence, degrade=first.degrade, load=first.load)
             for _ in range(self.options.max_concurrency - 1)
         ]
+        if first.load is not None:  # policy degrade: one load monitor for all the routers (they share the large branch)
+            self.metrics.watch_load(first.load)
+            self.load_monitor = first.load
+        from edgekit.runtime.prefix_cache import attach_prefix_caches
+
+        # the branches are shared, so their prefix caches are too
+        self.prefix_caches = attach_prefix_caches(first, getattr(self.config, "prefix_cache", None),
+                                                  on_lookup=self.metrics.prefix_lookup)
         small = first.small
         context = int(small.context_length)
         limits = oa.Limits(
@@ -413,6 +430,8 @@ class EdgekitServer:
         if self.admission is not None:
             out.update(in_flight=self.admission.running, queued=self.admission.queued,
                        max_concurrency=self.admission.max_concurrency, max_queue=self.admission.max_queue)
+        if self.load_monitor is not None:
+            out["load"] = self.load_monitor.state()
         return out
 
 

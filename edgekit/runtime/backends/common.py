@@ -29,7 +29,13 @@ class LogitsSession(Protocol):
 
     def feed(self, token_ids: Sequence[int]) -> np.ndarray:
         """Append ``token_ids`` after the cache, run one forward pass and return float32 logits
-        of shape ``[len(token_ids), vocab_size]`` (row i: the distribution after token i)."""
+        of shape ``[len(token_ids), vocab_size]`` (row i: the distribution after token i).
+
+        On a branch with a prefix cache (``branch.prefix_cache``,
+        :mod:`edgekit.runtime.prefix_cache`) the first feed of a session may start from a
+        cached prefix of ``token_ids``: it then returns only the rows of the tokens after that
+        prefix (``reused`` says how many were taken from the cache); the last row is the
+        same either way."""
         ...
 
     def rollback(self, n: int) -> None:
@@ -84,13 +90,17 @@ def _token_list(token_ids: Sequence[int], vocab_size: int) -> list[int]:
 
 class SessionBase:
     """Length bookkeeping, the context-length refusal and argument checks common to both
-    local backends; subclasses implement ``_forward`` and ``_truncate``."""
+    local backends; subclasses implement ``_forward`` and ``_truncate``, and for prompt-prefix
+    reuse ``kv_snapshot(start, stop)`` (a copy of cache entries ``start..stop-1``, by cache input
+    name) and ``kv_restore(blocks, length)`` (start an empty session from the first ``length``
+    entries of consecutive snapshots, which it must not modify)."""
 
     def __init__(self, branch: Any):
         self._branch = branch
         self.vocab_size: int = branch.vocab_size
         self.context_length: int = branch.context_length
         self.length = 0
+        self.reused = 0  # tokens of the last feed taken from the branch's prefix cache
         self._closed = False
 
     def feed(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -104,7 +114,35 @@ class SessionBase:
                 where=f"branch {self._branch.name} ({self._branch.backend})",
                 how="shorten the prompt or max_new_tokens, or raise context_length in the recipe and recompress",
             )
-        return self._forward(ids)
+        self.reused = 0
+        cache = getattr(self._branch, "prefix_cache", None)
+        if cache is None or self.length or not hasattr(self, "kv_snapshot"):
+            return self._forward(ids)
+        return self._feed_with_prefix(cache, ids)
+
+    def _feed_with_prefix(self, cache: Any, ids: list[int]) -> np.ndarray:
+        """The first feed of a session on a branch with a prefix cache: start from the longest
+        cached prefix of ``ids`` (never all of them: at least the last token runs), then store
+        the blocks of this prompt's longest block-aligned prefix that the cache lacks."""
+        found = cache.lookup(ids)
+        if found is None:
+            rows = self._forward(ids)
+        else:
+            blocks, reuse = found  # reuse < len(ids): all the blocks unless they are the whole prompt
+            self.kv_restore(blocks, reuse)
+            self.length = reuse
+            try:
+                rows = self._forward(ids[reuse:])
+            except BaseException:
+                self._truncate(0)  # a feed is all or nothing: the session is empty again
+                self.length = 0
+                raise
+            self.reused = reuse
+        keep = cache.store_length(len(ids))
+        if keep > self.reused:
+            step = cache.block_tokens
+            cache.insert(ids[:keep], {end: self.kv_snapshot(end - step, end) for end in cache.missing(ids, keep)})
+        return rows
 
     def rollback(self, n: int) -> None:
         if self._closed:

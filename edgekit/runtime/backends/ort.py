@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgekit.errors import EdgekitError
+from edgekit.runtime.backends.batched import PaddedBatchCache
 from edgekit.runtime.backends.common import BundleBranch, SessionBase
 
 if TYPE_CHECKING:
@@ -91,6 +92,16 @@ class OnnxRuntimeBranch(BundleBranch):
     def session(self) -> OnnxRuntimeSession | SharedBufferSession:
         return SharedBufferSession(self) if self.kv_cache == "shared_buffer" else OnnxRuntimeSession(self)
 
+    def batch_cache(self, max_rows: int) -> FusedBatchCache | CopiedBatchCache:
+        """The KV layout of up to ``max_rows`` streams decoded in one forward pass
+        (:class:`~edgekit.runtime.backends.batched.BatchedBranch`): one buffer with a row per
+        stream for the fused graph, a padded batch cache for a copying graph."""
+        if not (self._has_mask and self._has_positions):
+            raise EdgekitError("this ONNX graph has no attention_mask / position_ids input: streams of different "
+                               "lengths cannot share a batch", where=str(self.graph),
+                               how="export with edgekit's export_onnx stage, or set batching.max_batch 1")
+        return FusedBatchCache(self, max_rows) if self.kv_cache == "shared_buffer" else CopiedBatchCache(self, max_rows)
+
 
 def appends_in_place(graph: Path, presents: list[str]) -> bool:
     """True when every ``present.*`` output is a GroupQueryAttention output: that kernel
@@ -146,6 +157,20 @@ class OnnxRuntimeSession(SessionBase):
 
     def _release(self) -> None:
         self._cache = {}
+
+    def kv_snapshot(self, start: int, stop: int) -> dict[str, Any]:
+        """A copy of cache entries ``start..stop-1`` (prompt-prefix reuse)."""
+        return {name: value[:, :, start:stop].copy() for name, value in self._cache.items()}
+
+    def kv_restore(self, blocks: list[dict[str, Any]], length: int) -> None:
+        """Start from the first ``length`` entries of consecutive snapshots (joined: a new array)."""
+        import numpy as np
+
+        cache = {}
+        for name in self._cache:
+            joined = np.concatenate([block[name] for block in blocks], axis=2)
+            cache[name] = joined if joined.shape[2] == length else np.ascontiguousarray(joined[:, :, :length])
+        self._cache = cache
 
 
 class SharedBufferSession(SessionBase):
@@ -212,3 +237,196 @@ class SharedBufferSession(SessionBase):
         self._io.clear_binding_outputs()
         self._arrays = {}
         self._capacity = 0
+
+    def kv_snapshot(self, start: int, stop: int) -> dict[str, Any]:
+        """A copy of cache entries ``start..stop-1`` (prompt-prefix reuse)."""
+        return {name: array[:, :, start:stop].copy() for name, array in self._arrays.items()}
+
+    def kv_restore(self, blocks: list[dict[str, Any]], length: int) -> None:
+        """Start from the first ``length`` entries of consecutive snapshots, copied into this
+        session's buffers (the kernel writes them)."""
+        if length > self._capacity:
+            self._reserve(length)
+        position = 0
+        for block in blocks:
+            count = min(next(iter(block.values())).shape[2], length - position)
+            for name, value in block.items():
+                self._arrays[name][:, :, position:position + count] = value[:, :, :count]
+            position += count
+
+
+class FusedBatchCache:
+    """The batch layout for the fused graph (``kv_cache == "shared_buffer"``): one buffer per
+    cache tensor, ``[row capacity, kv_heads, capacity, head_dim]``, row ``i`` one stream's
+    cache with its own length. A step binds rows ``0..k-1`` (a leading slice: contiguous, no
+    copy) as both past and present, with ``attention_mask`` ``[k, longest + 1]`` right-padded
+    to each row's length + 1: GroupQueryAttention reads every row's length from it
+    (``seqlens_k = sum(mask) - 1``), rotates at that position and appends in place there, so
+    each row gets exactly what it gets alone. A prefill or a verification runs alone at batch 1
+    on the row's slice. Entries past a row's length are stale and never read."""
+
+    _FIRST_CAPACITY = 256
+
+    def __init__(self, branch: OnnxRuntimeBranch, max_rows: int):
+        self.branch = branch
+        self.max_rows = int(max_rows)
+        self.lengths: list[int] = []
+        self._arrays: dict[str, Any] = {}
+        self._row_capacity = 0
+        self._capacity = 0
+        self._bindings: dict[tuple[str, int], Any] = {}  # ("step", k) / ("row", i) -> IO binding; reset when buffers move
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def length(self, row: int) -> int:
+        return self.lengths[row]
+
+    def _reserve(self, rows: int, needed: int) -> None:
+        import numpy as np
+
+        row_capacity, capacity = max(self._row_capacity, 1), max(self._capacity, self._FIRST_CAPACITY)
+        while row_capacity < rows:
+            row_capacity *= 2
+        row_capacity = min(row_capacity, self.max_rows)
+        while capacity < needed:
+            capacity *= 2
+        capacity = min(capacity, max(needed, self.branch.context_length))
+        if row_capacity == self._row_capacity and capacity == self._capacity:
+            return
+        keep = max(self.lengths, default=0)
+        for _, past in self.branch._cache_pairs:
+            (heads, dim), dtype = self.branch._empty_cache[past]
+            array = np.zeros((row_capacity, heads, capacity, dim), dtype=dtype)
+            if past in self._arrays and self.rows:
+                array[: self.rows, :, :keep] = self._arrays[past][: self.rows, :, :keep]
+            self._arrays[past] = array
+        self._row_capacity, self._capacity = row_capacity, capacity
+        self._bindings.clear()
+
+    def _binding(self, kind: str, start: int, stop: int) -> Any:
+        import onnxruntime as ort
+
+        key = (kind, stop - start if kind == "step" else start)
+        io = self._bindings.get(key)
+        if io is None:
+            io = self.branch.ort_session.io_binding()
+            for present, past in self.branch._cache_pairs:
+                value = ort.OrtValue.ortvalue_from_numpy(self._arrays[past][start:stop])  # shares the numpy memory
+                io.bind_ortvalue_input(past, value)
+                io.bind_ortvalue_output(present, value)
+            self._bindings[key] = io
+        return io
+
+    def _run(self, io: Any, ids: Any, mask: Any, positions: Any) -> Any:
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", positions)
+        io.bind_output("logits")
+        self.branch.ort_session.run_with_iobinding(io)
+        return io.get_outputs()[-1].numpy()  # logits is bound last
+
+    def add(self) -> int:
+        self._reserve(self.rows + 1, 1)
+        self.lengths.append(0)
+        return self.rows - 1
+
+    def remove(self, row: int) -> None:
+        last = self.rows - 1
+        if row != last:
+            count = self.lengths[last]
+            for array in self._arrays.values():
+                array[row, :, :count] = array[last, :, :count]
+            self.lengths[row] = count
+        self.lengths.pop()
+
+    def swap(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        count = max(self.lengths[a], self.lengths[b])
+        for array in self._arrays.values():
+            held = array[a, :, :count].copy()
+            array[a, :, :count] = array[b, :, :count]
+            array[b, :, :count] = held
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+
+    def truncate(self, row: int, keep: int) -> None:
+        self.lengths[row] = keep  # the kernel attends to the mask's length only
+
+    def snapshot(self, row: int, start: int, stop: int) -> dict[str, Any]:
+        """A copy of the row's cache entries ``start..stop-1`` (prompt-prefix reuse)."""
+        return {name: array[row : row + 1, :, start:stop].copy() for name, array in self._arrays.items()}
+
+    def restore(self, row: int, blocks: list[dict[str, Any]], length: int) -> None:
+        """Start the empty ``row`` from the first ``length`` entries of consecutive snapshots,
+        copied into the row's slice (the snapshots are only read)."""
+        self._reserve(self.rows, length)
+        position = 0
+        for block in blocks:
+            count = min(next(iter(block.values())).shape[2], length - position)
+            if count <= 0:
+                break
+            for name, value in block.items():
+                self._arrays[name][row, :, position : position + count] = value[0, :, :count]
+            position += count
+        self.lengths[row] = length
+
+    def feed_alone(self, row: int, ids: list[int]) -> Any:
+        import numpy as np
+
+        past, count = self.lengths[row], len(ids)
+        self._reserve(self.rows, past + count)
+        io = self._binding("row", row, row + 1)
+        logits = self._run(io, np.asarray([ids], dtype=np.int64), np.ones((1, past + count), dtype=np.int64),
+                           np.arange(past, past + count, dtype=np.int64)[None, :])
+        self.lengths[row] += count
+        return logits[0]
+
+    def step(self, tokens: list[int]) -> Any:
+        import numpy as np
+
+        k = len(tokens)
+        lengths = np.asarray(self.lengths[:k], dtype=np.int64)
+        width = int(lengths.max()) + 1
+        self._reserve(self.rows, width)
+        mask = (np.arange(width, dtype=np.int64)[None, :] <= lengths[:, None]).astype(np.int64)
+        logits = self._run(self._binding("step", 0, k), np.asarray(tokens, dtype=np.int64)[:, None], mask, lengths[:, None])
+        for i in range(k):
+            self.lengths[i] += 1
+        return logits[:, 0]
+
+    def close(self) -> None:
+        self._bindings.clear()
+        self._arrays = {}
+
+
+class CopiedBatchCache(PaddedBatchCache):
+    """The batch layout for a graph that copies its cache (optimum's): the padded batch cache
+    of :class:`~edgekit.runtime.backends.batched.PaddedBatchCache` on numpy arrays, run by the
+    branch's ONNX Runtime session (``present.*`` of a step replace the cache)."""
+
+    def __init__(self, branch: OnnxRuntimeBranch, max_rows: int):
+        super().__init__([past for _, past in branch._cache_pairs], branch._empty_cache, max_rows)
+        self.branch = branch
+
+    def _outputs(self, feeds: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        branch = self.branch
+        logits, *present = branch.ort_session.run(branch._output_names, feeds)
+        return logits, {past: value for (_, past), value in zip(branch._cache_pairs, present)}
+
+    def _run_alone(self, ids: list[int], past: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        import numpy as np
+
+        length, count = next(iter(past.values())).shape[2], len(ids)
+        feeds = {"input_ids": np.asarray([ids], dtype=np.int64), "attention_mask": np.ones((1, length + count), dtype=np.int64),
+                 "position_ids": np.arange(length, length + count, dtype=np.int64)[None, :], **past}
+        logits, present = self._outputs(feeds)
+        return logits[0], present
+
+    def _run_step(self, tokens: list[int], mask: Any, positions: Any, past: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        import numpy as np
+
+        feeds = {"input_ids": np.asarray(tokens, dtype=np.int64)[:, None], "attention_mask": mask, "position_ids": positions, **past}
+        logits, present = self._outputs(feeds)
+        return logits[:, 0], present
