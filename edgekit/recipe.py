@@ -25,6 +25,9 @@ class _Strict(BaseModel):
 
 
 IN_DOMAIN = "in_domain"  # the label of data.source's own held-out split in the evaluate stage's results
+# Built-in texts that hold another built-in text (edgekit.models.mixed): an evaluation set may
+# not be text the stages calibrate and train on.
+BUILTIN_CONTAINS = {"builtin:mixed": ("builtin:python-docs",)}
 MAX_EVAL_SETS = 8
 
 
@@ -68,7 +71,8 @@ class DataConfig(_Strict):
 
     source: str = Field(
         "builtin:python-docs", min_length=1, max_length=4096,
-        description="builtin:python-docs (the stdlib's pydoc_data.topics); a .txt, .jsonl or .parquet file or a "
+        description="builtin:python-docs (the stdlib's pydoc_data.topics); builtin:mixed (that reference, stdlib "
+        "docstrings and stdlib source interleaved); a .txt, .jsonl or .parquet file or a "
         "directory of them; a `datasets.save_to_disk` directory; or hf:ORG/NAME, a Hugging Face dataset by id "
         "(read from the local Hugging Face cache when there; never downloaded under HF_DATASETS_OFFLINE=1)",
     )
@@ -116,6 +120,12 @@ class DataConfig(_Strict):
             if entry.source == self.source:
                 raise ValueError(f"{where}: source {entry.source!r} is data.source itself, whose held-out split is "
                                  f"already scored (as {IN_DOMAIN}); name text from another source")
+            if entry.source in BUILTIN_CONTAINS.get(self.source, ()):
+                raise ValueError(f"{where}: source {entry.source!r} is part of data.source {self.source!r}, which the "
+                                 "stages calibrate and train on; name text from another source (e.g. builtin:package-readmes)")
+            if self.source in BUILTIN_CONTAINS.get(entry.source, ()):
+                raise ValueError(f"{where}: source {entry.source!r} contains data.source {self.source!r}, which the "
+                                 "stages calibrate and train on; name text from another source (e.g. builtin:package-readmes)")
             if entry.tokens is not None and entry.tokens < self.window:
                 raise ValueError(f"{where}: tokens ({entry.tokens}) is shorter than one window (data.window "
                                  f"{self.window}); set tokens to at least {self.window}")

@@ -14,7 +14,7 @@
 Protocol: held-out = the last 8192 tokens of the stdlib docs, windows of 512; importance
 and distillation use only the text before it.
 
-    python scripts/bench_prune_distill.py [--minutes 15] [--skip-a] [--skip-b] [--only-b mlp]
+    python scripts/bench_prune_distill.py [--minutes 15] [--skip-a] [--skip-b] [--only-b mlp] [--generated-ratios 0,0.5,1]
 
 Writes results/bench_prune_distill.{json,md,png}. Numbers are measured on the machine that
 runs it; rerunning one part keeps the other part's measured rows.
@@ -105,8 +105,10 @@ def part_a(samples: int) -> dict:
     return {"rows": rows, "calibration_samples": samples, "importance_seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
-def recipe_b(name: str, axes: tuple[str, ...], minutes: float, steps: int) -> str:
+def recipe_b(name: str, axes: tuple[str, ...], minutes: float, steps: int, generated_ratio: float = 0.0) -> str:
     distill = {**DISTILL, "steps": steps, "max_minutes": minutes}
+    if generated_ratio:  # issue #19: sequences the teacher samples itself, mixed in at this ratio
+        distill["generated_ratio"] = generated_ratio
     lines = "\n".join(f"    {k}: {json.dumps(v)}" for k, v in distill.items())
     return textwrap.dedent(
         f"""\
@@ -127,17 +129,19 @@ def recipe_b(name: str, axes: tuple[str, ...], minutes: float, steps: int) -> st
     ) + lines + "\n  - type: evaluate\n    name: evaluate_distilled\n"
 
 
-def part_b(work: Path, minutes: float, steps: int, only: list[str]) -> list[dict]:
+def part_b(work: Path, minutes: float, steps: int, only: list[str], ratios: tuple[float, ...] = (0.0,)) -> list[dict]:
     results = []
-    for name in only:
-        recipe = work / f"{name}.yaml"
-        recipe.write_text(recipe_b(name, AXES[name], minutes, steps))
-        out = work / name
-        print(f"[b] {name}: prune 0.67 + distill {minutes} min ...", file=sys.stderr, flush=True)
+    for axes, ratio in [(a, r) for a in only for r in ratios]:
+        name = axes if ratio == 0 else f"{axes} gen{ratio:g}"
+        recipe = work / f"{name.replace(' ', '-')}.yaml"
+        recipe.write_text(recipe_b(name.replace(" ", "-"), AXES[axes], minutes, steps, ratio))
+        out = work / name.replace(" ", "-")
+        print(f"[b] {name}: prune 0.67 + distill {minutes} min (generated ratio {ratio:g}) ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "edgekit", "compress", str(recipe), "-q", "--output", str(out), "--force"],
                               capture_output=True, text=True)
-        result = {"name": f"{name} + distill", "axes": name, "minutes_budget": minutes, "wall_seconds": round(time.perf_counter() - started, 1)}
+        result = {"name": f"{name} + distill", "axes": axes, "generated_ratio": ratio, "minutes_budget": minutes,
+                  "wall_seconds": round(time.perf_counter() - started, 1)}
         if proc.returncode != 0:
             result["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
             results.append(result)
@@ -275,6 +279,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=15.0, help="distillation budget per configuration in (b)")
     parser.add_argument("--steps", type=int, default=200, help="cosine schedule length in (b) (max_minutes stops earlier)")
     parser.add_argument("--only-b", default="mlp,mlp+hidden", help="configurations for (b): " + ", ".join(AXES))
+    parser.add_argument("--generated-ratios", default="0",
+                        help="(b) sweeps these distill generated_ratio values per configuration, e.g. 0,0.5,1 (issue #19)")
     parser.add_argument("--skip-a", action="store_true")
     parser.add_argument("--skip-b", action="store_true")
     args = parser.parse_args()
@@ -288,9 +294,10 @@ def main() -> None:
         payload["a"] = part_a(args.samples)
         write_reports(args.out, payload)
     if not args.skip_b:
-        fresh = part_b(args.work, args.minutes, args.steps, [n for n in args.only_b.split(",") if n])
+        ratios = tuple(float(r) for r in args.generated_ratios.split(",") if r)
+        fresh = part_b(args.work, args.minutes, args.steps, [n for n in args.only_b.split(",") if n], ratios)
         kept = [r for r in payload.get("b", []) if r["name"] not in {f["name"] for f in fresh} and "error" not in r]
-        payload["b"] = sorted(kept + fresh, key=lambda r: list(AXES).index(r["axes"]))
+        payload["b"] = sorted(kept + fresh, key=lambda r: (list(AXES).index(r["axes"]), r.get("generated_ratio", 0.0)))
         payload["b_settings"] = {**DISTILL, "minutes": args.minutes, "steps": args.steps}
     write_reports(args.out, payload)
     print((args.out / "bench_prune_distill.md").read_text())

@@ -146,6 +146,9 @@ def render() -> str:
         else:
             out.append("(no parameters)")
         out.append("")
+        for model in _nested(stage.config, {stage.config.__name__}):  # a stage's own sub-sections (e.g. distill's generation:)
+            out += [f"#### {model.__name__}", "", (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else "", "",
+                    *_table(model), ""]
     return "\n".join(line.rstrip() for line in out).rstrip() + "\n"
 
 

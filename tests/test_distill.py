@@ -1,6 +1,7 @@
-"""The distill stage: losses, schedule, data order, resumable state, distillation on the tiny
-Llama (in this process and under `accelerate launch` with 2 CPU processes), recipe errors,
-and a kill -9 in the middle of training that resumes bit-identically."""
+"""The distill stage: losses (forward/reverse KL, JSD), schedule, data order, resumable state,
+distillation on the tiny Llama (in this process and under `accelerate launch` with 2 CPU
+processes), recipe errors, a kill -9 in the middle of training that resumes bit-identically,
+teacher-generated data (sampled once, cached, mixed in a stated ratio) and on-policy steps."""
 
 from __future__ import annotations
 
@@ -775,3 +776,291 @@ def test_fsdp_config_refused_up_front_where_it_cannot_run(tmp_path, pair, monkey
     good.write_text(SHIPPED_FSDP.read_text().replace("num_processes: 8", "num_processes: 2"))
     facts = check_accelerate_config(config.model_copy(update={"accelerate_config": str(good)}), tmp_path, "stage distill")
     assert facts == {"distributed_type": "FSDP", "num_processes": 2, "fsdp": True}
+
+
+# -- distillation losses, teacher-generated data, the ratio of the two --------------------------
+
+
+def test_reverse_kl_and_jsd_match_float64_references():
+    import math
+
+    import torch
+
+    from edgekit.distill.config import DistillConfig
+    from edgekit.distill.losses import DISTRIBUTION_LOSSES, jensen_shannon_divergence, kl_divergence, reverse_kl_divergence
+
+    assert set(DISTRIBUTION_LOSSES) == set(DistillConfig.model_fields["loss"].annotation.__args__)
+    assert DISTRIBUTION_LOSSES["forward_kl"] is kl_divergence
+    generator = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(2, 3, 9, generator=generator), torch.randn(2, 3, 9, generator=generator) * 2
+    for t in (1.0, 2.0):
+        ps, pt = torch.softmax(student.double() / t, -1), torch.softmax(teacher.double() / t, -1)
+        reverse = (ps * (ps.log() - pt.log())).sum(-1).mean() * t * t  # KL(student || teacher)
+        assert float(reverse_kl_divergence(student, teacher, t)) == pytest.approx(float(reverse), rel=1e-5)
+        m = 0.5 * (ps + pt)
+        jsd = (0.5 * (pt * (pt.log() - m.log())).sum(-1) + 0.5 * (ps * (ps.log() - m.log())).sum(-1)).mean() * t * t
+        assert float(jensen_shannon_divergence(student, teacher, t)) == pytest.approx(float(jsd), rel=1e-5)
+    # direction: reverse KL differs from forward KL; JSD at beta 0.5 is symmetric and at most ln 2
+    assert abs(float(reverse_kl_divergence(student, teacher)) - float(kl_divergence(student, teacher))) > 1e-3
+    assert float(jensen_shannon_divergence(student, teacher)) == pytest.approx(float(jensen_shannon_divergence(teacher, student)), rel=1e-6)
+    far = torch.full((1, 1, 4), -30.0)
+    assert float(jensen_shannon_divergence(far.index_fill(-1, torch.tensor([0]), 30.0), far.index_fill(-1, torch.tensor([1]), 30.0))) \
+        == pytest.approx(math.log(2), rel=1e-4)
+    for name, loss in DISTRIBUTION_LOSSES.items():
+        assert float(loss(teacher, teacher.clone())) == pytest.approx(0.0, abs=1e-6), name  # zero when equal
+        assert float(loss(student, teacher)) > 0.01, name
+        # finite gradients, also where one distribution puts (almost) no mass on some tokens
+        logits = (student * 40).requires_grad_(True)
+        value = loss(logits, teacher * 40, 1.0)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(logits.grad).all() and float(logits.grad.abs().sum()) > 0, name
+        assert loss(student.half(), teacher.half()).dtype == torch.float32, name
+
+
+def test_mixed_order_keeps_the_ratio_in_every_prefix_and_is_a_function_of_the_step():
+    import math
+
+    from edgekit.distill.schedule import MixedOrder, WindowOrder
+
+    text, made = 10, 6
+    one = MixedOrder(text, made, ratio=0.25, seed=0, batch_size=2, accumulation=1, world=1)
+    samples = [i for step in range(40) for i in one.indices(step, 0, 0)]
+    for n in range(1, len(samples) + 1):  # floor(n * r) generated among the first n, always
+        assert sum(i >= text for i in samples[:n]) == math.floor(n * 0.25)
+    assert one.samples(40) == {"text": 60, "generated": 20}
+    text_part, generated_part = [i for i in samples if i < text], [i - text for i in samples if i >= text]
+    assert sorted(text_part[:text]) == list(range(text)) and sorted(generated_part[:made]) == list(range(made))  # an epoch each
+    assert text_part[:text] != list(range(text))  # shuffled
+    # the text windows come in the order WindowOrder gives them (the same seed, epoch by epoch)
+    plain = WindowOrder(text, seed=0, batch_size=1, accumulation=1, world=1)
+    assert text_part == [plain.indices(k, 0, 0)[0] for k in range(len(text_part))]
+    again = MixedOrder(text, made, ratio=0.25, seed=0, batch_size=2, accumulation=1, world=1)
+    assert [again.indices(s, 0, 0) for s in (31, 4, 0)] == [one.indices(s, 0, 0) for s in (31, 4, 0)]  # any order, any time
+    other = MixedOrder(text, made, ratio=0.25, seed=1, batch_size=2, accumulation=1, world=1)
+    assert [other.indices(s, 0, 0) for s in range(10)] != [one.indices(s, 0, 0) for s in range(10)]
+    two = MixedOrder(text, made, ratio=0.25, seed=0, batch_size=1, accumulation=1, world=2)
+    assert [two.indices(s, 0, 0) + two.indices(s, 0, 1) for s in range(20)] == [one.indices(s, 0, 0) for s in range(20)]
+    only = MixedOrder(0, made, ratio=1.0, seed=0, batch_size=3, accumulation=1, world=1)
+    assert all(i >= 0 for s in range(5) for i in only.indices(s, 0, 0)) and only.samples(5) == {"text": 0, "generated": 15}
+    for bad in ({"ratio": 0.0}, {"ratio": 1.5}):
+        with pytest.raises(ValueError):
+            MixedOrder(text, made, seed=0, batch_size=1, accumulation=1, world=1, **bad)
+
+
+def test_new_settings_leave_the_cache_key_alone_and_hostile_ones_are_refused(tmp_path, tiny_model_dir):
+    from pydantic import ValidationError
+
+    from edgekit.distill.config import DistillConfig
+
+    # at their defaults the new settings are not in the dump the cache key and the resume check hash
+    dump = DistillConfig().model_dump(mode="json")
+    assert not {"loss", "generated_ratio", "generation", "on_policy_ratio"} & set(dump)
+    assert DistillConfig.model_validate(dump) == DistillConfig()
+    used = DistillConfig(loss="jsd", generated_ratio=0.5, generation={"sequences": 4, "prompts": [""]}).model_dump(mode="json")
+    assert used["loss"] == "jsd" and used["generated_ratio"] == 0.5 and used["generation"]["sequences"] == 4
+    assert DistillConfig.model_validate(used).generation.prompts == [""]
+    for params, message in (
+        ({"generated_ratio": 1.5}, "less than or equal to 1"),
+        ({"generated_ratio": -0.1}, "greater than or equal to 0"),
+        ({"generated_ratio": float("nan")}, "finite"),
+        ({"on_policy_ratio": 2}, "less than or equal to 1"),
+        ({"loss": "kl"}, "forward_kl"),
+        ({"generation": {"temperature": 0}}, "greater than 0"),
+        ({"generation": {"top_p": 1.5}}, "less than or equal to 1"),
+        ({"generation": {"sequences": 0}}, "greater than or equal to 1"),
+        ({"generation": {"sequences": 10**9}}, "less than or equal to"),
+        ({"generation": {"prompts": []}}, "at least 1"),
+        ({"generation": {"prompts": ["x" * 5000]}}, "seed prompts are short"),
+        ({"generation": {"sampels": 3}}, "Extra inputs"),
+        ({"generated_ratio": 0.5, "sequence_length": 64, "generation": {"length": 32}}, "shorter than one training window"),
+        ({"on_policy_ratio": 0.5, "kl_weight": 0, "ce_weight": 1}, "on_policy_ratio needs kl_weight"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            DistillConfig(**params)
+    # as a user sees it: one line, no traceback
+    stages = "stages:\n  - load\n  - type: distill\n    teacher: load\n    generated_ratio: 0.5\n    generation:\n      top_p: 0\n"
+    result = run_cli("recipe", "validate", str(write_recipe(tmp_path / "g.yaml", tiny_model_dir, stages=stages)))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "top_p" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_teacher_sampling_is_seeded_batched_and_starts_from_the_prompts(pair, one_thread):
+    import torch
+
+    from edgekit.distill.generated import DEFAULT_PROMPTS, prompt_ids, sample_sequences
+    from edgekit.weights.checkpoint import load_checkpoint
+
+    teacher, _ = pair
+    model, tokenizer = load_checkpoint(teacher, dtype="float32")
+    prompts = prompt_ids(tokenizer, ["", "def ", "The"], length=24, where="test")
+    assert prompts[0] == [tokenizer.bos_token_id] and all(p[0] == tokenizer.bos_token_id for p in prompts)
+    settings = dict(sequences=5, length=24, temperature=1.0, top_p=0.95, seed=3)
+    one = sample_sequences(model, prompts, batch_size=2, **settings)
+    assert one.shape == (5, 24) and one.dtype.str == "<u4"
+    assert (sample_sequences(model, prompts, batch_size=2, **settings) == one).all()  # seeded
+    assert not (sample_sequences(model, prompts, batch_size=2, **{**settings, "seed": 4}) == one).all()
+    for row in range(5):  # sequence i continues prompt i mod 3
+        prompt = prompts[row % 3]
+        assert one[row, : len(prompt)].tolist() == prompt
+    # top_p -> 0 keeps only the most likely token: greedy decoding, checked against the model's argmax
+    greedy = sample_sequences(model, prompts[:1], sequences=1, length=12, temperature=1.0, top_p=1e-6, seed=0, batch_size=1)
+    ids = torch.tensor(greedy[:1].astype("int64"))
+    with torch.inference_mode():
+        argmax = model(input_ids=ids).logits.argmax(-1)
+    assert ids[0, 1:].tolist() == argmax[0, :-1].tolist()
+    with pytest.raises(StageError, match="leaving nothing to sample"):
+        prompt_ids(tokenizer, ["word " * 40], length=24, where="test")
+    assert len(DEFAULT_PROMPTS) >= 8 and "" in DEFAULT_PROMPTS and len(set(DEFAULT_PROMPTS)) == len(DEFAULT_PROMPTS)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_generated_data_is_sampled_once_mixed_in_the_ratio_and_resumes_bit_identical(tmp_path, pair, one_thread, monkeypatch):
+    """generated_ratio 0.5: the teacher samples its sequences once into the run cache; a second
+    run (here: one killed after its first checkpoint, then resumed) reuses the file without
+    sampling again and ends bit-identical to the uninterrupted run; half the training windows
+    are generated ones; the evaluation sets are never read, and their text never trained on."""
+    import numpy as np
+
+    from edgekit.distill import generated as generated_module
+    from edgekit.distill import loop as loop_module
+    from edgekit.distill.stage import run_distill
+    from edgekit.models import text as text_module
+    from edgekit.recipe import DataConfig
+    from edgekit.weights.checkpoint import load_tokenizer
+
+    teacher, student = pair
+    calls, batches = [], []
+    real_sample = generated_module.sample_sequences
+    monkeypatch.setattr(generated_module, "sample_sequences", lambda *a, **k: calls.append(k) or real_sample(*a, **k))
+
+    class Spy(loop_module.MixedWindows):
+        def __getitem__(self, indices):
+            batch = super().__getitem__(indices)
+            batches.append((list(indices), batch.clone()))
+            return batch
+
+    monkeypatch.setattr(loop_module, "MixedWindows", Spy)
+    secret = "Zebra quartz vexillology: the unmistakable out-of-domain sentence. " * 30
+    (tmp_path / "ood.txt").write_text(secret)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("distill read an evaluation set")
+
+    for name in ("resolve_eval_sets", "read_eval_set", "eval_set_source"):
+        monkeypatch.setattr(text_module, name, refuse)
+    params = dict(steps=20, checkpoint_every=5, eval_every=10, loss="jsd", generated_ratio=0.5,
+                  generation={"sequences": 6, "length": 64, "batch_size": 4, "seed": 1})
+    cache = tmp_path / "cache"
+
+    def ctx_in(name):
+        ctx = make_ctx(tmp_path / name, teacher, student, **params)
+        ctx.cache_dir = cache
+        ctx.recipe.data = DataConfig(**DATA, eval_sets=[{"label": "secret", "source": str(tmp_path / "ood.txt")}])
+        return ctx
+
+    reference = ctx_in("ref")
+    expected = run_distill(reference)
+    assert len(calls) == 1 and calls[0]["sequences"] == 6 and calls[0]["length"] == 64
+    files = list((cache / "distill-generated").iterdir())
+    assert len(files) == 1 and files[0].stat().st_size == 6 * 64 * 4
+    inode, mtime = files[0].stat().st_ino, files[0].stat().st_mtime_ns
+    record = json.loads((reference.output_dir / "distill.json").read_text())
+    assert record["loss"] == "jsd" and record["generated_ratio"] == 0.5
+    assert record["generated"]["sha256"] == sha256(files[0]) == expected["generated_sha256"]
+    assert record["generated"]["settings"]["prompts"] == list(generated_module.DEFAULT_PROMPTS)
+    assert record["generated"]["windows"] == 6 * 2  # each 64-token sequence is two 32-token windows
+    assert record["generated"]["samples"] == expected["generated_samples"] == {"text": 20, "generated": 20}
+    assert expected["kl_end"] < expected["kl_start"]
+    # count the windows by source as the loop fetched them: half generated, and the generated
+    # ones are the teacher's sampled tokens
+    text_windows = record["train_windows"]
+    fetched = [i for indices, _ in batches for i in indices]
+    assert len(fetched) == 40 and sum(i >= text_windows for i in fetched) == 20
+    sampled = np.fromfile(files[0], dtype="<u4").reshape(12, 32)
+    for indices, batch in batches:
+        for row, i in zip(batch, indices):
+            if i >= text_windows:
+                assert row.tolist() == sampled[i - text_windows].tolist()
+    # the out-of-domain text never reaches training: no 8-token run of it in any batch
+    ids = load_tokenizer(teacher)(secret, add_special_tokens=False)["input_ids"]
+    grams = {tuple(ids[k: k + 8]) for k in range(len(ids) - 8)}
+    assert not any(tuple(row[k: k + 8].tolist()) in grams for _, batch in batches for row in batch for k in range(32 - 8))
+
+    # killed right after the checkpoint of step 10, then resumed: no new sampling, same bytes
+    real_save = loop_module.save_checkpoint
+
+    def save_then_die(step, **kwargs):
+        real_save(step, **kwargs)
+        if step == 10:
+            raise _Killed()
+
+    run = ctx_in("run")
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        run_distill(run)
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    resumed = run_distill(run)
+    assert len(calls) == 1  # the cached file was reused, twice
+    assert files[0].stat().st_ino == inode and files[0].stat().st_mtime_ns == mtime
+    assert resumed["resumed_from"] == 10
+    for name in ("model.safetensors", "distill.json"):
+        assert sha256(run.output_dir / name) == sha256(reference.output_dir / name), name
+    assert resumed["curve"] == expected["curve"]
+
+
+def test_on_policy_steps_train_on_student_samples_scored_by_the_teacher_and_resume_bit_identical(tmp_path, pair, one_thread,
+                                                                                               monkeypatch):
+    """on_policy_ratio 0.5: every other step the student continues the first quarter of each
+    window with its own samples and the teacher scores every position (reverse KL here); the
+    steps are chosen and the samples seeded by the run position, so a resumed run is bit-identical."""
+    import torch
+
+    from edgekit.distill import loop as loop_module
+    from edgekit.distill.schedule import on_policy_seed, on_policy_step
+    from edgekit.distill.stage import run_distill
+
+    assert [on_policy_step(s, 0.5) for s in range(6)] == [False, True] * 3
+    assert sum(on_policy_step(s, 0.3) for s in range(100)) == 30 and not any(on_policy_step(s, 0.0) for s in range(10))
+    assert on_policy_seed(0, 3, 0, 0) == on_policy_seed(0, 3, 0, 0) != on_policy_seed(0, 3, 1, 0)
+    teacher, student = pair
+    seen, real_samples = [], loop_module.student_samples
+
+    def spy(model, batch, **kwargs):
+        sampled = real_samples(model, batch, **kwargs)
+        seen.append((batch.clone(), sampled.clone(), kwargs))
+        return sampled
+
+    monkeypatch.setattr(loop_module, "student_samples", spy)
+    params = dict(steps=10, checkpoint_every=4, eval_every=5, on_policy_ratio=0.5, loss="reverse_kl", ce_weight=0.5)
+    reference = make_ctx(tmp_path / "ref", teacher, student, **params)
+    expected = run_distill(reference)
+    record = json.loads((reference.output_dir / "distill.json").read_text())
+    assert expected["on_policy_steps"] == record["on_policy_steps"] == 5 and record["loss"] == "reverse_kl"
+    assert [e["step"] for e in record["losses"] if e.get("on_policy")] == [2, 4, 6, 8, 10]
+    assert all(e["ce"] == 0.0 for e in record["losses"] if e.get("on_policy"))  # no cross-entropy on its own samples
+    assert all(e["ce"] > 0 for e in record["losses"] if not e.get("on_policy"))
+    assert len(seen) == 5
+    for window, sampled, kwargs in seen:
+        assert kwargs["prompt"] == 8 and sampled.shape == window.shape
+        assert torch.equal(sampled[:, :8], window[:, :8]) and not torch.equal(sampled[:, 8:], window[:, 8:])
+    assert expected["kl_end"] < expected["kl_start"]
+
+    real_save = loop_module.save_checkpoint
+
+    def save_then_die(step, **kwargs):
+        real_save(step, **kwargs)
+        if step == 4:
+            raise _Killed()
+
+    run = make_ctx(tmp_path / "run", teacher, student, **params)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        run_distill(run)
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    assert run_distill(run)["resumed_from"] == 4
+    for name in ("model.safetensors", "distill.json"):
+        assert sha256(run.output_dir / name) == sha256(reference.output_dir / name), name

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 
+import hashlib
+
 import pytest
-from conftest import run_cli, write_recipe
+from conftest import python_docs_text, run_cli, write_recipe
 
 from edgekit import api
 
@@ -51,6 +53,13 @@ def test_gptq_pipeline_end_to_end(gptq_run):
     assert q["method"] == "gptq" and q["quantized_linears"] == 2 * 7 and q["calibration_tokens"] == 8 * 128
     assert 4 < q["bits_per_weight"] < 4.7  # 4-bit codes + fp16 scale and zero per 32 weights
     qdir = out / stages["quantize"]["dir"]
+    # which text calibrated GPTQ: the source, the sha256 of its text, and the exact windows taken
+    calibration = q["calibration_data"]
+    assert calibration["source"] == "builtin:python-docs" and calibration["python"] == sys.version.split()[0]
+    assert calibration["sha256"] == hashlib.sha256(python_docs_text().encode()).hexdigest()
+    assert (calibration["samples"], calibration["sequence_length"], calibration["tokens"]) == (8, 128, 8 * 128)
+    assert calibration["eval_tokens"] == 1024 and len(calibration["tokens_sha256"]) == 64
+    assert json.loads((qdir / "quantization.json").read_text())["calibration_data"] == calibration
     config = json.loads((qdir / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "gptq" and config["quantization_config"]["bits"] == 4
     # quality: the quantized checkpoint is evaluated through edgekit's loader
@@ -96,6 +105,7 @@ def test_rtn_and_rerun_cache(gptq_run, tmp_path, tiny_model_dir):
     result = api.compress(rtn, quiet=True)
     q = by_name(result)["quantize"]["metrics"]
     assert q["method"] == "rtn" and q["calibration_samples"] == 0
+    assert q["calibration_data"] is None  # RTN reads no text
 
 
 def test_group_size_that_does_not_divide_is_a_clear_error(tmp_path, tiny_model_dir):

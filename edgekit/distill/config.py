@@ -5,9 +5,39 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from edgekit.pipeline.registry import StageConfig
+
+MAX_PROMPT_CHARS = 2000
+
+
+class GenerationSettings(StageConfig):
+    """How the teacher samples its own training sequences (`generated_ratio` > 0)."""
+
+    sequences: int = Field(256, ge=1, le=1_000_000, description="sequences the teacher samples (once; cached by teacher, tokenizer and these settings)")
+    length: int | None = Field(None, ge=16, le=65536, description="tokens per sequence, prompt included (null: sequence_length); "
+                               "each is cut into training windows of sequence_length")
+    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling: keep the most likely tokens up to this probability mass")
+    seed: int = Field(0, ge=0, description="seeds the sampling (with these settings it fixes the generated tokens on one device)")
+    batch_size: int = Field(16, ge=1, le=1024, description="sequences sampled together (sequences of one prompt share a batch)")
+    prompts: list[str] | None = Field(None, min_length=1, max_length=10_000, description=f"seed prompts, cycled over the sequences (each at most "
+                                      f"{MAX_PROMPT_CHARS} characters); null: a built-in list of short, diverse prompts; [\"\"]: from nothing (the BOS token only)")
+
+    @field_validator("prompts")
+    @classmethod
+    def _short_prompts(cls, value: list[str] | None) -> list[str] | None:
+        for index, prompt in enumerate(value or ()):
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompts[{index}] has {len(prompt)} characters; seed prompts are short (at most {MAX_PROMPT_CHARS})")
+        return value
+
+
+# Settings whose defaults reproduce the distillation that existed before them: left out of the
+# dump (the stage's cache key and the resume check) while at their defaults, so recipes that do
+# not use them keep their cache keys and resumable checkpoints.
+_OPTIONAL_WHEN_DEFAULT = ("loss", "generated_ratio", "generation", "on_policy_ratio")
 
 
 class DistillConfig(StageConfig):
@@ -15,7 +45,16 @@ class DistillConfig(StageConfig):
     steps: int = Field(1000, ge=1, description="optimizer steps")
     max_minutes: float | None = Field(None, gt=0, description="also stop after this much training time, evaluations and checkpoints included (then the run is not step-reproducible)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL term (loss scaled by T^2)")
-    kl_weight: float = Field(1.0, ge=0, description="forward KL(teacher || student) on logits")
+    kl_weight: float = Field(1.0, ge=0, description="the distribution loss on logits (`loss`; default forward KL(teacher || student))")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="the distribution loss kl_weight weighs: forward_kl = "
+                                                            "KL(teacher || student), reverse_kl = KL(student || teacher) (mode-seeking), "
+                                                            "jsd = Jensen-Shannon divergence with beta 0.5; each times T^2")
+    generated_ratio: float = Field(0.0, ge=0, le=1, description="share of training windows sampled by the teacher itself (`generation:`); "
+                                   "the rest are the recipe's text. 0: the recipe's text only")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings, description="how the teacher samples the generated "
+                                           "windows (used when generated_ratio > 0)")
+    on_policy_ratio: float = Field(0.0, ge=0, le=1, description="share of optimizer steps trained on-policy (GKD): the student samples "
+                                   "continuations of its windows' first tokens and the teacher scores every position (docs/distill.md: its cost)")
     ce_weight: float = Field(0.0, ge=0, description="cross-entropy on the next token")
     hidden_weight: float = Field(0.0, ge=0, description="MSE between student and mapped teacher hidden states (heavy depth pruning)")
     learning_rate: float = Field(1e-4, gt=0, description="AdamW peak learning rate")
@@ -44,3 +83,25 @@ class DistillConfig(StageConfig):
         if self.kl_weight == 0 and self.ce_weight == 0 and self.hidden_weight == 0:
             raise ValueError("kl_weight, ce_weight and hidden_weight are all 0: give at least one a positive weight")
         return self
+
+    @model_validator(mode="after")
+    def _generation_fits(self):
+        length = self.generation.length
+        if self.generated_ratio > 0 and length is not None and length < self.sequence_length:
+            raise ValueError(f"generation.length {length} is shorter than one training window (sequence_length {self.sequence_length})")
+        if self.on_policy_ratio > 0 and self.kl_weight == 0:
+            raise ValueError("on_policy_ratio needs kl_weight > 0: on-policy steps train the distribution loss only")
+        return self
+
+    @property
+    def generated_length(self) -> int:
+        """Tokens per generated sequence."""
+        return self.generation.length or self.sequence_length
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        for name in _OPTIONAL_WHEN_DEFAULT:
+            if name in data and getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True):
+                del data[name]
+        return data

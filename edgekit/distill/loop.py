@@ -24,7 +24,8 @@ from typing import Any, Iterator
 from edgekit.distill.checkpoint import find_resumable, restore_local_state, restore_state, save_checkpoint
 from edgekit.distill.hidden import HiddenCapture, layer_map
 from edgekit.distill.report import NullReporter, model_shape, result_record, stage_metrics, write_result
-from edgekit.distill.schedule import WindowOrder, WindowView, learning_rate_at
+from edgekit.distill.schedule import (MixedOrder, MixedWindows, WindowOrder, WindowView, learning_rate_at, on_policy_seed,
+                                      on_policy_step)
 from edgekit.distill.spec import TrainSpec, check_checkpoints, checkpoint_dtype
 from edgekit.distill.watchdog import watchdog
 from edgekit.errors import StageError
@@ -103,6 +104,41 @@ def held_out_agreement(student: Any, teacher: Any, ids: list[int], *, window: in
     return {"kl": kl_sum / tokens, "agreement": agree / tokens}
 
 
+def _generated_record(generated: dict[str, Any], order: Any, steps: int, windows: int) -> dict[str, Any]:
+    """What distill.json says about the teacher-generated data: its settings, hash and use."""
+    return {"sha256": generated["sha256"], "sequences": generated["sequences"], "length": generated["length"],
+            "settings": generated["settings"], "windows": windows, "samples": order.samples(steps)}
+
+
+def on_policy_prompt(length: int) -> int:
+    """Tokens of a window kept as the prompt of an on-policy sample: its first quarter."""
+    return max(1, length // 4)
+
+
+def student_samples(model: Any, batch: Any, *, prompt: int, seed: int) -> Any:
+    """The batch with every position after its first ``prompt`` tokens replaced by the
+    student's own samples (temperature 1, KV cache, a generator seeded by ``seed``)."""
+    import torch
+
+    from edgekit.distill.generated import sample_token
+
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()  # no dropout while sampling; the cache also works under gradient checkpointing
+    try:
+        with torch.no_grad():
+            tokens = [batch[:, :prompt]]
+            result = model(input_ids=tokens[0], use_cache=True)
+            for position in range(prompt, batch.shape[1]):
+                chosen = sample_token(result.logits[:, -1], temperature=1.0, top_p=1.0, generator=generator).to(batch.device)
+                tokens.append(chosen)
+                if position + 1 < batch.shape[1]:
+                    result = model(input_ids=chosen, past_key_values=result.past_key_values, use_cache=True)
+    finally:
+        model.train(was_training)
+    return torch.cat(tokens, dim=1)
+
+
 def train(spec: TrainSpec, reporter: Any = None) -> dict[str, Any]:
     """Distil ``spec.student`` from ``spec.teacher``; the main process writes the result into
     ``spec.output_dir`` and returns the metrics (other processes return {})."""
@@ -124,7 +160,7 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
     from edgekit.distill import state as saved
-    from edgekit.distill.losses import combine, hidden_state_mse, kl_divergence, next_token_cross_entropy
+    from edgekit.distill.losses import DISTRIBUTION_LOSSES, combine, hidden_state_mse, next_token_cross_entropy
     from edgekit.measure.perplexity import perplexity_torch
     from edgekit.weights.checkpoint import load_checkpoint, torch_dtype
     from edgekit.models.text import read_token_splits, token_splits_from_file
@@ -183,7 +219,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
         splits = read_token_splits(data, tokenizer, base_dir=Path(spec.recipe_dir))
     length = config.sequence_length
     windows = len(splits.calibration) // length
-    if windows < 1:
+    generated = spec.generated
+    if windows < 1 and not (generated and config.generated_ratio == 1):
         raise StageError(
             f"the calibration text has {len(splits.calibration)} tokens, fewer than one training sequence of {length}",
             where=where,
@@ -193,7 +230,15 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
         train_ids = torch.tensor(splits.calibration[: windows * length], dtype=torch.long).view(windows, length)
     else:  # memory-mapped: windows are read on demand, never the whole corpus at once
         train_ids = WindowView(splits.calibration, windows, length)
-    order = WindowOrder(windows, seed=config.seed, batch_size=config.batch_size, accumulation=config.gradient_accumulation, world=world)
+    shape = dict(seed=config.seed, batch_size=config.batch_size, accumulation=config.gradient_accumulation, world=world)
+    if generated:  # the teacher's own sequences, mixed in at generated_ratio (distill/generated.py)
+        from edgekit.distill.generated import read_generated
+
+        generated_ids = read_generated(generated["path"], sequences=generated["sequences"], length=generated["length"], window=length)
+        train_ids = MixedWindows(train_ids, windows, generated_ids)
+        order = MixedOrder(windows, len(generated_ids), ratio=config.generated_ratio, **shape)
+    else:
+        order = WindowOrder(windows, **shape)
 
     # -- optimizer: no weight decay on vectors (norms, biases)
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
@@ -209,6 +254,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     # already; this also guards direct callers of train()).
     setup = {"world": world, "precision": precision, "device": device, "parameters": len(names),
              "config": config.model_dump(mode="json"), "windows": windows}
+    if generated:
+        setup["generated"] = generated["sha256"]
     resumed = find_resumable(work_dir, names, setup, accelerator=accelerator, fsdp=fsdp, report=report)
     scalars: dict[str, Any] = {"elapsed_seconds": 0.0, "train_seconds": 0.0, "evals": [], "losses": []}
     start = 0
@@ -271,8 +318,13 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums = torch.zeros(4, dtype=torch.float64)
+            on_policy = on_policy_step(step, config.on_policy_ratio)
             for micro in range(config.gradient_accumulation):
                 batch = train_ids[order.indices(step, micro, rank)].to(accelerator.device)
+                if on_policy:  # GKD: the student writes the rest of the window, the teacher scores every position
+                    with accelerator.autocast():
+                        batch = student_samples(model, batch, prompt=on_policy_prompt(length),
+                                                seed=on_policy_seed(config.seed, step, micro, rank))
                 with accelerator.accumulate(model):
                     with torch.no_grad(), accelerator.autocast():
                         with teacher_capture.capturing() if teacher_capture else contextlib.nullcontext() as t_hidden:
@@ -281,8 +333,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
                         s_logits = model(input_ids=batch, use_cache=False).logits
                     parts = {}
                     if config.kl_weight:
-                        parts["kl"] = kl_divergence(s_logits, t_logits, config.temperature)
-                    if config.ce_weight:
+                        parts["kl"] = DISTRIBUTION_LOSSES[config.loss](s_logits, t_logits, config.temperature)
+                    if config.ce_weight and not on_policy:  # no cross-entropy on the student's own samples
                         parts["ce"] = next_token_cross_entropy(s_logits, batch)
                     if need_hidden:
                         parts["hidden"] = hidden_state_mse([s_hidden[i] for i in range(len(layers))], t_hidden, layers, channel_index)
@@ -305,6 +357,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
             scalars["train_seconds"] = float(scalars["train_seconds"]) + spent
             entry = {"step": step, "loss": float(sums[0]), "lr": lr}
             entry.update({k: float(sums[i + 1]) for i, k in enumerate(("kl", "ce", "hidden")) if k in weights and weights[k]})
+            if on_policy:
+                entry["on_policy"] = True
             losses.append(entry)
             bar.advance()
             bar.update(description=f"{describe}: loss {entry['loss']:.4f}, {session_tokens / max(session_seconds, 1e-9):,.0f} tok/s")
@@ -369,7 +423,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     tokens_seen = step * tokens_per_step
     record = result_record(config, teacher=teacher.config, student=unwrapped.config, layers=layers, channels=channels,
                            device=device, precision=precision, world=world, windows=windows, steps=step, stopped=stopped,
-                           tokens_seen=tokens_seen, evals=evals, losses=losses)
+                           tokens_seen=tokens_seen, evals=evals, losses=losses,
+                           generated=_generated_record(generated, order, step, len(generated_ids)) if generated else None)
     write_result(out, record, title=f"{spec.stage}: {model_shape(teacher.config)['layers']}→"
                  f"{model_shape(unwrapped.config)['layers']} layers")
     return stage_metrics(record, train_seconds=scalars["train_seconds"], session_tokens=session_tokens,

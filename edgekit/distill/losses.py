@@ -27,6 +27,47 @@ def kl_divergence(student_logits: Any, teacher_logits: Any, temperature: float =
     return per_token.mean() * (t * t)
 
 
+def reverse_kl_divergence(student_logits: Any, teacher_logits: Any, temperature: float = 1.0) -> Any:
+    """Reverse KL(student || teacher) at ``temperature``, times T²: ``sum_v p_s(v) * (log p_s(v)
+    - log p_t(v))`` per token, averaged. Mode-seeking: the student is punished for mass where
+    the teacher has little, not for missing some of the teacher's modes (MiniLLM)."""
+    import torch
+
+    t = float(temperature)
+    student = torch.log_softmax(student_logits.float() / t, dim=-1)
+    teacher = torch.log_softmax(teacher_logits.float() / t, dim=-1)
+    per_token = (student.exp() * (student - teacher)).sum(dim=-1)
+    return per_token.mean() * (t * t)
+
+
+def jensen_shannon_divergence(student_logits: Any, teacher_logits: Any, temperature: float = 1.0, beta: float = 0.5) -> Any:
+    """Generalized JSD at ``temperature``, times T² (GKD): with ``m = beta * p_t + (1 - beta) * p_s``,
+    ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` per token, averaged. Bounded (by ln 2 at
+    beta 0.5) and symmetric at beta 0.5; zero iff the distributions agree."""
+    import math
+
+    import torch
+
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1), not {beta}")
+    t = float(temperature)
+    student = torch.log_softmax(student_logits.float() / t, dim=-1)
+    teacher = torch.log_softmax(teacher_logits.float() / t, dim=-1)
+    # log m computed from the log-probabilities (logsumexp), stable where either is tiny
+    mixture = torch.logsumexp(torch.stack([teacher + math.log(beta), student + math.log(1.0 - beta)]), dim=0)
+    to_teacher = (teacher.exp() * (teacher - mixture)).sum(dim=-1)
+    to_student = (student.exp() * (student - mixture)).sum(dim=-1)
+    return (beta * to_teacher + (1.0 - beta) * to_student).mean() * (t * t)
+
+
+# The ``loss:`` setting of the distill stage -> the distribution loss on the logits.
+DISTRIBUTION_LOSSES = {
+    "forward_kl": kl_divergence,
+    "reverse_kl": reverse_kl_divergence,
+    "jsd": jensen_shannon_divergence,
+}
+
+
 def next_token_cross_entropy(logits: Any, input_ids: Any) -> Any:
     """Mean cross-entropy of predicting token ``k + 1`` from position ``k`` (float32)."""
     import torch

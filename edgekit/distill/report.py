@@ -95,10 +95,12 @@ def plot_curve(path: Path, losses: list[dict[str, Any]], evals: list[dict[str, A
 
 def result_record(config: Any, *, teacher: Any, student: Any, layers: list[int], channels: list[int] | None, device: str,
                   precision: str, world: int, windows: int, steps: int, stopped: str, tokens_seen: int,
-                  evals: list[dict[str, Any]], losses: list[dict[str, Any]]) -> dict[str, Any]:
+                  evals: list[dict[str, Any]], losses: list[dict[str, Any]],
+                  generated: dict[str, Any] | None = None) -> dict[str, Any]:
     """The content of ``distill.json``: settings, shapes, evaluations and per-step losses (no
-    timings, so a rerun hashes the same). ``teacher``/``student`` are the models' configs."""
-    return {
+    timings, so a rerun hashes the same). ``teacher``/``student`` are the models' configs;
+    ``generated`` the teacher-sampled data (settings, sha256, samples per source) or None."""
+    record = {
         "format": RESULT_FORMAT,
         "config": config.model_dump(mode="json"),
         "teacher": model_shape(teacher),
@@ -117,6 +119,10 @@ def result_record(config: Any, *, teacher: Any, student: Any, layers: list[int],
         "evals": evals,
         "losses": losses,
     }
+    # Stated always (the config dump leaves them out at their defaults, to keep cache keys).
+    record.update({"loss": config.loss, "generated_ratio": config.generated_ratio, "on_policy_ratio": config.on_policy_ratio,
+                   "on_policy_steps": sum(1 for entry in losses if entry.get("on_policy")), "generated": generated})
+    return record
 
 
 def write_result(out: Path, record: dict[str, Any], *, title: str) -> None:
@@ -146,5 +152,11 @@ def stage_metrics(record: dict[str, Any], *, train_seconds: float, session_token
         "processes": record["processes"],
         "device": record["device"],
         "precision": record["precision"],
+        "loss": record["loss"],
+        "generated_ratio": record["generated_ratio"],
+        "on_policy_ratio": record["on_policy_ratio"],
+        "on_policy_steps": record["on_policy_steps"],
+        **({"generated_sha256": record["generated"]["sha256"], "generated_samples": record["generated"]["samples"]}
+           if record["generated"] else {}),
         "curve": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in e.items()} for e in evals],
     }

@@ -24,6 +24,27 @@ def learning_rate_at(step: int, *, peak: float, steps: int, warmup: int, min_rat
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def on_policy_step(step: int, ratio: float) -> bool:
+    """Whether optimizer step ``step`` trains on-policy: ``floor((step+1)·r) > floor(step·r)``
+    (``r`` as an exact fraction), so the first ``n`` steps hold ``floor(n·r)`` on-policy ones."""
+    from fractions import Fraction
+
+    if ratio <= 0:
+        return False
+    fraction = Fraction(ratio).limit_denominator(1_000_000)
+    num, den = fraction.numerator, fraction.denominator
+    return (step + 1) * num // den > step * num // den
+
+
+def on_policy_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The seed of the student's sampling in one on-policy micro-batch: a function of the
+    position in the run only, so a resumed run samples the same continuations."""
+    import hashlib
+
+    digest = hashlib.sha256(f"on-policy/{seed}/{step}/{micro}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 class WindowOrder:
     """Which training windows form a micro-batch: a pure function of (seed, step, micro, rank).
 
@@ -50,6 +71,74 @@ class WindowOrder:
     def indices(self, step: int, micro: int, rank: int) -> list[int]:
         start = ((step * self.accumulation + micro) * self.world + rank) * self.batch_size
         return [self._perm(g // self.windows)[g % self.windows] for g in range(start, start + self.batch_size)]
+
+
+class MixedOrder:
+    """Training windows from two sources, text and teacher-generated, in a stated ratio: a pure
+    function of (seed, step, micro, rank) like :class:`WindowOrder`.
+
+    Window indices ``0 .. text-1`` are the recipe's text, ``text .. text+generated-1`` the
+    generated ones. Global sample ``g`` is generated iff ``floor((g+1)·r) > floor(g·r)`` (``r``
+    the ratio as an exact fraction), so every prefix of the run holds ``floor(n·r)`` generated
+    samples of ``n``: the ratio holds at every step, not just on average. The ``k``-th sample of a
+    source is window ``perm_e[k mod n]`` of that source, ``e = k // n``, each source permuted per
+    epoch by its own seeded generator.
+    """
+
+    # Keeps the generated source's permutation seeds apart from the text's (seed + epoch).
+    GENERATED_SEED_OFFSET = 1 << 32
+
+    def __init__(self, text: int, generated: int, *, ratio: float, seed: int, batch_size: int, accumulation: int, world: int):
+        from fractions import Fraction
+
+        fraction = Fraction(ratio).limit_denominator(1_000_000)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"the generated ratio must be in (0, 1], not {ratio}")
+        if generated < 1:
+            raise ValueError("no generated windows")
+        if text < 1 and fraction < 1:
+            raise ValueError("no training windows")
+        self.text, self.generated = text, generated
+        self._num, self._den = fraction.numerator, fraction.denominator
+        self.batch_size, self.accumulation, self.world = batch_size, accumulation, world
+        shape = dict(batch_size=1, accumulation=1, world=1)
+        self._text = WindowOrder(max(text, 1), seed=seed, **shape)
+        self._generated = WindowOrder(generated, seed=seed + self.GENERATED_SEED_OFFSET, **shape)
+
+    def generated_before(self, g: int) -> int:
+        """How many of the global samples ``0 .. g-1`` are generated."""
+        return g * self._num // self._den
+
+    def window(self, g: int) -> int:
+        made = self.generated_before(g)
+        if self.generated_before(g + 1) > made:
+            return self.text + self._generated._perm(made // self.generated)[made % self.generated]
+        k = g - made
+        return self._text._perm(k // self.text)[k % self.text]
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        start = ((step * self.accumulation + micro) * self.world + rank) * self.batch_size
+        return [self.window(g) for g in range(start, start + self.batch_size)]
+
+    def samples(self, steps: int) -> dict[str, int]:
+        """Samples of each source in the first ``steps`` optimizer steps (all ranks)."""
+        total = steps * self.accumulation * self.world * self.batch_size
+        made = self.generated_before(total)
+        return {"text": total - made, "generated": made}
+
+
+class MixedWindows:
+    """``windows[indices]`` over the text windows (a tensor or a :class:`WindowView`) followed
+    by the generated windows (a ``[count, length]`` tensor), in the indices' order."""
+
+    def __init__(self, text: Any, text_count: int, generated: Any):
+        self.text, self.text_count, self.generated = text, text_count, generated
+
+    def __getitem__(self, indices: Any) -> Any:
+        import torch
+
+        rows = [self.text[[i]] if i < self.text_count else self.generated[[i - self.text_count]] for i in indices]
+        return torch.cat(rows, dim=0)
 
 
 class WindowView:

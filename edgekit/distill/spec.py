@@ -21,6 +21,9 @@ class TrainSpec:
     work_dir: str  # resumable checkpoints (survives a killed run)
     config: dict[str, Any]  # DistillConfig.model_dump(mode="json")
     data: dict[str, Any]  # the recipe's data section: source, text_field, eval_tokens, window
+    # the teacher-sampled token file and its facts (edgekit.distill.generated.generated_data);
+    # None when generated_ratio is 0
+    generated: dict[str, Any] | None = None
     recipe_dir: str = "."
     trust_remote_code: bool = False
     stage: str = "distill"  # the stage's name, for messages

@@ -2,7 +2,8 @@
 
 Teacher = the model before pruning (the checkpoint the most recent ``prune`` stage read),
 or any earlier checkpoint stage named by ``teacher:``. Training runs on the calibration part
-of the recipe's text (never the held-out split) with accelerate, in this process or under
+of the recipe's text (never the held-out split), mixed with sequences the teacher samples itself
+when ``generated_ratio`` > 0 (:mod:`edgekit.distill.generated`), with accelerate, in this process or under
 ``accelerate launch`` when ``processes`` > 1 or an accelerate config file is given.
 """
 
@@ -84,6 +85,10 @@ def run_distill(ctx) -> dict:
         stage=ctx.name,
     )
     check_checkpoints(spec)  # before any process starts: a clear error for a quantized input
+    if config.generated_ratio > 0:  # sampled once, here, before any training process starts
+        from edgekit.distill.generated import generated_data
+
+        spec.generated = generated_data(ctx)
     if config.processes == 1 and config.accelerate_config is None:
         return train(spec, reporter=ctx)
     return launch(spec, ctx)

@@ -66,7 +66,7 @@ def run_evaluate(ctx) -> dict:
     import json
 
     from edgekit.weights.checkpoint import load_tokenizer
-    from edgekit.models.text import IN_DOMAIN, read_eval_set, read_token_splits, resolve_eval_sets
+    from edgekit.models.text import IN_DOMAIN, data_record, read_eval_set, read_token_splits, resolve_eval_sets
 
     wanted = {"auto": (CHECKPOINT, ONNX), "pytorch": (CHECKPOINT,), "onnxruntime": (ONNX,)}[ctx.config.backend]
     try:
@@ -84,7 +84,8 @@ def run_evaluate(ctx) -> dict:
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust)
     splits = read_token_splits(data, tokenizer, base_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, log=ctx.log)
     # (label, token ids, what the text is): data.source's held-out end, then each other set.
-    sets = [(IN_DOMAIN, splits.evaluation, {"source": data.source})]
+    # The in-domain record says which text it is (sha256; builtin:mixed: each kind's share of the held-out end).
+    sets = [(IN_DOMAIN, splits.evaluation, data_record(data, base_dir=ctx.recipe_dir, splits=splits, part="evaluation"))]
     for entry in resolve_eval_sets(data):
         ids, info = read_eval_set(entry, tokenizer, window=data.window, base_dir=ctx.recipe_dir)
         sets.append((entry.label, ids, info))

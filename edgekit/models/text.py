@@ -4,6 +4,8 @@ Sources (``data.source``; docs/data.md):
 
 - ``builtin:python-docs``: the stdlib's ``pydoc_data.topics`` joined with newlines (113,108
   SmolLM2 tokens on Python 3.11): real English + code, present on every Python, no download;
+- ``builtin:mixed``: that reference, stdlib docstrings and stdlib source code interleaved in
+  2 kB chunks (:mod:`edgekit.models.mixed`; 366,595 SmolLM2 tokens on Python 3.11.7);
 - a local ``.txt``, ``.jsonl`` (one JSON object per line, ``data.text_field``) or ``.parquet``
   file, or a directory of them;
 - a ``datasets`` ``save_to_disk`` directory (read with pyarrow: ``datasets`` is not needed);
@@ -36,10 +38,12 @@ from edgekit.errors import DataError
 from edgekit.hashing import sha256_file
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+# Several kinds of stdlib text interleaved (edgekit.models.mixed); never the out-of-domain READMEs.
+BUILTIN_MIXED = "builtin:mixed"
 # Out-of-domain held-out text (docs/data.md, "Evaluation sets"): the PyPI long
 # descriptions (README files) that edgekit's own dependencies ship in their installed METADATA.
 BUILTIN_PACKAGE_READMES = "builtin:package-readmes"
-BUILTINS = (BUILTIN_PYTHON_DOCS, BUILTIN_PACKAGE_READMES)
+BUILTINS = (BUILTIN_PYTHON_DOCS, BUILTIN_MIXED, BUILTIN_PACKAGE_READMES)
 # The packages whose READMEs make builtin:package-readmes, in this order: edgekit's direct
 # dependencies (pyproject.toml), so every install has them. A missing one is skipped (and
 # the fingerprint says so); versions and the text's sha256 are recorded with every score.
@@ -71,6 +75,13 @@ MAX_DISTILL_PASSES = 4.0
 _PYTHON_DOCS_TOKENS = {
     "3.11": (465_048, 113_108),  # (characters, SmolLM2 tokens)
 }
+# builtin:mixed measured with SmolLM2-135M's tokenizer, keyed by the text's sha256 (it changes
+# with the Python version and distribution patches to the stdlib); elsewhere characters /
+# MIXED_CHARS_PER_TOKEN, the ratio measured here.
+_MIXED_TOKENS = {
+    "85658f9fe46a29b5a044e54bd1a45c42325a4be2cdf4229a3ed111f0ec9cdb2f": 366_595,  # CPython 3.11.7 (pyenv)
+}
+MIXED_CHARS_PER_TOKEN = 3.82
 
 _OFFLINE_VALUES = ("1", "true", "yes", "on")
 _SPLIT_TOKEN = re.compile(r"[-._ 0-9]+")
@@ -113,6 +124,11 @@ class TextSource:
             if self.spec == BUILTIN_PACKAGE_READMES:
                 # The READMEs change with the installed versions: key on them and on the text.
                 return package_readmes_fingerprint()
+            if self.spec == BUILTIN_MIXED:
+                # The stdlib's files change with the version and distribution patches: the text's sha256.
+                from edgekit.models.mixed import mixed_corpus
+
+                return mixed_corpus().fingerprint()
             # pydoc_data changes with the Python version: key on it.
             return {"builtin": self.spec, "python": sys.version.split()[0]}
         if self.kind == "hub":
@@ -163,6 +179,11 @@ class TextSource:
             if self.spec == BUILTIN_PACKAGE_READMES:
                 for _, _, text in package_readmes():
                     yield iter([text])
+                return
+            if self.spec == BUILTIN_MIXED:
+                from edgekit.models.mixed import mixed_corpus
+
+                yield iter([mixed_corpus().text])
                 return
             from pydoc_data import topics
 
@@ -720,6 +741,9 @@ class TokenSplits:
     calibration: Sequence[int]  # everything before the held-out split (a list, or a uint32 memmap)
     evaluation: Sequence[int]  # the last eval_tokens tokens (fewer if the text is short)
     window: int
+    # builtin:mixed: tokens of each kind in each split ({"calibration"|"evaluation": {kind:
+    # {"tokens", "share"}}}); None for other sources or a tokenizer without offsets
+    parts: dict[str, Any] | None = None
 
     @property
     def eval_windows(self) -> int:
@@ -731,6 +755,11 @@ def tokenize_splits(text: str, tokenizer: Any, *, eval_tokens: int, window: int,
     """Tokenize once, keep the first ``token_budget`` tokens (all: None) and cut the fixed
     held-out split from the end."""
     ids = tokenizer(text, verbose=False)["input_ids"]
+    return _split_ids(ids, eval_tokens=eval_tokens, window=window, where=where, token_budget=token_budget)
+
+
+def _split_ids(ids: Sequence[int], *, eval_tokens: int, window: int, where: str = "data.source",
+               token_budget: int | None = None) -> TokenSplits:
     if token_budget is not None:
         ids = ids[:token_budget]
     held_out = ids[-eval_tokens:] if len(ids) > eval_tokens else list(ids)
@@ -790,8 +819,55 @@ def read_token_splits(data: Any, tokenizer: Any, *, base_dir: Path | None = None
     if cached is not None:
         return token_splits_from_file(cached, eval_tokens=get("eval_tokens"), window=get("window"))
     source = resolve_data(data, base_dir=base_dir)
+    if source.kind == "builtin" and source.spec == BUILTIN_MIXED:
+        return _mixed_token_splits(source, tokenizer, eval_tokens=get("eval_tokens"), window=get("window"))
     return tokenize_splits(source.read(), tokenizer, eval_tokens=get("eval_tokens"), window=get("window"),
                            token_budget=source.token_budget)
+
+
+def _mixed_token_splits(source: TextSource, tokenizer: Any, *, eval_tokens: int, window: int) -> TokenSplits:
+    """builtin:mixed tokenized once with character offsets, so the splits say how many tokens
+    of each kind they hold (a tokenizer without offsets: the same splits, no ``parts``)."""
+    import dataclasses
+
+    from edgekit.models.mixed import mixed_corpus
+
+    corpus = mixed_corpus()
+    text = source.read()
+    try:
+        encoded = tokenizer(text, return_offsets_mapping=True, verbose=False)
+        offsets = encoded["offset_mapping"]
+    except (TypeError, NotImplementedError, KeyError):  # a slow tokenizer has no offsets
+        return tokenize_splits(text, tokenizer, eval_tokens=eval_tokens, window=window, token_budget=source.token_budget)
+    ids = encoded["input_ids"]
+    splits = _split_ids(ids, eval_tokens=eval_tokens, window=window, token_budget=source.token_budget)
+    starts = [start for start, _ in offsets[: len(splits.calibration) + len(splits.evaluation)]]
+    return dataclasses.replace(splits, parts=corpus.token_shares(starts, len(splits.calibration)))
+
+
+def data_record(data: Any, *, base_dir: Path | None = None, splits: TokenSplits | None = None,
+                part: str = "calibration") -> dict[str, Any]:
+    """What a stage read from ``data.source``, for its report: the source, its content
+    fingerprint (for a built-in text the sha256 of the text; for files each file's sha256; for a
+    hub dataset the snapshot), the token budget, and for builtin:mixed each kind's characters in
+    the text and tokens in ``part`` (``calibration``: the text before the held-out split;
+    ``evaluation``: the held-out end). Deterministic: the same text gives the same record."""
+    import hashlib
+
+    get = (lambda k, d=None: data.get(k, d)) if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
+    source = resolve_data(data, base_dir=base_dir)
+    record: dict[str, Any] = {"source": source.spec}
+    record.update({k: v for k, v in source.fingerprint().items() if k != "builtin"})
+    if source.kind == "builtin" and "sha256" not in record:
+        record["sha256"] = hashlib.sha256(source.read().encode()).hexdigest()
+    if source.token_budget is not None:
+        record["token_budget"] = source.token_budget
+    record["eval_tokens"] = get("eval_tokens")
+    if splits is not None and splits.parts and "parts" in record:
+        shares = splits.parts[part]
+        record["parts"] = {kind: {**info, f"{part}_tokens": shares[kind]["tokens"], f"{part}_token_share": shares[kind]["share"]}
+                           for kind, info in record["parts"].items()}
+    return record
 
 
 def tokenize_to_file(source: TextSource, tokenizer: Any, path: Path | str, *, chunk_chars: int = 1 << 22) -> int:
@@ -856,6 +932,12 @@ def _builtin_tokens(spec: str = BUILTIN_PYTHON_DOCS) -> int:
     if spec == BUILTIN_PACKAGE_READMES:
         chars = sum(len(text) for _, _, text in package_readmes())
         return int(chars / CHARS_PER_TOKEN)
+    if spec == BUILTIN_MIXED:
+        from edgekit.models.mixed import mixed_corpus
+
+        corpus = mixed_corpus()
+        known = _MIXED_TOKENS.get(corpus.sha256)
+        return known if known is not None else int(len(corpus.text) / MIXED_CHARS_PER_TOKEN)
 
     from pydoc_data import topics
 
@@ -864,6 +946,13 @@ def _builtin_tokens(spec: str = BUILTIN_PYTHON_DOCS) -> int:
     if known is not None and known[0] == chars:
         return known[1]
     return int(chars / 4.11)
+
+
+def _mixed_measured() -> bool:
+    """True when this machine's builtin:mixed is the text :data:`_MIXED_TOKENS` measured."""
+    from edgekit.models.mixed import mixed_corpus
+
+    return mixed_corpus().sha256 in _MIXED_TOKENS
 
 
 def _parquet_text_bytes(path: Path | str, text_field: str) -> int | None:
@@ -905,7 +994,7 @@ def _saved_text_bytes(path: Path, split: str, text_field: str) -> int | None:
 
 def estimate_tokens(source: TextSource | str, *, text_field: str | None = None, base_dir: Path | None = None) -> int | None:
     """Tokens the source holds, without tokenizing (seconds for any size): exact for
-    builtin:python-docs (SmolLM2's tokenizer), bytes / :data:`CHARS_PER_TOKEN` for local
+    builtin:python-docs and (where its sha256 was measured) builtin:mixed (SmolLM2's tokenizer), bytes / :data:`CHARS_PER_TOKEN` for local
     files (the text column's size for parquet and save_to_disk data), the cached files'
     size for a hub dataset; never more than ``token_budget``. None when unknown."""
     if isinstance(source, str):
@@ -985,7 +1074,7 @@ def data_budget_rows(loaded: Any) -> list[dict[str, Any]]:
     source = resolve_data(data, base_dir=loaded.base_dir)
     total = estimate_tokens(source)
     available = None if total is None else max(0, total - data.eval_tokens)
-    exact = source.spec == BUILTIN_PYTHON_DOCS
+    exact = source.spec == BUILTIN_PYTHON_DOCS or (source.spec == BUILTIN_MIXED and _mixed_measured())
     approx = "" if exact else "≈"
     described = (f"{data.source}" + (f" (token_budget {data.token_budget:,})" if data.token_budget else ""))
     rows = []
@@ -1048,7 +1137,7 @@ def check_data_budget(loaded: Any) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "BUILTIN_PACKAGE_READMES", "BUILTIN_PYTHON_DOCS", "EvalSet", "HUB_PREFIX", "IN_DOMAIN", "eval_set_source",
+    "BUILTIN_MIXED", "BUILTIN_PACKAGE_READMES", "BUILTIN_PYTHON_DOCS", "EvalSet", "data_record", "HUB_PREFIX", "IN_DOMAIN", "eval_set_source",
     "package_readmes", "read_eval_set", "resolve_eval_sets", "spread_windows", "MAX_DISTILL_PASSES", "TextSource", "TokenSplits", "check_data_budget",
     "data_budget_rows", "estimate_tokens", "hub_offline", "read_token_splits", "resolve_data", "resolve_text_source",
     "select_split_files", "token_splits_from_file", "tokenize_splits", "tokenize_to_file",

@@ -50,7 +50,7 @@ def run_quantize(ctx) -> dict:
 
     from edgekit.errors import StageError
     from edgekit.weights.checkpoint import load_checkpoint
-    from edgekit.models.text import read_token_splits
+    from edgekit.models.text import data_record, read_token_splits
     from edgekit.models.calibration import calibration_samples
 
     from edgekit.devices import resolve_device
@@ -73,10 +73,12 @@ def run_quantize(ctx) -> dict:
         )
     started = time.perf_counter()
     samples = []
+    calibration_data = None  # rtn reads no data
     if config.method != "rtn":
         data = ctx.recipe.data
         splits = read_token_splits(data, tokenizer, base_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, log=ctx.log)
         samples = calibration_samples(splits.calibration, samples=config.calibration_samples, sequence_length=config.sequence_length)
+        calibration_data = _calibration_record(data_record(data, base_dir=ctx.recipe_dir, splits=splits), samples)
     try:
         if config.method == "fp8":
             from edgekit.quantize.fp8 import fp8_quantize
@@ -121,6 +123,9 @@ def run_quantize(ctx) -> dict:
         "act_order": config.act_order if config.method == "gptq" else None,
         "calibration_samples": len(samples),
         "calibration_tokens": sum(int(s.numel()) for s in samples),
+        # which text calibrated GPTQ/AWQ/FP8: the source, its sha256 (or files / snapshot), and
+        # the sha256 of the exact token windows used
+        "calibration_data": calibration_data,
         "quantized_linears": quantized_count,
         "bits_per_weight": round(bits_per_weight, 4),
         "quantize_seconds": round(seconds, 2),
@@ -139,6 +144,21 @@ def run_quantize(ctx) -> dict:
         json.dumps({k: v for k, v in report.items() if k not in measured}, indent=2) + "\n"
     )
     return report
+
+
+def _calibration_record(record: dict, samples: list) -> dict:
+    """The data record of the text the samples came from (edgekit.models.text.data_record),
+    with what was taken from it: windows, tokens and the sha256 of those token ids."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for window in samples:
+        digest.update(np.ascontiguousarray(window.numpy(), dtype="<i8").tobytes())
+    return {**record, "split": "calibration (the text before the held-out eval_tokens)", "samples": len(samples),
+            "sequence_length": int(samples[0].shape[-1]) if samples else 0,
+            "tokens": sum(int(s.numel()) for s in samples), "tokens_sha256": digest.hexdigest()}
 
 
 def _integer_method(ctx, model, samples, device: str = "cpu") -> dict:
