@@ -44,6 +44,12 @@ def test_one_model_route_is_bounded_and_counted_by_route(server):
         assert call(server.url, "GET", f"/v1/models/made-up-{i}")[0] == 404
     _, _, text = call(server.url, "GET", "/metrics")
     assert 'endpoint="/v1/models/{id}"' in text and "made-up" not in text
+    # hostile ids: invalid UTF-8, a lone surrogate, traversal, 4 KB: one bounded 404 each, the server lives on
+    for hostile in ("%ff%fe", "%ED%A0%80", "..%2F..%2Fetc%2Fpasswd", "a" * 4000, "%00"):
+        status, _, body = call(server.url, "GET", f"/v1/models/{hostile}")
+        assert status == 404 and body["error"]["code"] == "model_not_found", (hostile, body)
+        assert len(body["error"]["message"]) < 300
+    assert call(server.url, "GET", f"/v1/models/{server.model_name}")[0] == 200
 
 
 def test_completion_and_chat(client, server):
