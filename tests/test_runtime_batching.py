@@ -141,14 +141,35 @@ def test_copied_layout_squeezes_holes(branches, monkeypatch):
 # --------------------------------------------------------------------------- streams on threads
 
 
-def _stream(session, prompt, count, out, *, stop_after=None, progress=None, gate=None):
+def _wait_for_every_row(batched: BatchedBranch) -> None:
+    """Make the batches deterministic: a step waits (up to 30 s) for every stream holding a row.
+    Both bounds must go: max_wait_ms, and the cap at half the recent step time, which on a
+    tiny graph is a millisecond or less -- a loaded CI machine then runs steps of one."""
+    batched.max_wait_s = 30.0
+    batched._wait_bound = lambda: batched.max_wait_s
+
+
+def test_the_wait_for_stragglers_is_capped_at_half_a_step(branches):
+    batched = BatchedBranch(branches["optimum"], max_batch=2, max_wait_ms=20)
+    assert batched._wait_bound() == pytest.approx(0.020)  # no step timed yet: max_wait_ms
+    batched._step_s = 0.010
+    assert batched._wait_bound() == pytest.approx(0.005)  # a fast step: half of it
+    batched._step_s = 0.100
+    assert batched._wait_bound() == pytest.approx(0.020)  # a slow one: max_wait_ms
+
+
+def _stream(session, prompt, count, out, *, stop_after=None, progress=None, gate=None, together=None):
     """Greedy decoding on ``session`` (the reference decode, greedy_generate's, step by step):
     ``stop_after`` stops early (a cancelled request), ``progress`` is set after 5 tokens,
-    ``gate`` is waited for before the first feed (a stream joining mid-way)."""
+    ``gate`` is waited for before the first feed (a stream joining mid-way), ``together`` (a
+    barrier) after it: streams started together all hold their rows before any decodes, so a
+    thread scheduled late on a loaded machine still meets the others in the batch."""
     if gate is not None:
         assert gate.wait(60)
     try:
         logits = session.feed(prompt)
+        if together is not None:
+            together.wait(60)
         while True:
             token = int(np.argmax(logits[-1]))
             out.append(token)
@@ -165,7 +186,7 @@ def _stream(session, prompt, count, out, *, stop_after=None, progress=None, gate
 def test_concurrent_greedy_streams_match_each_alone(branches, kind):
     branch = branches[kind]
     batched = BatchedBranch(branch, max_batch=4, max_wait_ms=100)
-    batched.max_wait_s = 30.0  # a step waits for every stream holding a row: the batches are deterministic
+    _wait_for_every_row(batched)
     lengths = (3, 11, 6, 17, 8, 14)
     prompts = _prompts(branch, lengths)
     counts = [30, 12, 25, 30, 20, 16]  # streams leave at different steps
@@ -176,9 +197,10 @@ def test_concurrent_greedy_streams_match_each_alone(branches, kind):
     # streams 0-3 start together; 4 and 5 join once stream 0 has 5 tokens (mid-way); the
     # 5th and 6th concurrent stream finds the 4 rows taken or not, depending on who left
     gates = [None, None, None, None, started, started]
+    first_four = threading.Barrier(4)
     threads = [threading.Thread(target=_stream, args=(batched.session(), p, n, outs[i]),
                                 kwargs={"stop_after": stop_after.get(i), "progress": started if i == 0 else None,
-                                        "gate": gates[i]})
+                                        "gate": gates[i], "together": first_four if i < 4 else None})
                for i, (p, n) in enumerate(zip(prompts, counts))]
     for t in threads:
         t.start()
@@ -312,11 +334,13 @@ def test_tensorrt_batched_step_on_a_stand_in_engine(branches, monkeypatch):
     assert trt_branch.batch_rows() == 4
     batched = BatchedBranch(trt_branch, max_batch=8, max_wait_ms=100)
     assert isinstance(batched.cache, TensorRTBatchCache) and batched.max_batch == 4  # capped at the engine's batch
-    batched.max_wait_s = 30.0
+    _wait_for_every_row(batched)
     prompts = _prompts(reference, (3, 10, 6))
     expected = [greedy_generate(reference, p, 12) for p in prompts]
     outs = [[] for _ in prompts]
-    threads = [threading.Thread(target=_stream, args=(batched.session(), p, 12, outs[i])) for i, p in enumerate(prompts)]
+    together = threading.Barrier(len(prompts))
+    threads = [threading.Thread(target=_stream, args=(batched.session(), p, 12, outs[i]), kwargs={"together": together})
+               for i, p in enumerate(prompts)]
     for t in threads:
         t.start()
     for t in threads:
@@ -470,7 +494,7 @@ def test_concurrent_streams_sharing_a_system_prompt_restore_it_into_their_rows(b
     cache = _prefix_cache(branch)
     try:
         batched = BatchedBranch(branch, max_batch=3, max_wait_ms=100)
-        batched.max_wait_s = 30.0  # a step waits for every stream holding a row: the batches are deterministic
+        _wait_for_every_row(batched)
         first = batched.session()
         logits = first.feed(prompts[0])
         assert first.batched and first.reused == 0 and cache.contains(head)  # stored from the row
@@ -513,7 +537,7 @@ def test_tensorrt_batch_cache_restores_prefixes_on_a_stand_in_engine(branches, m
     expected = [greedy_generate(reference, p, n) for p, n in zip(prompts, counts)]
     cache = _prefix_cache(trt_branch)
     batched = BatchedBranch(trt_branch, max_batch=4, max_wait_ms=100)
-    batched.max_wait_s = 30.0
+    _wait_for_every_row(batched)
     warm, _, _ = _greedy_threads([batched.session()], prompts[:1], counts[:1])
     outs, reused, in_row = _greedy_threads([batched.session() for _ in prompts[1:]], prompts[1:], counts[1:])
     assert warm + outs == expected
