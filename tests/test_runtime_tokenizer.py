@@ -262,3 +262,25 @@ def test_no_template_and_broken_files_are_one_line_errors(tiny_model_dir, tmp_pa
     (path / "tokenizer.json").unlink()
     with pytest.raises(EdgekitError, match="no tokenizer.json"):
         BundleTokenizer.from_dir(path)
+
+
+def test_answers_also_end_at_the_generation_configs_eos(smollm2_dir, tmp_path):
+    """The GGUF-converted SmolLM2 tokenizer says eos_token <|im_start|> (id 1), the model's
+    generation_config.json says eos_token_id 2 (<|im_end|>), where transformers' generate stops:
+    the runtime ends answers at both. Hostile eos_token_id values are one-line errors."""
+    from edgekit.errors import EdgekitError
+    from edgekit.runtime.answers import eos_ids
+
+    path = _variant(smollm2_dir, tmp_path / "smollm2")
+    tokenizer = BundleTokenizer.from_dir(path)
+    assert tokenizer.eos_token_id == 1 and tokenizer.generation_eos_token_ids == [] and eos_ids(tokenizer) == {1}
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    tokenizer = BundleTokenizer.from_dir(path)
+    assert tokenizer.convert_ids_to_tokens(2) == "<|im_end|>" and eos_ids(tokenizer) == {1, 2}
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0, 2, 10**9]}))  # out of vocab: never sampled
+    assert eos_ids(BundleTokenizer.from_dir(path)) == {0, 1, 2}
+    for hostile in (-1, "2", [1.5], list(range(17)), True, {"a": 1}, 2**40):
+        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": hostile}))
+        with pytest.raises(EdgekitError, match="eos_token_id") as info:
+            BundleTokenizer.from_dir(path)
+        assert "\n" not in str(info.value)

@@ -23,7 +23,8 @@ from edgekit.cli import main
 from edgekit.errors import ValidateError
 from edgekit.validate.budgets import BUDGET_MEASURES, check_budgets
 from edgekit.validate.host import detect_host_target, host_info, parse_l4t_release
-from edgekit.validate.prompts import DEFAULT_PROMPT_TOKENS, DEFAULT_PROMPTS, read_prompts_file
+from edgekit.validate.prompts import (DEFAULT_PROMPT_TOKENS, DEFAULT_PROMPTS, HELD_OUT_SOURCE, HELD_OUT_TOKENS, default_prompts,
+                                      held_out_source, read_prompts_file)
 from edgekit.validate.statistics import summarize
 
 GENEROUS = {"latency_p99_ms": 1e6, "ttft_p99_ms": 1e6, "memory_gb": 1e6}
@@ -78,6 +79,57 @@ def test_budget_checks_use_the_manifest_and_overrides():
 
 
 # --- prompts files ------------------------------------------------------------------------------
+
+
+def test_default_prompts_come_from_the_bundles_own_held_out_text(tmp_path):
+    """The recipe in the bundle names a built-in text: its held-out end gives the prompts. A file,
+    a hub dataset, or a hostile recipe.yaml falls back to the docs and says why."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: x\ndata:\n  source: builtin:mixed\n  eval_tokens: 4096\n")
+    held = held_out_source(tmp_path)
+    assert (held.source, held.tokens) == ("builtin:mixed", 4096) and "recipe" in held.reason
+    recipe.write_text("data: builtin:mixed\n")  # the short form
+    assert (held_out_source(tmp_path).source, held_out_source(tmp_path).tokens) == ("builtin:mixed", HELD_OUT_TOKENS)
+    hostile = {
+        "no recipe.yaml": None,
+        "is not in the bundle": "data:\n  source: /etc/passwd\n",
+        "hf:": "data:\n  source: hf:org/name\n",
+        "not a built-in text": "data:\n  source: [1, 2]\n",
+        "eval_tokens": "data:\n  source: builtin:mixed\n  eval_tokens: 100000000000\n",
+        "eval_tokens is not": "data:\n  source: builtin:mixed\n  eval_tokens: true\n",
+        "does not parse": "data: [unclosed\n",
+        "is over 1 MiB": "#" * (1 << 20) + "\n",
+        "builtin:unknown": "data: builtin:unknown\n",
+        "python-docs, edgekit": "- a list, not a mapping\n",
+    }
+    for reason, content in hostile.items():
+        if content is None:
+            recipe.unlink(missing_ok=True)
+        else:
+            recipe.write_text(content)
+        held = held_out_source(tmp_path)
+        assert (held.source, held.tokens) == (HELD_OUT_SOURCE, HELD_OUT_TOKENS), reason
+        assert reason.split(":")[0] in held.reason or reason in held.reason, (reason, held.reason)
+
+
+def test_default_prompts_are_the_held_out_end_of_the_named_text():
+    from edgekit.models.text import resolve_text_source, tokenize_splits
+
+    class Words:  # a tokenizer: one id per character (default_prompts only calls it through tokenize_splits)
+        def __call__(self, text, **_):
+            return {"input_ids": [ord(c) % 1000 for c in text]}
+
+        def encode(self, text, **_):
+            return self(text)["input_ids"]
+
+    from edgekit.validate.prompts import HeldOut
+
+    tokenizer = Words()
+    prompts = default_prompts(tokenizer, context_length=256, max_new_tokens=16, count=4, length=32,
+                              held_out=HeldOut("builtin:python-docs", 1000, "test"))
+    held = tokenize_splits(resolve_text_source("builtin:python-docs").read(), tokenizer, eval_tokens=1000, window=1).evaluation
+    assert len(prompts) == 4 and all(len(p.ids) == 32 for p in prompts)
+    assert prompts[0].ids == [int(t) for t in held[:32]] and prompts[-1].ids == [int(t) for t in held[-32:]]
 
 
 def test_prompts_file_parsing(tmp_path):

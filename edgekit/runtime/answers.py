@@ -267,10 +267,12 @@ def token_rate(times: list[float]) -> float | None:
 
 
 def eos_ids(tokenizer: Any) -> set[int]:
+    """The ids an answer ends at: the tokenizer's eos token and the model's
+    generation_config.json ``eos_token_id`` (BundleTokenizer.generation_eos_token_ids), which
+    transformers' generate stops at and which may be another token."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(eos)} if isinstance(eos, int) else {int(t) for t in eos}
+    ids = set() if eos is None else {int(eos)} if isinstance(eos, int) else {int(t) for t in eos}
+    return ids | {int(t) for t in getattr(tokenizer, "generation_eos_token_ids", ())}
 
 
 @dataclass

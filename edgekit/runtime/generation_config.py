@@ -100,6 +100,33 @@ def read_generation_config(path: Path | str, *, error_cls: type[EdgekitError] = 
     return out
 
 
+#: most end-of-sequence ids a generation_config.json may list
+MAX_EOS_IDS = 16
+
+
+def read_eos_token_ids(path: Path | str, *, error_cls: type[EdgekitError] = EdgekitError) -> list[int]:
+    """``eos_token_id`` of a ``generation_config.json`` (an id or a list of ids; ``[]`` when the
+    file or the key is absent): the tokens transformers' ``generate`` stops at. They can differ
+    from the tokenizer's ``eos_token`` (a GGUF conversion sets the tokenizer's to
+    ``<|im_start|>`` while the model ends its turns with ``<|im_end|>``), so the runtime stops
+    at both. Bounded: at most :data:`MAX_EOS_IDS` non-negative integers below 2**31."""
+    from edgekit.yamlio import load_json_file
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = load_json_file(path, error_cls=error_cls, what=GENERATION_CONFIG, max_bytes=MAX_GENERATION_CONFIG_BYTES)
+    value = data.get("eos_token_id") if isinstance(data, dict) else None
+    if value is None:
+        return []
+    ids = value if isinstance(value, list) else [value]
+    if len(ids) > MAX_EOS_IDS or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids):
+        raise error_cls(f"{GENERATION_CONFIG}: eos_token_id must be a token id or a list of at most {MAX_EOS_IDS} ids "
+                        f"(non-negative integers), not {str(value)[:60]!r}", where=f"{path}: eos_token_id",
+                        how=f"fix or delete the key in the model's {GENERATION_CONFIG}")
+    return sorted(set(ids))
+
+
 def sampling_from_generation_config(gen: dict[str, Any]) -> dict[str, tuple[Any, str]]:
     """``{field: (value, source)}`` for the sampling fields ``gen`` (as
     :func:`read_generation_config` returns it) decides; fields it does not decide are absent."""

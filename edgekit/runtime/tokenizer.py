@@ -107,6 +107,8 @@ class BundleTokenizer:
         config = dict(config or {})
         self._tokenizer = backend
         self.name_or_path = name_or_path
+        #: generation_config.json's eos_token_id(s) (from_dir reads them): answers end there too
+        self.generation_eos_token_ids: list[int] = []
         self.init_kwargs = config
         # transformers turns off what tokenizer.json stores unless a call asks for it
         backend.no_truncation()
@@ -196,11 +198,17 @@ class BundleTokenizer:
         if not config.get("tokenizer_class") and (directory / "config.json").is_file():
             model_type = _read_json(directory / "config.json", directory).get("model_type")
         try:
-            return cls(backend, config, chat_template=template, special_tokens_map=special_map, model_type=model_type,
-                       name_or_path=str(directory))
+            tokenizer = cls(backend, config, chat_template=template, special_tokens_map=special_map, model_type=model_type,
+                            name_or_path=str(directory))
         except (TypeError, ValueError, AttributeError) as exc:
             raise EdgekitError(f"the bundle's tokenizer_config.json is malformed: {exc}", where=str(directory / TOKENIZER_CONFIG),
                                how="re-run the bundle stage (it copies the model's tokenizer files)") from None
+        from edgekit.runtime.generation_config import GENERATION_CONFIG, read_eos_token_ids
+
+        # the ids the model's generation_config.json ends generation at, where they are in the vocabulary
+        vocab = len(tokenizer)
+        tokenizer.generation_eos_token_ids = [i for i in read_eos_token_ids(directory / GENERATION_CONFIG) if i < vocab]
+        return tokenizer
 
     def _set_prefix_space(self, add_prefix_space: Any) -> None:
         if not isinstance(add_prefix_space, bool) or self._tokenizer.pre_tokenizer is None:

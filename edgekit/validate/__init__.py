@@ -8,8 +8,10 @@ What one run does, in order:
 1. **Prompts.** ``--prompts FILE`` (one prompt per line, or JSON Lines with ``{"prompt": ...}``),
    encoded with the bundle's tokenizer as ``edgekit run`` encodes a prompt; or, by default,
    :data:`DEFAULT_PROMPTS` windows of :data:`DEFAULT_PROMPT_TOKENS` tokens cut at evenly spaced
-   offsets from the held-out split of the built-in text (the last 8192 tokens of
-   ``builtin:python-docs``, the split ``evaluate`` scores perplexity on), fed as token ids.
+   offsets from the held-out split of the text the bundle was compressed on (the last
+   ``data.eval_tokens`` tokens of its recipe's built-in ``data.source``, the split ``evaluate``
+   scored perplexity on; ``builtin:python-docs`` when the recipe's text is a file or dataset,
+   which a bundle does not carry), fed as token ids.
 2. **Load** the bundle's branch (``edgekit.runtime.backends.load_branch``: ONNX Runtime, or
    the TensorRT engine where it is built and loads).
 3. **Warm-up**: ``warmup`` requests at the same concurrency, not measured (first-call

@@ -16,7 +16,7 @@ from edgekit.validate.budgets import BUDGET_FLAGS, BUDGET_KEYS, check_budgets
 from edgekit.validate.host import detect_host_target, host_info, host_words
 from edgekit.validate.memory import PeakMemory
 from edgekit.validate.predictions import predictions
-from edgekit.validate.prompts import HELD_OUT_SOURCE, HELD_OUT_TOKENS, default_prompts, encode_prompts, read_prompts_file
+from edgekit.validate.prompts import default_prompts, encode_prompts, held_out_source, read_prompts_file
 from edgekit.validate.requests import latency_report, run_requests
 from edgekit.validate.statistics import QUANTILE_DEFINITION, rounded, summarize
 
@@ -164,11 +164,14 @@ def _measure_and_report(branch: Any, bundle: Path, manifest: dict[str, Any], *, 
                                      max_new_tokens=max_new_tokens)
         prompt_source = {"source": "file", "file": str(prompts)}
     else:
-        prompt_list = default_prompts(branch.tokenizer, context_length=branch.context_length, max_new_tokens=max_new_tokens)
-        prompt_source = {"source": "held-out", "text": HELD_OUT_SOURCE, "held_out_tokens": HELD_OUT_TOKENS,
+        held_out = held_out_source(bundle)
+        prompt_list = default_prompts(branch.tokenizer, context_length=branch.context_length, max_new_tokens=max_new_tokens,
+                                      held_out=held_out)
+        prompt_source = {"source": "held-out", "text": held_out.source, "held_out_tokens": held_out.tokens,
+                         "chosen_by": held_out.reason,
                          "description": f"{len(prompt_list)} windows of {len(prompt_list[0].ids)} tokens at evenly spaced "
-                                        f"offsets of the held-out split (the last {HELD_OUT_TOKENS} tokens of "
-                                        f"{HELD_OUT_SOURCE}), fed as token ids"}
+                                        f"offsets of the held-out split (the last {held_out.tokens} tokens of "
+                                        f"{held_out.source}), fed as token ids"}
     lengths = [len(p.ids) for p in prompt_list]
     used_lengths = [len(prompt_list[i % len(prompt_list)].ids) for i in range(n_requests)]
 
