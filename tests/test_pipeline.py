@@ -190,3 +190,26 @@ def test_short_evaluation_text(tmp_path, tiny_model_dir):
     assert result.returncode == 2
     assert "shorter than one window of 128" in result.stderr
     assert not (tmp_path / "run" / "stages" / "02-evaluate").exists()
+
+
+def test_a_stage_on_a_gpu_gets_a_cache_key_of_its_own(monkeypatch):
+    """A stage with a device setting that runs on CUDA here (auto resolved, EDGEKIT_DEVICE
+    applied) folds "cuda" into its key: a GPU result is never taken for a CPU one or the
+    reverse. On the CPU the key has no device part (keys of CPU runs stay what they were)."""
+    import types
+
+    import edgekit.devices as devices
+    from edgekit.pipeline.runner import _computes_on_gpu
+
+    monkeypatch.delenv("EDGEKIT_DEVICE", raising=False)
+    for gpu, device, expected in [(False, "auto", False), (True, "auto", True), (True, "cpu", False), (False, "cpu", False),
+                                  (False, "cuda", True), (True, "cuda", True)]:
+        monkeypatch.setattr(devices, "cuda_available", lambda gpu=gpu: gpu)
+        assert _computes_on_gpu(types.SimpleNamespace(device=device)) is expected, (gpu, device)
+    monkeypatch.setattr(devices, "cuda_available", lambda: True)
+    assert _computes_on_gpu(types.SimpleNamespace()) is False  # a stage without a device setting
+    assert _computes_on_gpu(types.SimpleNamespace(device="tpu")) is False  # the stage's own validation reports it
+    monkeypatch.setenv("EDGEKIT_DEVICE", "cpu")
+    assert _computes_on_gpu(types.SimpleNamespace(device="auto")) is False
+    monkeypatch.setenv("EDGEKIT_DEVICE", "bogus")
+    assert _computes_on_gpu(types.SimpleNamespace(device="auto")) is False

@@ -37,11 +37,19 @@ class GenerationSettings(StageConfig):
 # Settings whose defaults reproduce the distillation that existed before them: left out of the
 # dump (the stage's cache key and the resume check) while at their defaults, so recipes that do
 # not use them keep their cache keys and resumable checkpoints.
-_OPTIONAL_WHEN_DEFAULT = ("loss", "generated_ratio", "generation", "on_policy_ratio")
+_OPTIONAL_WHEN_DEFAULT = ("loss", "generated_ratio", "generation", "on_policy_ratio", "mode", "qad_scales")
 
 
 class DistillConfig(StageConfig):
-    teacher: str = Field("auto", description="'auto' (the checkpoint the last prune stage read) or an earlier stage's name")
+    teacher: str = Field("auto", description="'auto' (standard: the checkpoint the last prune stage read; qad: the checkpoint "
+                         "the last quantize stage read, the unquantized parent) or an earlier checkpoint stage's name")
+    mode: Literal["standard", "qad"] = Field("standard", description="standard: train a float student (its input must be a float "
+                                             "checkpoint); qad: quantization-aware distillation of an integer-quantized input "
+                                             "(gptq/rtn/awq; not fp8): trains the weights on their own GPTQ grid and writes "
+                                             "the same GPTQ checkpoint format again (docs/distill.md)")
+    qad_scales: Literal["frozen", "trainable"] = Field("frozen", description="qad: keep the checkpoint's per-group scales "
+                                                       "(frozen) or train them with the weights (trainable, LSQ gradient); "
+                                                       "zero points always stay the checkpoint's integers")
     steps: int = Field(1000, ge=1, description="optimizer steps")
     max_minutes: float | None = Field(None, gt=0, description="also stop after this much training time, evaluations and checkpoints included (then the run is not step-reproducible)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL term (loss scaled by T^2)")
@@ -91,6 +99,12 @@ class DistillConfig(StageConfig):
             raise ValueError(f"generation.length {length} is shorter than one training window (sequence_length {self.sequence_length})")
         if self.on_policy_ratio > 0 and self.kl_weight == 0:
             raise ValueError("on_policy_ratio needs kl_weight > 0: on-policy steps train the distribution loss only")
+        return self
+
+    @model_validator(mode="after")
+    def _qad_settings(self):
+        if "qad_scales" in self.model_fields_set and self.mode != "qad":
+            raise ValueError("qad_scales applies to mode qad only: set 'mode: qad' or remove qad_scales")
         return self
 
     @property

@@ -74,6 +74,13 @@ def _cpu_has_native_bf16() -> bool:
         return False
 
 
+def _fake_quant_layers(model: Any) -> list[tuple[str, Any]]:
+    """qad's fake-quantized linears (none in a standard run: its model has no such module)."""
+    from edgekit.distill.qad import fake_quant_layers
+
+    return fake_quant_layers(model)
+
+
 def _reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
@@ -198,6 +205,18 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
         teacher, _ = load_checkpoint(teacher_dir, dtype=compute_dtype, trust_remote_code=spec.trust_remote_code)
     teacher.eval().requires_grad_(False).to(accelerator.device)
     student.config.use_cache = False
+    qad = config.mode == "qad"
+    grid_before: dict[str, Any] = {}
+    if qad:  # the GPTQ model's QuantLinears become trainable fake-quantized linears (distill/qad.py)
+        from edgekit.distill.qad import to_fake_quant
+
+        if fsdp:
+            raise StageError("distill mode qad does not run under FSDP (its fake-quantized layers are not sharded)",
+                             where=where, how="run qad in one process or under DDP (processes: N, no accelerate_config)")
+        grid_before = to_fake_quant(student, trainable_scales=config.qad_scales == "trainable")
+        if not grid_before:
+            raise StageError("distill mode qad found no quantized linear layer in the student checkpoint", where=where,
+                             how="point the stage at the output of a quantize stage (gptq, rtn or awq)")
     pruning_path = student_dir / "pruning.json"
     pruning = json.loads(pruning_path.read_text()) if pruning_path.is_file() else None
     layers, channels = layer_map(student.config, teacher.config, pruning, need_hidden=need_hidden, where=where)
@@ -242,8 +261,10 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
 
     # -- optimizer: no weight decay on vectors (norms, biases)
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    decay = [(n, p) for n, p in named if p.ndim >= 2]
-    no_decay = [(n, p) for n, p in named if p.ndim < 2]
+    # qad's trainable scales are matrices [out, groups] but, like norms, never decay
+    grid_scales = {id(m.scales) for _, m in _fake_quant_layers(student)}
+    decay = [(n, p) for n, p in named if p.ndim >= 2 and id(p) not in grid_scales]
+    no_decay = [(n, p) for n, p in named if p.ndim < 2 or id(p) in grid_scales]
     groups = [g for g in ({"params": [p for _, p in decay], "weight_decay": config.weight_decay},
                           {"params": [p for _, p in no_decay], "weight_decay": 0.0}) if g["params"]]
     names = [n for n, _ in decay] + [n for n, _ in no_decay]
@@ -390,10 +411,17 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
         # Drop accelerate's autocast wrapper: the final score must be the float32 forward the
         # evaluate stage runs, not a mixed-precision one.
         unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if qad:  # the scales the checkpoint will store (float16): the model scored last is the one written
+        from edgekit.distill.qad import snap_all_scales
+
+        snap_all_scales(unwrapped)
     if not fsdp and saved_dtype != "float32":
+        # qad's latent weights and scales are not stored as floats: their codes and float16 scales are
+        on_grid = {id(t) for _, m in _fake_quant_layers(unwrapped) for t in (m.weight, m.scales)}
         with torch.no_grad():
             for parameter in unwrapped.parameters():
-                parameter.data = parameter.data.to(torch_dtype(saved_dtype)).float()
+                if id(parameter) not in on_grid:
+                    parameter.data = parameter.data.to(torch_dtype(saved_dtype)).float()
     final = evaluate(step, None, scored=None if fsdp else unwrapped)
     unwrapped.eval()
     if evals and evals[-1]["step"] == step:  # the final evaluation (all windows) replaces a periodic one
@@ -410,7 +438,23 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     unwrapped.config.use_cache = True
-    if fsdp:
+    qad_record = None
+    if qad:  # the codes on the (possibly trained) grid, in the format and quantization_config the input has
+        from edgekit.distill.qad import grid_changes, to_linears
+        from edgekit.weights.loader import read_quantization_config, save_quantized_checkpoint
+
+        grid_after = to_linears(unwrapped)
+        unwrapped.to(torch_dtype(saved_dtype))
+        unwrapped.config.dtype = saved_dtype
+        quantization_config = read_quantization_config(student_dir) or {}
+        save_quantized_checkpoint(unwrapped, grid_after, out, quantization_config=quantization_config)
+        for name in ("quantization.json",):  # what the quantize stage did, carried with its codes
+            if (student_dir / name).is_file():
+                shutil.copyfile(student_dir / name, out / name)
+        qad_record = {"scales": config.qad_scales, "method": quantization_config.get("edgekit_method", "gptq"),
+                      "bits": quantization_config.get("bits"), "group_size": quantization_config.get("group_size"),
+                      "symmetric": quantization_config.get("sym"), **grid_changes(grid_before, grid_after)}
+    elif fsdp:
         state_dict = {k: v.to(torch_dtype(saved_dtype)) for k, v in state_dict.items()}
         unwrapped.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         unwrapped.config.dtype = saved_dtype
@@ -424,7 +468,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     record = result_record(config, teacher=teacher.config, student=unwrapped.config, layers=layers, channels=channels,
                            device=device, precision=precision, world=world, windows=windows, steps=step, stopped=stopped,
                            tokens_seen=tokens_seen, evals=evals, losses=losses,
-                           generated=_generated_record(generated, order, step, len(generated_ids)) if generated else None)
+                           generated=_generated_record(generated, order, step, len(generated_ids)) if generated else None,
+                           qad=qad_record)
     write_result(out, record, title=f"{spec.stage}: {model_shape(teacher.config)['layers']}→"
                  f"{model_shape(unwrapped.config)['layers']} layers")
     return stage_metrics(record, train_seconds=scalars["train_seconds"], session_tokens=session_tokens,

@@ -96,10 +96,12 @@ def plot_curve(path: Path, losses: list[dict[str, Any]], evals: list[dict[str, A
 def result_record(config: Any, *, teacher: Any, student: Any, layers: list[int], channels: list[int] | None, device: str,
                   precision: str, world: int, windows: int, steps: int, stopped: str, tokens_seen: int,
                   evals: list[dict[str, Any]], losses: list[dict[str, Any]],
-                  generated: dict[str, Any] | None = None) -> dict[str, Any]:
+                  generated: dict[str, Any] | None = None, qad: dict[str, Any] | None = None) -> dict[str, Any]:
     """The content of ``distill.json``: settings, shapes, evaluations and per-step losses (no
     timings, so a rerun hashes the same). ``teacher``/``student`` are the models' configs;
-    ``generated`` the teacher-sampled data (settings, sha256, samples per source) or None."""
+    ``generated`` the teacher-sampled data (settings, sha256, samples per source) or None;
+    ``qad`` (mode qad) the grid and how many of the input checkpoint's integer codes and scales
+    training changed (:func:`edgekit.distill.qad.grid_changes`)."""
     record = {
         "format": RESULT_FORMAT,
         "config": config.model_dump(mode="json"),
@@ -121,7 +123,10 @@ def result_record(config: Any, *, teacher: Any, student: Any, layers: list[int],
     }
     # Stated always (the config dump leaves them out at their defaults, to keep cache keys).
     record.update({"loss": config.loss, "generated_ratio": config.generated_ratio, "on_policy_ratio": config.on_policy_ratio,
-                   "on_policy_steps": sum(1 for entry in losses if entry.get("on_policy")), "generated": generated})
+                   "on_policy_steps": sum(1 for entry in losses if entry.get("on_policy")), "generated": generated,
+                   "mode": config.mode})
+    if qad is not None:
+        record["qad"] = qad
     return record
 
 
@@ -158,5 +163,9 @@ def stage_metrics(record: dict[str, Any], *, train_seconds: float, session_token
         "on_policy_steps": record["on_policy_steps"],
         **({"generated_sha256": record["generated"]["sha256"], "generated_samples": record["generated"]["samples"]}
            if record["generated"] else {}),
+        "mode": record["mode"],
+        **({"qad_scales": record["qad"]["scales"], "qad_codes_changed": record["qad"]["codes_changed"],
+            "qad_codes_changed_fraction": round(record["qad"]["codes_changed_fraction"], 6),
+            "qad_scales_changed": record["qad"]["scales_changed"]} if record.get("qad") else {}),
         "curve": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in e.items()} for e in evals],
     }

@@ -46,16 +46,31 @@ def checkpoint_config(path: Path) -> dict[str, Any]:
 
 
 def check_checkpoints(spec: TrainSpec) -> None:
-    """Refuse quantized or mismatched checkpoints before any heavy work (user errors)."""
+    """Refuse checkpoints the mode cannot train, or mismatched ones, before any heavy work
+    (user errors): standard distillation takes float checkpoints; qad an integer-quantized
+    (GPTQ-format) student and a float teacher."""
     where = f"stage {spec.stage}"
     student, teacher = checkpoint_config(Path(spec.student)), checkpoint_config(Path(spec.teacher))
-    for role, cfg in (("student", student), ("teacher", teacher)):
+    qad = spec.config.get("mode") == "qad"
+    if qad:
+        method = (student.get("quantization_config") or {}).get("quant_method")
+        if method == "fp8":
+            raise StageError("distill mode qad trains integer weights on their GPTQ grid, but the student checkpoint is fp8",
+                             where=where, how="quantize with method gptq, rtn or awq before a qad distill")
+        if method != "gptq":
+            raise StageError(f"distill mode qad needs an integer-quantized (GPTQ-format) student, but the student checkpoint is "
+                             f"{'quantized with ' + str(method) if method else 'a float one'}",
+                             where=where, how="put a quantize stage (gptq, rtn or awq) right before this distill, or use mode: standard")
+    checked = (("teacher", teacher),) if qad else (("student", student), ("teacher", teacher))
+    for role, cfg in checked:
         if cfg.get("quantization_config"):
             method = cfg["quantization_config"].get("quant_method", "quantized")
             raise StageError(
-                f"the {role} checkpoint is quantized ({method}); distillation trains float weights",
+                f"the {role} checkpoint is quantized ({method}); "
+                + ("the qad teacher is the float model" if qad else "standard distillation trains float weights"),
                 where=where,
-                how="put distill before quantize, and name a float checkpoint as teacher",
+                how=("name a float checkpoint as teacher (auto: the checkpoint the last quantize stage read)" if qad else
+                     "set 'mode: qad' to distil a quantized student, or put distill before quantize; name a float checkpoint as teacher"),
             )
     if student.get("vocab_size") != teacher.get("vocab_size"):
         raise StageError(

@@ -1,7 +1,10 @@
 """The ``distill`` stage: pruned student checkpoint + teacher checkpoint -> distilled student.
 
 Teacher = the model before pruning (the checkpoint the most recent ``prune`` stage read),
-or any earlier checkpoint stage named by ``teacher:``. Training runs on the calibration part
+or any earlier checkpoint stage named by ``teacher:``. With ``mode: qad`` the student is an
+integer-quantized checkpoint trained on its own grid (:mod:`edgekit.distill.qad`) and the
+output is a quantized checkpoint again; ``teacher: auto`` is then the checkpoint the most
+recent ``quantize`` stage read. Training runs on the calibration part
 of the recipe's text (never the held-out split), mixed with sequences the teacher samples itself
 when ``generated_ratio`` > 0 (:mod:`edgekit.distill.generated`), with accelerate, in this process or under
 ``accelerate launch`` when ``processes`` > 1 or an accelerate config file is given.
@@ -15,8 +18,31 @@ from edgekit.distill.config import DistillConfig
 from edgekit.pipeline.registry import CHECKPOINT, EarlierStage, ReferenceProblem, register_stage
 
 
+def _check_mode(config: DistillConfig, earlier: Sequence[EarlierStage]) -> list[int]:
+    """The indices of the quantize stages before this one, after checking that the mode fits
+    the input: a checkpoint stays quantized once a quantize stage has run (a standard distill
+    refuses it, a qad distill keeps it quantized), so the input is quantized exactly when a
+    quantize stage comes earlier. Whether that quantization is an integer one (not fp8) is in
+    the quantize stage's settings: planning/chain.py checks it at validation, the run again."""
+    quantizes = [i for i, s in enumerate(earlier) if s.type == "quantize"]
+    if config.mode == "qad" and not quantizes:
+        raise ReferenceProblem(
+            "distill mode qad trains a quantized checkpoint, but no quantize stage comes before it",
+            how="put a quantize stage (gptq, rtn or awq) before this distill, or use mode: standard",
+            field="mode",
+        )
+    if config.mode == "standard" and quantizes:
+        raise ReferenceProblem(
+            f"distill's input is quantized (by stage '{earlier[quantizes[-1]].name}'), and standard distillation trains float weights",
+            how="set 'mode: qad' to distil the quantized weights on their grid (quantization-aware), or put distill before quantize",
+            field="mode",
+        )
+    return quantizes
+
+
 def resolve_teacher(config: DistillConfig, earlier: Sequence[EarlierStage]) -> dict[str, int]:
     """Index of the teacher's stage among the earlier ones (pure: used at validation and run)."""
+    quantizes = _check_mode(config, earlier)
     if config.teacher != "auto":
         for index in range(len(earlier) - 1, -1, -1):
             if earlier[index].name == config.teacher:
@@ -31,6 +57,15 @@ def resolve_teacher(config: DistillConfig, earlier: Sequence[EarlierStage]) -> d
         raise ReferenceProblem(
             f"teacher '{config.teacher}' is not an earlier stage",
             how=f"use 'auto' or one of: {', '.join(names) or '(none)'}",
+            field="teacher",
+        )
+    if config.mode == "qad":  # the unquantized parent: what the quantized model is measured against
+        before = [i for i in range(quantizes[-1]) if earlier[i].produces == CHECKPOINT]
+        if before:
+            return {"teacher": before[-1]}
+        raise ReferenceProblem(
+            "distill mode qad has no teacher: 'auto' means the checkpoint the last quantize stage read, and none comes before it",
+            how="set 'teacher:' to an earlier checkpoint stage's name",
             field="teacher",
         )
     prunes = [i for i, s in enumerate(earlier) if s.type == "prune"]
@@ -97,7 +132,7 @@ def run_distill(ctx) -> dict:
 register_stage(
     "distill",
     config=DistillConfig,
-    summary="knowledge distillation from the model before pruning (accelerate; resumable)",
+    summary="knowledge distillation from the model before pruning, or quantization-aware (mode qad) from the model before quantize (accelerate; resumable)",
     run="edgekit.distill.stage:run_distill",
     requires=(CHECKPOINT,),
     produces=CHECKPOINT,

@@ -88,6 +88,25 @@ class _Fingerprints:
         return self._cache[section]
 
 
+def _computes_on_gpu(config: Any) -> bool:
+    """Whether a stage with a ``device`` setting runs on a CUDA GPU here (``auto`` resolved,
+    EDGEKIT_DEVICE applied): its result differs from the CPU's (other kernels, half precision),
+    so a GPU run gets a key of its own and never reuses a CPU result or the reverse. CPU runs
+    keep the key they always had."""
+    from edgekit.devices import cuda_available, requested_device
+
+    value = getattr(config, "device", None)
+    if not isinstance(value, str):
+        return False
+    try:
+        wanted = requested_device(value)
+    except (ValueError, EdgekitError):
+        return False  # the stage reports the bad setting itself, with its one-line error
+    if wanted == "cpu":
+        return False
+    return wanted == "cuda" or cuda_available()
+
+
 def _verify(stage_dir: Path, key: str) -> tuple[dict[str, Any] | None, str | None]:
     """The stage record if the directory is a complete result for ``key``; else why not."""
     record_path = stage_dir / STAGE_RECORD
@@ -229,6 +248,8 @@ def _run_locked(loaded, target, out, force, first, last, reporter, cache_dir) ->
             key_parts["references"] = {role: r.artifact_hash for role, r in references.items()}
         if stage.host:
             key_parts["host"] = fingerprints.host(stage.host)
+        if _computes_on_gpu(config):
+            key_parts["device"] = "cuda"
         key = sha256_json(key_parts)
         final = stages_dir / stage_dir_name(index, spec.name)
         rerun = force or (first is not None and index >= first)

@@ -400,6 +400,11 @@ def build_chain(loaded: Any, target: Any, source: Any) -> Chain | None:
             from edgekit.distill.stage import resolve_teacher
             from edgekit.pipeline.registry import ReferenceProblem
 
+            methods = [recipe.stage_config(i).method for i, s in enumerate(recipe.stages[:index]) if s.type == "quantize"]
+            if config.mode == "qad" and methods and methods[-1] == "fp8":  # a qad distill keeps the grid it is given
+                _problem(chain, spec.name, "distill mode qad trains integer weights on their GPTQ grid, but the quantize "
+                         "stage before it writes fp8", loaded.where("stages", index, "mode"),
+                         "quantize with method gptq, rtn or awq before a qad distill")
             try:
                 teacher_index = resolve_teacher(config, earlier)["teacher"]
             except ReferenceProblem:
