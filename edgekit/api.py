@@ -327,35 +327,89 @@ def calibrate_router(
     prompts: int = 64,
     max_new_tokens: int | None = None,
     threads: int | None = None,
+    prompt_set: str | Path | None = None,
+    hidden: int = 8,
+    progress: Any = None,
 ) -> dict[str, Any]:
-    """Fit the router threshold so that ``large_rate`` of held-out prompts (the calibration half
-    of the built-in text's held-out split) reach the large branch; write it into the bundle's
-    runtime.json. ``policy`` defaults to the bundle's when it is input_complexity or cascade,
-    else cascade. Returns the calibration record (with the rate achieved on the evaluation half)."""
+    """Fit the router threshold so that ``large_rate`` of held-out prompts reach the large branch;
+    write it into the bundle's runtime.json. ``policy`` defaults to the bundle's when it is
+    calibratable, else cascade. Prompts: ``prompt_set`` (a jsonl file or builtin:routing-mixed,
+    edgekit.models.routing_set: fitted on its calibration half, checked on its evaluation half;
+    the default for policy learned), else ``prompts`` prompts of each half of the built-in
+    text's held-out split. Policy learned trains its scorer (``hidden`` units) with the large
+    branch, which must be local. Returns the calibration record (with the rate achieved on the
+    held-out half, and per kind for a prompt set)."""
     from edgekit.runtime.bundle import open_router, resolve_config, write_calibration
-    from edgekit.runtime.calibration import apply_calibration, calibrate, held_out_prompts
+    from edgekit.runtime.calibration import apply_calibration, calibrate, calibrate_learned, held_out_prompts, routing_examples
     from edgekit.runtime.config import CALIBRATABLE
 
     bundle = Path(bundle)
     _refuse_if_signed(bundle, "calibrate-router rewrites its runtime.json")  # calibrate before signing, not after
     base = resolve_config(bundle, large=large)
     chosen = policy or (base.policy if base.policy in CALIBRATABLE else "cascade")
-    config = resolve_config(bundle, policy=chosen, large=large, max_new_tokens=max_new_tokens)
+    # a bundle without a scorer yet validates as small_only until the scorer is trained
+    config = resolve_config(bundle, policy=chosen if chosen != "learned" else "small_only", large=large,
+                            max_new_tokens=max_new_tokens)
     router = open_router(bundle, config, threads=threads)
     tokenizer = router.small.tokenizer
-    record = calibrate(router, held_out_prompts(tokenizer, prompts, split="calibration"), policy=chosen, large_rate=large_rate)
-    # The share that goes large on prompts the threshold was not fitted on (the evaluation
-    # half), from the small branch's scores alone: the large branch is never called here.
-    apply_calibration(router, record)
-    held_out = held_out_prompts(tokenizer, prompts, split="evaluation")
-    if chosen == "input_complexity":
-        large_calls = sum(router.prompt_score(p) > router.thresholds.complexity for p in held_out)
+    items_cal = items_eval = None
+    set_record = None
+    if prompt_set is None and chosen == "learned":
+        from edgekit.models.routing_set import BUILTIN_ROUTING_MIXED
+
+        prompt_set = BUILTIN_ROUTING_MIXED
+    if prompt_set is not None:
+        from edgekit.models.routing_set import load_prompt_set, split_halves
+
+        items, set_record = load_prompt_set(prompt_set)
+        items_cal, items_eval = split_halves(items)
+        if not items_cal or not items_eval:
+            raise EdgekitError("the prompt set needs prompts in both halves", where=str(prompt_set),
+                               how="give at least two prompts per kind, or set 'split' on its lines")
+        cal_prompts, eval_prompts = [i.prompt for i in items_cal], [i.prompt for i in items_eval]
     else:
-        large_calls = sum(router.confidence_score(p) < router.thresholds.confidence for p in held_out)
-    record["large_rate_held_out"] = large_calls / len(held_out)
-    record["n_prompts_held_out"] = len(held_out)
+        cal_prompts = held_out_prompts(tokenizer, prompts, split="calibration")
+        eval_prompts = held_out_prompts(tokenizer, prompts, split="evaluation")
+    if chosen == "learned":
+        examples = routing_examples(router.small, router.large, items_cal, progress=progress)
+        record = calibrate_learned(examples, large_rate=large_rate, hidden=hidden)
+        config = config.model_copy(update={"policy": "learned"})
+    else:
+        record = calibrate(router, cal_prompts, policy=chosen, large_rate=large_rate)
+    # The share that goes large on prompts the threshold was not fitted on (the held-out half),
+    # from the small branch's scores alone: the large branch is not called here.
+    apply_calibration(router, record)
+    if chosen == "input_complexity":
+        held_scores = [router.prompt_score(p) for p in eval_prompts]
+        goes_large = [v > router.thresholds.complexity for v in held_scores]
+    elif chosen == "learned":
+        goes_large = [router.learned_score(p) > router.thresholds.learned for p in eval_prompts]
+    else:
+        goes_large = [router.confidence_score(p) < router.thresholds.confidence for p in eval_prompts]
+    record["large_rate_held_out"] = sum(goes_large) / len(eval_prompts)
+    record["n_prompts_held_out"] = len(eval_prompts)
+    if set_record is not None:
+        cal_large = [(v > record["threshold"]) if chosen != "cascade" else (v < record["threshold"]) for v in record["scores"]]
+        kinds = sorted({i.kind for i in items_cal + items_eval})
+        record["prompt_set"] = set_record
+        record["per_kind"] = {k: {
+            "calibration_prompts": sum(i.kind == k for i in items_cal),
+            "large_rate_calibration": _share([g for i, g in zip(items_cal, cal_large) if i.kind == k]),
+            "held_out_prompts": sum(i.kind == k for i in items_eval),
+            "large_rate_held_out": _share([g for i, g in zip(items_eval, goes_large) if i.kind == k]),
+        } for k in kinds}
+        if chosen == "learned":
+            record["mean_gain_per_kind"] = {k: _mean([e["gain"] for e in examples if e["kind"] == k]) for k in kinds}
     record["written"] = str(write_calibration(bundle, config, record))
     return record
+
+
+def _share(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 __all__ = ["EdgekitError", "validate_recipe", "show_recipe", "compress", "list_targets", "show_target", "list_stages", "plan", "build_engine", "check_tensorrt", "run_prompt", "calibrate_router"]
@@ -444,7 +498,7 @@ def serve(
     auth_metrics: bool = False,
     max_concurrency: int = 1,
     max_queue: int = 16,
-    max_tokens_limit: int = 512,
+    max_tokens_limit: int | None = None,
     max_prompt_tokens: int | None = None,
     max_body_bytes: int = 1 << 20,
     request_timeout_s: float = 300.0,

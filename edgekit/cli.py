@@ -547,22 +547,42 @@ def _route_line(result: dict) -> str:
 @click.option("--policy", type=click.Choice(CALIBRATABLE), help="Default: the bundle's, else cascade.")
 @click.option("--large", metavar="BUNDLE_OR_URL", help="The large branch to record (default: the bundle's).")
 @click.option("--prompts", type=click.IntRange(4, 4096), default=64, show_default=True,
-              help="Held-out prompts to fit on (as many again check the rate).")
+              help="Without --prompt-set: held-out prompts of the built-in text to fit on (as many again check the rate).")
+@click.option("--prompt-set", metavar="FILE|builtin:routing-mixed",
+              help="Prompts to calibrate on: a jsonl file ({\"prompt\", \"kind\", \"continuation\", \"split\"} a line) or "
+              "builtin:routing-mixed (the default for --policy learned); fitted on its calibration half, checked on the other, "
+              "reported per kind.")
+@click.option("--hidden", type=click.IntRange(0, 64), default=8, show_default=True,
+              help="learned: hidden units of the scorer (0: linear).")
 @click.option("--max-new-tokens", type=_setting(RuntimeConfig, "max_new_tokens"), help="cascade: tokens generated per prompt while scoring (default: the bundle's).")
-def calibrate_router_cmd(bundle: str, large_rate: float, policy, large, prompts: int, max_new_tokens) -> None:
+def calibrate_router_cmd(bundle: str, large_rate: float, policy, large, prompts: int, prompt_set, hidden: int,
+                         max_new_tokens) -> None:
     """Pick the router threshold so that --large-rate of held-out prompts go to the large branch
-    (quantile calibration on the small branch's scores) and write it into the bundle's runtime.json."""
+    (quantile calibration on the small branch's scores; policy learned first trains its scorer
+    with the large branch) and write it into the bundle's runtime.json."""
     from edgekit import api
 
-    how = "one prefill each" if policy == "input_complexity" else "it generates each answer when the policy is cascade; minutes"
-    click.echo(f"scoring {2 * prompts} held-out prompts with the small branch ({how})", err=True)
+    how = {"input_complexity": "one prefill each",
+           "learned": "one pass of each branch per calibration prompt to train the scorer, then one small prefill each; "
+                      "minutes"}.get(policy, "it generates each answer when the policy is cascade; minutes")
+    what = prompt_set or ("builtin:routing-mixed" if policy == "learned" else f"{2 * prompts} held-out prompts")
+    click.echo(f"scoring {what} with the small branch ({how})", err=True)
+
+    def progress(done: int, total: int) -> None:
+        if done % 50 == 0 or done == total:
+            click.echo(f"  {done}/{total} calibration prompts through both branches", err=True)
+
     record = api.calibrate_router(bundle, large_rate=large_rate, policy=policy, large=large, prompts=prompts,
-                                  max_new_tokens=max_new_tokens)
+                                  max_new_tokens=max_new_tokens, prompt_set=prompt_set, hidden=hidden, progress=progress)
     click.echo(
         f"{record['policy']}: threshold {record['threshold']:.4g} sends {record['large_rate_achieved']:.1%} of "
         f"{record['n_prompts']} calibration prompts and {record['large_rate_held_out']:.1%} of {record['n_prompts_held_out']} "
         f"held-out prompts to the large branch (target {record['large_rate_target']:.0%}); written to {record['written']}"
     )
+    for kind, row in (record.get("per_kind") or {}).items():
+        cal, held = row["large_rate_calibration"], row["large_rate_held_out"]
+        click.echo(f"  {kind}: large {'-' if cal is None else f'{cal:.0%}'} of {row['calibration_prompts']} calibration, "
+                   f"{'-' if held is None else f'{held:.0%}'} of {row['held_out_prompts']} held-out prompts")
     if record.get("large_not_stored"):
         click.echo(f"  the large branch {record['large_not_stored']} lies outside the bundle, so runtime.json keeps its own "
                    f"policy and large branch: pass --policy {record['policy']} --large {record['large_not_stored']} to "
@@ -662,7 +682,8 @@ def unpack_cmd(archive: str, dest: str | None) -> None:
 @click.option("--auth-metrics", is_flag=True, help="Require the key on /healthz and /metrics too.")
 @click.option("--max-concurrency", type=click.IntRange(1, MAX_STREAMS), default=1, show_default=True, help="Generations at once.")
 @click.option("--max-queue", type=click.IntRange(0, 100_000), default=16, show_default=True, help="Requests waiting for a slot; beyond: 429.")
-@click.option("--max-tokens-limit", type=click.IntRange(1, MAX_TOKENS), default=512, show_default=True, help="Largest max_tokens a request may ask for.")
+@click.option("--max-tokens-limit", type=click.IntRange(1, MAX_TOKENS), default=None,
+              help="Largest max_tokens a request may ask for (default: 512, or the bundle's max_new_tokens when larger, as a reasoning bundle's is; always below the context).")
 @click.option("--max-prompt-tokens", type=click.IntRange(1, MAX_TOKENS), help="Longest prompt in tokens (default: the context length - 1).")
 @click.option("--max-body-bytes", type=click.IntRange(1024, 1 << 30), default=1 << 20, show_default=True, help="Largest request body; beyond: 413.")
 @click.option("--request-timeout", type=_Finite(0, 86_400, min_open=True), default=300.0, show_default=True, help="Seconds per request, queue wait included.")

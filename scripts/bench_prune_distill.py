@@ -140,19 +140,30 @@ def recipe_b(name: str, axes: tuple[str, ...], minutes: float, steps: int, gener
 
 
 def part_b(work: Path, minutes: float, steps: int, only: list[str], ratios: tuple[float, ...] = (0.0,),
-           data: str = "python-docs") -> list[dict]:
+           data: str = "python-docs", collect: bool = False) -> list[dict]:
+    """Run each configuration (or, ``collect``, read the runs already in ``work``: those whose
+    manifest has every stage done; the others are left out) and return its row."""
     results = []
     for axes, ratio in [(a, r) for a in only for r in ratios]:
         name = axes + ("" if data == "python-docs" else f" {data}") + ("" if ratio == 0 else f" gen{ratio:g}")
         recipe = work / f"{name.replace(' ', '-')}.yaml"
-        recipe.write_text(recipe_b(name.replace(" ", "-"), AXES[axes], minutes, steps, ratio, data))
+        if not collect:
+            recipe.write_text(recipe_b(name.replace(" ", "-"), AXES[axes], minutes, steps, ratio, data))
         out = work / name.replace(" ", "-")
-        print(f"[b] {name}: prune 0.67 + distill {minutes} min (generated ratio {ratio:g}) ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "edgekit", "compress", str(recipe), "-q", "--output", str(out), "--force"],
-                              capture_output=True, text=True)
-        result = {"name": f"{name} + distill", "axes": axes, "data": f"builtin:{data}", "generated_ratio": ratio, "minutes_budget": minutes,
-                  "wall_seconds": round(time.perf_counter() - started, 1)}
+        result = {"name": f"{name} + distill", "axes": axes, "data": f"builtin:{data}", "generated_ratio": ratio, "minutes_budget": minutes}
+        if collect:
+            manifest = out / "manifest.json"
+            done = manifest.is_file() and all(s.get("status") in ("done", "cached") for s in json.loads(manifest.read_text())["stages"])
+            if not done:
+                print(f"[b] {name}: no finished run in {out}, left out", file=sys.stderr, flush=True)
+                continue
+            proc = subprocess.CompletedProcess([], 0, "", "")
+        else:
+            print(f"[b] {name}: prune 0.67 + distill {minutes} min (generated ratio {ratio:g}) ...", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "edgekit", "compress", str(recipe), "-q", "--output", str(out), "--force"],
+                                  capture_output=True, text=True)
+            result["wall_seconds"] = round(time.perf_counter() - started, 1)
         if proc.returncode != 0:
             result["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
             results.append(result)
@@ -302,6 +313,8 @@ def main() -> None:
                         help="(b) sweeps these distill generated_ratio values per configuration, e.g. 0,0.5,1 (issue #19)")
     parser.add_argument("--data", default="python-docs", choices=("python-docs", "mixed"),
                         help="(b) the text importance and distillation read: builtin:python-docs or builtin:mixed")
+    parser.add_argument("--collect", action="store_true",
+                        help="(b) report the finished runs already in --work instead of running them")
     parser.add_argument("--skip-a", action="store_true")
     parser.add_argument("--skip-b", action="store_true")
     args = parser.parse_args()
@@ -316,7 +329,7 @@ def main() -> None:
         write_reports(args.out, payload)
     if not args.skip_b:
         ratios = tuple(float(r) for r in args.generated_ratios.split(",") if r)
-        fresh = part_b(args.work, args.minutes, args.steps, [n for n in args.only_b.split(",") if n], ratios, args.data)
+        fresh = part_b(args.work, args.minutes, args.steps, [n for n in args.only_b.split(",") if n], ratios, args.data, args.collect)
         kept = [r for r in payload.get("b", []) if r["name"] not in {f["name"] for f in fresh} and "error" not in r]
         payload["b"] = sorted(kept + fresh, key=lambda r: (list(AXES).index(r["axes"]), r.get("data", ""), r.get("generated_ratio", 0.0)))
         payload["b_settings"] = {**DISTILL, "minutes": args.minutes, "steps": args.steps}

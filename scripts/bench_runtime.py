@@ -23,11 +23,24 @@ run cache) with `edgekit compress` first.
     confidence) and a random router (its expectation). Goal: at 30 % large calls, >= 90 % of
     the large-only quality gain.
 
+(d) Routing on mixed traffic (issue #20; `--only routing`): builtin:routing-mixed
+    (edgekit.models.routing_set: prose, short and long prompts, code, CSV, JSON, arithmetic,
+    non-English text; none of it the small branch's training text). The learned router is
+    trained and every threshold calibrated on the calibration half; everything is measured on
+    the evaluation half: teacher-forced perplexity of the answering branch on each prompt's
+    reference continuation, and what a user sees: each branch's greedy answer (32 tokens),
+    its token agreement and exact-match prefix with the large branch's answer, and the answer's
+    perplexity under the large model. Curves for oracle, random, input_complexity, cascade and
+    learned, per kind; at 30 % large calls the share of the oracle's gain and the multiple of
+    random's; the calibrated thresholds' large-call share on the held-out half.
+    Writes results/bench_routing_mixed.{json,md,png}.
+
 Protocol: prompts come only from the evaluation half of the fixed held-out split (the last
 8192 tokens of the stdlib docs; see edgekit.runtime.calibration). Speeds are medians over
 prompts on this machine (2 CPU cores), measured one mode at a time.
 
     python scripts/bench_runtime.py [--prompts 120] [--speed-prompts 4] [--skip-a] [--skip-b] [--skip-c]
+    python scripts/bench_runtime.py --only routing [--per-kind 75] [--answer-tokens 32]
 
 Writes results/bench_runtime.{json,md,png}.
 """
@@ -35,6 +48,7 @@ Writes results/bench_runtime.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -245,6 +259,268 @@ def bench_routing(small, large, pairs, *, cascade_tokens: int) -> dict:
                 for name, key in (("input_complexity", "complexity"), ("cascade", "cascade"))}}
 
 
+# --------------------------------------------------------------------------- (d)
+
+
+def _greedy_with_confidence(branch, ids: list[int], n: int):
+    """(greedy answer ids, EOS excluded; max-probability confidence of every sampled token)."""
+    import numpy as np
+
+    from edgekit.runtime.answers import eos_ids
+
+    eos = eos_ids(branch.tokenizer)
+    session = branch.session()
+    tokens, confidences = [], []
+    try:
+        logits = session.feed(list(ids))
+        for _ in range(n):
+            row = np.asarray(logits[-1], dtype=np.float64)
+            p = np.exp(row - row.max())
+            token = int(row.argmax())
+            confidences.append(float(p.max() / p.sum()))
+            if token in eos:
+                break
+            tokens.append(token)
+            if len(tokens) < n:
+                logits = session.feed([token])
+    finally:
+        session.close()
+    return tokens, confidences
+
+
+def _routing_record(small, large, item, answer_tokens: int, with_answers: bool) -> dict:
+    """One prompt of the mixed set through both branches (the module docstring's (d))."""
+    from edgekit.runtime.calibration import _encode_continuation, _token_nll
+    from edgekit.runtime.learned import prompt_features
+    from edgekit.runtime.scores import ConfidenceMonitor
+
+    ids = [int(t) for t in small.tokenizer.encode(item.prompt)]
+    ref = _encode_continuation(small.tokenizer, item.continuation)[:answer_tokens]
+    rows, s_nll = _token_nll(small, ids + ref, len(ids))
+    _, l_nll = _token_nll(large, ids + ref, len(ids))
+    features = prompt_features(rows, ids, item.prompt)
+    s_answer, confidences = _greedy_with_confidence(small, ids, answer_tokens)
+    monitor = ConfidenceMonitor(0.0, quantile=0.1, min_tokens=8, check="incremental")  # the cascade's defaults
+    for c in confidences:
+        monitor.push(c)
+    monitor.finish()
+    record = {"kind": item.kind, "split": item.split, "prompt_tokens": len(ids), "features": features,
+              "small_nll": float(s_nll.sum()), "large_nll": float(l_nll.sum()), "tokens": len(ref),
+              "cascade": monitor.score if math.isfinite(monitor.score) else 1.0}
+    if with_answers:
+        l_answer, _ = _greedy_with_confidence(large, ids, answer_tokens)
+        longest = max(len(s_answer), len(l_answer))
+        same = [a == b for a, b in zip(s_answer, l_answer)]
+        prefix = next((i for i, eq in enumerate(same) if not eq), len(same))
+        s_under_large = _token_nll(large, ids + s_answer, len(ids))[1] if s_answer else []
+        l_under_large = _token_nll(large, ids + l_answer, len(ids))[1] if l_answer else []
+        record.update(small_answer=s_answer, large_answer=l_answer,
+                      agreement=(sum(same) / longest) if longest else 1.0, prefix=prefix, large_prefix=len(l_answer),
+                      small_answer_nll=float(sum(s_under_large)), small_answer_tokens=len(s_answer),
+                      large_answer_nll=float(sum(l_under_large)), large_answer_tokens=len(l_answer))
+    return record
+
+
+def _routing_records(small, large, items, answer_tokens: int, cache: Path) -> list[dict]:
+    """Every item's record, cached in ``cache`` (keyed by the set, the bundles and the settings),
+    so the routers can be re-evaluated without running the models again."""
+    records = json.loads(cache.read_text()) if cache.is_file() else []
+    for i, item in enumerate(items[len(records):], start=len(records)):
+        records.append(_routing_record(small, large, item, answer_tokens, item.split == "evaluation"))
+        if (i + 1) % 25 == 0 or i + 1 == len(items):
+            print(f"  routing (mixed): {i + 1}/{len(items)} prompts through both branches", flush=True)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(records))
+            tmp.replace(cache)
+    return records
+
+
+def _route_metrics(per: list[dict], large_set: set[int]) -> dict:
+    """Quality over ``per`` when the prompts in ``large_set`` are answered by the large branch."""
+    n_tok = sum(p["tokens"] for p in per)
+    nll = sum(p["large_nll"] if i in large_set else p["small_nll"] for i, p in enumerate(per))
+    answer_nll = sum(p["large_answer_nll"] if i in large_set else p["small_answer_nll"] for i, p in enumerate(per))
+    answer_tok = sum(p["large_answer_tokens"] if i in large_set else p["small_answer_tokens"] for i, p in enumerate(per))
+    return {"large_share": len(large_set) / len(per), "perplexity": math.exp(nll / n_tok),
+            "answer_agreement": sum(1.0 if i in large_set else p["agreement"] for i, p in enumerate(per)) / len(per),
+            "exact_prefix": sum(p["large_prefix"] if i in large_set else p["prefix"] for i, p in enumerate(per)) / len(per),
+            "answer_perplexity_under_large": math.exp(answer_nll / max(1, answer_tok))}
+
+
+def _expected_random(per: list[dict], share: float) -> dict:
+    """A random router's expectation: each prompt large with probability ``share``."""
+    n_tok = sum(p["tokens"] for p in per)
+    nll = sum((1 - share) * p["small_nll"] + share * p["large_nll"] for p in per)
+    answer_nll = sum((1 - share) * p["small_answer_nll"] + share * p["large_answer_nll"] for p in per)
+    answer_tok = sum((1 - share) * p["small_answer_tokens"] + share * p["large_answer_tokens"] for p in per)
+    return {"large_share": share, "perplexity": math.exp(nll / n_tok),
+            "answer_agreement": sum((1 - share) * p["agreement"] + share for p in per) / len(per),
+            "exact_prefix": sum((1 - share) * p["prefix"] + share * p["large_prefix"] for p in per) / len(per),
+            "answer_perplexity_under_large": math.exp(answer_nll / max(1.0, answer_tok))}
+
+
+def bench_routing_mixed(small, large, *, per_kind: int, answer_tokens: int, share: float = 0.3, hidden: int = 8) -> dict:
+    import numpy as np
+
+    from edgekit.models.routing_set import build_routing_set
+    from edgekit.runtime.calibration import calibrate_learned, quantile_threshold
+    from edgekit.runtime.config import FEATURE_NAMES, LearnedScorer
+    from edgekit.runtime.learned import score_many
+
+    items, fingerprint = build_routing_set(per_kind)
+    key = hashlib.sha256(json.dumps([fingerprint["sha256"], _shown(small.bundle_dir), _shown(large.bundle_dir), answer_tokens,
+                                     _bundle_digest(small), _bundle_digest(large)]).encode()).hexdigest()[:16]
+    records = _routing_records(small, large, items, answer_tokens, REPO / "runs" / "bench_routing_mixed" / f"records-{key}.json")
+    cal = [r for r in records if r["split"] == "calibration"]
+    per = [r for r in records if r["split"] == "evaluation"]
+    # the routers' scores: calibrated (thresholds, the learned scorer) on the calibration half only
+    examples = [{"features": r["features"], "gain": (r["small_nll"] - r["large_nll"]) / r["tokens"], "kind": r["kind"]}
+                for r in cal]
+    learned = calibrate_learned(examples, large_rate=share, hidden=hidden)
+    scorer = LearnedScorer.model_validate(learned["learned"])
+    eval_learned = [float(v) for v in score_many(scorer, [r["features"] for r in per])]
+    nll_mean = FEATURE_NAMES.index("nll_mean")
+    escalation = {  # larger = send large
+        "input_complexity": ([r["features"][nll_mean] for r in cal], [r["features"][nll_mean] for r in per]),
+        "cascade": ([-r["cascade"] for r in cal], [-r["cascade"] for r in per]),
+        "learned": (learned["scores"], eval_learned),
+    }
+    calibrated = {}
+    for name, (cal_scores, eval_scores) in escalation.items():
+        t = learned["threshold"] if name == "learned" else quantile_threshold(cal_scores, share)[0]
+        large_set = {i for i, v in enumerate(eval_scores) if v > t}
+        calibrated[name] = {"threshold_escalation_units": t, "large_rate_held_out": len(large_set) / len(per),
+                            "within_5_points": abs(len(large_set) / len(per) - share) <= 0.05,
+                            **_route_metrics(per, large_set)}
+    orders = {name: sorted(range(len(per)), key=lambda i, s=scores[1]: -s[i]) for name, scores in escalation.items()}
+    orders["oracle (perplexity; not a router)"] = sorted(range(len(per)), key=lambda i: -(per[i]["small_nll"] - per[i]["large_nll"]))
+    orders["oracle (answer agreement; not a router)"] = sorted(
+        range(len(per)), key=lambda i: (per[i]["agreement"], -(per[i]["small_answer_nll"] - per[i]["large_answer_nll"])))
+    curves = {name: [_route_metrics(per, set(order[:k])) for k in range(len(per) + 1)] for name, order in orders.items()}
+    curves["random"] = [_expected_random(per, k / len(per)) for k in range(len(per) + 1)]
+    small_only, large_only = curves["random"][0], curves["random"][-1]
+    k30 = round(share * len(per))
+
+    def gains(point: dict) -> dict:
+        return {"perplexity_gain": small_only["perplexity"] - point["perplexity"],
+                "agreement_gain": point["answer_agreement"] - small_only["answer_agreement"]}
+
+    at = {name: {**points[k30], **gains(points[k30])} for name, points in curves.items()}
+    oracle_ppl, oracle_agree = at["oracle (perplexity; not a router)"], at["oracle (answer agreement; not a router)"]
+    for name, point in at.items():
+        point["share_of_large_only_perplexity_gain"] = point["perplexity_gain"] / (small_only["perplexity"] - large_only["perplexity"])
+        point["share_of_large_only_agreement_gain"] = point["agreement_gain"] / (1 - small_only["answer_agreement"])
+        point["fraction_of_oracle_perplexity_gain"] = point["perplexity_gain"] / oracle_ppl["perplexity_gain"]
+        point["fraction_of_oracle_agreement_gain"] = point["agreement_gain"] / oracle_agree["agreement_gain"]
+        point["multiple_of_random_perplexity_gain"] = point["perplexity_gain"] / at["random"]["perplexity_gain"]
+        point["multiple_of_random_agreement_gain"] = point["agreement_gain"] / at["random"]["agreement_gain"]
+    kinds = sorted({r["kind"] for r in per})
+    per_kind = {}
+    for kind in kinds:
+        idx = [i for i, r in enumerate(per) if r["kind"] == kind]
+        sub = [per[i] for i in idx]
+        row = {"prompts": len(sub), "small_only": _route_metrics(sub, set()), "large_only": _route_metrics(sub, set(range(len(sub))))}
+        for name in ("learned", "input_complexity", "cascade", "oracle (perplexity; not a router)"):
+            chosen = set(orders[name][:k30])
+            local = {j for j, i in enumerate(idx) if i in chosen}
+            row[name] = {"large_share": len(local) / len(sub), **_route_metrics(sub, local)}
+        per_kind[kind] = row
+    best = max(("learned", "input_complexity", "cascade"), key=lambda n: min(at[n]["fraction_of_oracle_perplexity_gain"],
+                                                                            at[n]["fraction_of_oracle_agreement_gain"]))
+    b = at[best]
+    goal = {"router": best, "share": share,
+            "fraction_of_oracle_perplexity_gain": b["fraction_of_oracle_perplexity_gain"],
+            "fraction_of_oracle_agreement_gain": b["fraction_of_oracle_agreement_gain"],
+            "multiple_of_random_perplexity_gain": b["multiple_of_random_perplexity_gain"],
+            "multiple_of_random_agreement_gain": b["multiple_of_random_agreement_gain"],
+            "calibrated_large_rate_held_out": calibrated[best]["large_rate_held_out"]}
+    goal["met"] = bool(goal["fraction_of_oracle_perplexity_gain"] >= 0.8 and goal["fraction_of_oracle_agreement_gain"] >= 0.8
+                       and goal["multiple_of_random_perplexity_gain"] >= 2 and goal["multiple_of_random_agreement_gain"] >= 2
+                       and abs(goal["calibrated_large_rate_held_out"] - share) <= 0.05)
+    return {"set": fingerprint, "answer_tokens": answer_tokens, "calibration_prompts": len(cal), "evaluation_prompts": len(per),
+            "learned": {k: v for k, v in learned.items() if k != "scores"}, "calibrated": calibrated, "at_share": at,
+            "share": share, "curves": curves, "per_kind": per_kind, "goal": goal,
+            "mean_gain_per_kind_calibration": {k: float(np.mean([e["gain"] for e in examples if e["kind"] == k]))
+                                               for k in kinds}}
+
+
+def _bundle_digest(branch) -> str:
+    manifest = Path(branch.bundle_dir) / "manifest.json"
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else "?"
+
+
+def write_routing_report(ro: dict, machine: str, small: str, large: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    stem = "bench_routing_mixed"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"machine": machine, "small": small, "large": large, **ro}, indent=1) + "\n")
+    pct = ro["share"]
+    lines = ["# Routing on mixed traffic (issue #20)", "",
+             f"{machine}. Small: `{small}`; large: `{large}`. Generated by `scripts/bench_runtime.py --only routing`.", "",
+             f"Set: builtin:routing-mixed, {ro['set']['prompts']} prompts (sha256 {ro['set']['sha256'][:12]}), kinds "
+             + ", ".join(f"{k} {v}" for k, v in ro["set"]["kinds"].items())
+             + f"; {ro['calibration_prompts']} calibration / {ro['evaluation_prompts']} evaluation prompts (disjoint). "
+             f"Answers: greedy, {ro['answer_tokens']} tokens. The learned router ({ro['learned']['hidden']} hidden units) and "
+             "every threshold are fitted on the calibration half; all numbers below are on the evaluation half.", "",
+             f"## At {pct:.0%} large calls", "",
+             "| router | perplexity | answer agreement | exact prefix (tokens) | answer ppl under large | of oracle's ppl gain | "
+             "of oracle's agreement gain | x random (ppl) | x random (agreement) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    s0, l1 = ro["curves"]["random"][0], ro["curves"]["random"][-1]
+    lines.append(f"| small only (0 %) | {s0['perplexity']:.2f} | {s0['answer_agreement']:.3f} | {s0['exact_prefix']:.1f} | "
+                 f"{s0['answer_perplexity_under_large']:.2f} | | | | |")
+    for name, p in ro["at_share"].items():
+        lines.append(f"| {name} | {p['perplexity']:.2f} | {p['answer_agreement']:.3f} | {p['exact_prefix']:.1f} | "
+                     f"{p['answer_perplexity_under_large']:.2f} | {p['fraction_of_oracle_perplexity_gain']:.0%} | "
+                     f"{p['fraction_of_oracle_agreement_gain']:.0%} | {p['multiple_of_random_perplexity_gain']:.2f} | "
+                     f"{p['multiple_of_random_agreement_gain']:.2f} |")
+    lines.append(f"| large only (100 %) | {l1['perplexity']:.2f} | {l1['answer_agreement']:.3f} | {l1['exact_prefix']:.1f} | "
+                 f"{l1['answer_perplexity_under_large']:.2f} | | | | |")
+    g = ro["goal"]
+    lines += ["", f"Goal (issue #20): the best router ({g['router']}) recovers {g['fraction_of_oracle_perplexity_gain']:.0%} / "
+              f"{g['fraction_of_oracle_agreement_gain']:.0%} of the oracle's perplexity / answer-agreement gain (goal >= 80 %), "
+              f"{g['multiple_of_random_perplexity_gain']:.2f}x / {g['multiple_of_random_agreement_gain']:.2f}x random's (goal >= 2x), "
+              f"and its calibrated threshold sends {g['calibrated_large_rate_held_out']:.1%} of held-out prompts large (goal "
+              f"{pct:.0%} ± 5 points): **{'met' if g['met'] else 'not met'}**.", "",
+              "## Calibrated thresholds on the held-out half", "",
+              "| router | large calls (target %.0f %%) | within ±5 points | perplexity | answer agreement |" % (100 * pct),
+              "|---|---:|---|---:|---:|"]
+    for name, c in ro["calibrated"].items():
+        lines.append(f"| {name} | {c['large_rate_held_out']:.1%} | {'yes' if c['within_5_points'] else 'no'} | "
+                     f"{c['perplexity']:.2f} | {c['answer_agreement']:.3f} |")
+    lines += ["", f"Learned scorer: out-of-fold correlation with the per-prompt gain on the calibration half "
+              f"{ro['learned']['out_of_fold_correlation_with_gain']:+.2f}.", "",
+              f"## Per kind (each router's {pct:.0%} cut over the whole evaluation half)", "",
+              "| kind | prompts | small ppl | large ppl | small agreement | learned: large share / ppl / agreement | "
+              "input_complexity: large share | cascade: large share | oracle (ppl): large share |",
+              "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for kind, row in ro["per_kind"].items():
+        le = row["learned"]
+        lines.append(f"| {kind} | {row['prompts']} | {row['small_only']['perplexity']:.2f} | {row['large_only']['perplexity']:.2f} | "
+                     f"{row['small_only']['answer_agreement']:.3f} | {le['large_share']:.0%} / {le['perplexity']:.2f} / "
+                     f"{le['answer_agreement']:.3f} | {row['input_complexity']['large_share']:.0%} | "
+                     f"{row['cascade']['large_share']:.0%} | {row['oracle (perplexity; not a router)']['large_share']:.0%} |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, key, label in ((axes[0], "perplexity", "perplexity of the answering branch (reference continuation)"),
+                           (axes[1], "answer_agreement", "token agreement of the answer with the large branch's")):
+        for name, points in ro["curves"].items():
+            style = ":" if name.startswith("oracle") else ("--" if name == "random" else "-")
+            ax.plot([p["large_share"] for p in points], [p[key] for p in points], style, label=name)
+        ax.axvline(pct, color="grey", lw=0.8)
+        ax.set_xlabel("share of prompts answered by the large branch")
+        ax.set_ylabel(label, fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle("routing on mixed traffic (evaluation half of builtin:routing-mixed)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{stem}.png", dpi=120)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -354,6 +630,10 @@ def main() -> None:
     parser.add_argument("--small-bundle", type=Path, help="another small branch (a bundle directory) instead of the default recipe's")
     parser.add_argument("--large-bundle", type=Path, help="another large branch (a bundle directory) instead of the large recipe's")
     parser.add_argument("--name", default="bench_runtime", help="results/<name>.{json,md,png}")
+    parser.add_argument("--only", choices=("routing",), help="routing: only (d), routing on builtin:routing-mixed "
+                        "(results/bench_routing_mixed.*)")
+    parser.add_argument("--per-kind", type=int, default=75, help="(d): prompts per kind of the mixed set")
+    parser.add_argument("--answer-tokens", type=int, default=32, help="(d): greedy answer and reference tokens per prompt")
     args = parser.parse_args()
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
     os.chdir(REPO)  # runs/ lands in the repository, where `edgekit compress` would put it
@@ -371,6 +651,13 @@ def main() -> None:
     if DRAFT_VARIANT in variants and not args.no_draft_graph:  # what `edgekit run --policy speculative` drafts with
         draft = OnnxRuntimeBranch(small_dir, name="small", spin_wait=not args.no_spin, variant=DRAFT_VARIANT)
     large = OnnxRuntimeBranch(large_dir, name="large", spin_wait=not args.no_spin)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    if args.only == "routing":
+        print("(d) routing on mixed traffic", flush=True)
+        ro = bench_routing_mixed(small, large, per_kind=args.per_kind, answer_tokens=args.answer_tokens)
+        write_routing_report(ro, machine, _shown(small_dir), _shown(large_dir))
+        print((RESULTS / "bench_routing_mixed.md").read_text())
+        return
     path = RESULTS / f"{RESULT_NAME}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.update(machine=f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",

@@ -460,3 +460,27 @@ def test_serve_off_has_no_reasoning_content(thinking):
     finally:
         srv.stop(0)
 
+
+
+def test_serve_lets_a_reasoning_bundle_think_to_its_max_new_tokens(thinking):
+    """--max-tokens-limit unset: 512, or the bundle's max_new_tokens when larger (a reasoning
+    bundle's is its context), always below the context; an explicit limit wins."""
+    from edgekit.runtime.bundle import resolve_config
+    from edgekit.serve.server import EdgekitServer, ServeOptions, max_tokens_limit
+
+    assert max_tokens_limit(None, 4096, 4096) == 4095  # R1-like: the whole context
+    assert max_tokens_limit(None, 128, 4096) == 512  # an ordinary bundle: 512 as before
+    assert max_tokens_limit(64, 4096, 4096) == 64 and max_tokens_limit(10_000, 128, 2048) == 2047
+    bundle, _ = thinking
+    srv = EdgekitServer(bundle, ServeOptions(port=0, access_log=False), config=resolve_config(bundle, max_new_tokens=300),
+                        threads=1)
+    srv.start()
+    try:
+        srv.load()
+        assert srv.parser.limits.max_tokens_limit == 511 and srv.parser.default_max_tokens == 300
+        status, raw = _post(srv, "/v1/completions", {"prompt": "The for", "max_tokens": 511, "temperature": 0})
+        assert status == 200, raw
+        status, raw = _post(srv, "/v1/completions", {"prompt": "The for", "max_tokens": 512, "temperature": 0})
+        assert status == 400 and b"max_tokens_exceeded" in raw
+    finally:
+        srv.stop(0)

@@ -21,6 +21,9 @@ from typing import Any
 
 from edgekit.errors import EdgekitError
 
+#: runtime.json is settings and a learned router's few hundred weights: far below this
+RUNTIME_JSON_MAX_BYTES = 4 * 1024 * 1024
+
 
 def read_runtime_config(bundle_dir: Path) -> Any:
     """The bundle's RuntimeConfig (defaults when the bundle predates runtime.json)."""
@@ -36,6 +39,8 @@ def read_runtime_config(bundle_dir: Path) -> Any:
     path = bundle_dir / RUNTIME_NAME
     if not path.is_file():
         return complete_config(handle, RuntimeConfig())
+    if path.stat().st_size > RUNTIME_JSON_MAX_BYTES:  # the file is read whole: bound it first
+        raise EdgekitError(f"runtime.json is over {RUNTIME_JSON_MAX_BYTES} bytes", where=str(path), how="rebuild the bundle")
     try:
         data = json.loads(path.read_text())
     except ValueError:
@@ -204,6 +209,7 @@ def open_router(bundle_dir: Path, config: Any, *, threads: int | None = None) ->
         small, large, config.policy, thresholds=dict(config.thresholds), sampler_params=config.sampling.model_dump(),
         max_new_tokens=config.max_new_tokens, draft_tokens=config.draft_tokens, timeout_s=config.timeout_s,
         seed=config.sampling.seed, draft_min_confidence=config.draft_min_confidence, degrade=config.degrade, load=load,
+        learned=config.learned,
     )
 
 
@@ -224,14 +230,18 @@ def write_calibration(bundle_dir: Path, config: Any, calibration: dict[str, Any]
             stored = read_runtime_config(bundle_dir)
             calibration["large_not_stored"] = config.large  # the caller's record says so too
     thresholds = dict(stored.thresholds)
+    learned = stored.learned.model_dump(mode="json") if stored.learned is not None else None
     if calibration["policy"] == "input_complexity":
         thresholds.update(complexity=calibration["threshold"], length_weight=calibration["length_weight"])
+    elif calibration["policy"] == "learned":
+        thresholds.update(learned=calibration["threshold"])
+        learned = calibration["learned"]
     else:
         thresholds.update(confidence=calibration["threshold"], quantile=calibration["quantile"],
                           min_tokens=calibration["min_tokens"], check=calibration["check"])
     policy = calibration["policy"] if stored is config else stored.policy
     data = {"format": RUNTIME_FORMAT, **stored.model_dump(mode="json"), "policy": policy, "thresholds": thresholds,
-            "calibration": {k: v for k, v in calibration.items() if k != "scores"}}
+            "learned": learned, "calibration": {k: v for k, v in calibration.items() if k not in ("scores", "learned")}}
     sources = _recorded_sources(bundle_dir / RUNTIME_NAME)
     if sources is not None:  # where the bundle stage took each value from stays on record
         data["sources"] = sources

@@ -18,13 +18,28 @@ put where the target share of those prompts goes to the large branch.
   below the threshold, which happens exactly when this minimum is below it, so the
   calibrated share is the share the router will escalate.
 
-Both are put on one axis, the *escalation score* ``e`` (``score``, resp. ``-score``: larger
+* ``learned``: the learned scorer's output (``Router.learned_score``: the prompt's predicted
+  gain from the large branch); a prompt goes large when ``score > threshold``. With a scorer
+  already in the router, :func:`calibrate` refits its threshold only; :func:`calibrate_learned`
+  trains the scorer first (below).
+
+All are put on one axis, the *escalation score* ``e`` (``score``, resp. ``-score``: larger
 goes large), and the threshold ``t`` is chosen among the gaps between distinct sorted
 values of ``e``: the one whose count of ``e > t`` is closest to ``large_rate * n``, ties to
 the smaller count (fewer large calls). Within a gap the threshold is the midpoint of the two
 neighbouring values, so prompts near either one route like them; above every value it is
 the maximum (nothing strictly above it), below every value the minimum minus 1. The
 returned ``threshold`` is in the policy's own units (``-t`` for cascade).
+
+Training the learned scorer (:func:`routing_examples`, :func:`calibrate_learned`): for every
+calibration prompt, one teacher-forced pass of each branch over the prompt and its reference
+continuation (the first ``target_tokens`` tokens of the item's ``continuation``; for an item
+without one, the large branch's greedy answer) gives the target, the large branch's gain in
+nats per token (small NLL - large NLL, mean over those tokens), and the small pass's prompt rows
+give the features (the same rows the router's prefill computes). The threshold is the quantile
+of the *out-of-fold* scores (5 folds, each scored by a scorer trained without it), so it is
+placed where a scorer meets prompts it was not trained on; the scorer kept is then trained on
+all of them. The large branch must be local (its logits), and is called only here.
 
 Held-out prompts (:func:`held_out_prompts`) come from ``builtin:python-docs`` only from its
 held-out split, the last ``eval_tokens`` tokens (``edgekit.models.text.tokenize_splits``, the
@@ -114,14 +129,21 @@ def calibrate(
     prompts = list(prompts)
     if not prompts:
         raise DataError("no prompts to calibrate on", where="calibrate", how="give held-out prompts (held_out_prompts)")
-    if policy == "input_complexity":
+    if policy == "learned":
+        router.learned = getattr(router_or_branches, "learned", None)
+        if router.learned is None:
+            raise EdgekitError("policy learned has no scorer to calibrate a threshold for", where="calibrate",
+                               how="train one with calibrate_learned (edgekit calibrate-router --policy learned)")
+        scores = [router.learned_score(p) for p in prompts]
+        escalation = scores
+    elif policy == "input_complexity":
         scores = [router.prompt_score(p) for p in prompts]
         escalation = scores
     else:
         scores = [router.confidence_score(p) for p in prompts]
         escalation = [-s for s in scores]
     t, count = quantile_threshold(escalation, float(large_rate))
-    threshold = t if policy == "input_complexity" else -t
+    threshold = -t if policy == "cascade" else t
     th = router.thresholds
     out = {
         "policy": policy,
@@ -130,10 +152,12 @@ def calibrate(
         "large_rate_achieved": count / len(prompts),
         "n_prompts": len(prompts),
         "scores": scores,
-        "rule": "large when score > threshold" if policy == "input_complexity" else "escalate when score < threshold",
+        "rule": "escalate when score < threshold" if policy == "cascade" else "large when score > threshold",
     }
     if policy == "input_complexity":
         out["length_weight"] = th.length_weight
+    elif policy == "learned":
+        out["learned"] = router.learned.model_dump(mode="json")
     else:
         out.update(quantile=th.quantile, min_tokens=th.min_tokens, check=th.check, max_new_tokens=router.max_new_tokens)
     return out
@@ -143,10 +167,117 @@ def apply_calibration(router: Any, calibration: dict) -> None:
     """Set the router's threshold (and the scoring settings it was calibrated with)."""
     if calibration["policy"] == "input_complexity":
         fitted = {"complexity": calibration["threshold"], "length_weight": calibration["length_weight"]}
+    elif calibration["policy"] == "learned":
+        from edgekit.runtime.config import LearnedScorer
+
+        fitted = {"learned": calibration["threshold"]}
+        router.learned = LearnedScorer.model_validate(calibration["learned"])
     else:
         fitted = {"confidence": calibration["threshold"], "quantile": calibration["quantile"],
                   "min_tokens": calibration["min_tokens"], "check": calibration["check"]}
     router.thresholds = Thresholds.model_validate({**router.thresholds.model_dump(), **fitted})
+
+
+def _encode_continuation(tokenizer: Any, text: str) -> list[int]:
+    try:
+        return [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
+    except TypeError:  # a tokenizer without the option adds nothing
+        return [int(t) for t in tokenizer.encode(text)]
+
+
+def _token_nll(branch: Any, ids: list[int], start: int):
+    """(prompt rows' logits, NLL of ids[start:] given what precedes them) from one pass."""
+    import numpy as np
+
+    session = branch.session()
+    try:
+        logits = np.asarray(session.feed(ids), dtype=np.float64)
+    finally:
+        session.close()
+    rows = logits[start - 1:len(ids) - 1]
+    m = rows.max(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(rows - m).sum(axis=1))
+    return logits[:start], lse - rows[np.arange(len(rows)), np.asarray(ids[start:], dtype=np.int64)]
+
+
+def greedy_answer(branch: Any, ids: list[int], max_new_tokens: int) -> list[int]:
+    """The branch's greedy continuation of ``ids`` (argmax each step, EOS excluded)."""
+    from edgekit.runtime.answers import eos_ids
+
+    eos = eos_ids(branch.tokenizer)
+    session = branch.session()
+    out: list[int] = []
+    try:
+        logits = session.feed(list(ids))
+        for _ in range(max_new_tokens):
+            token = int(logits[-1].argmax())
+            if token in eos:
+                break
+            out.append(token)
+            if len(out) < max_new_tokens:
+                logits = session.feed([token])
+    finally:
+        session.close()
+    return out
+
+
+def routing_examples(small: Any, large: Any, items: Sequence[Any], *, target_tokens: int = 32, progress: Any = None) -> list[dict]:
+    """Per item (``edgekit.models.routing_set.PromptItem`` or any object with ``prompt``,
+    ``kind``, ``continuation``): ``{"kind", "features", "gain", "small_nll", "large_nll",
+    "tokens", "prompt_tokens"}`` (module docstring: the target). Branches local, one tokenizer."""
+    from edgekit.runtime.learned import prompt_features
+
+    for label, branch in (("small", small), ("large", large)):
+        if branch is None or not getattr(branch, "has_logits", False):
+            raise EdgekitError(f"training the learned router needs the {label} branch's logits", where=f"router.{label}",
+                               how="give a local large branch (a bundle directory) with --large")
+    if not isinstance(target_tokens, int) or not 1 <= target_tokens <= 4096:
+        raise EdgekitError(f"target_tokens must be in [1, 4096], got {target_tokens!r}", where="routing_examples", how="e.g. 32")
+    out = []
+    for i, item in enumerate(items):
+        ids = [int(t) for t in small.tokenizer.encode(item.prompt)]
+        if not ids:
+            raise DataError("a prompt encodes to no tokens", where=f"prompt {i}", how="drop it")
+        reference = _encode_continuation(small.tokenizer, item.continuation)[:target_tokens] if item.continuation else []
+        if not reference:
+            reference = greedy_answer(large, ids, target_tokens)
+        if not reference:  # the large branch ends at once: nothing to gain
+            reference = [int(ids[-1])]
+        rows, small_nll = _token_nll(small, ids + reference, len(ids))
+        _, large_nll = _token_nll(large, ids + reference, len(ids))
+        out.append({"kind": getattr(item, "kind", "default"), "features": prompt_features(rows, ids, item.prompt),
+                    "gain": float((small_nll - large_nll).mean()), "small_nll": float(small_nll.sum()),
+                    "large_nll": float(large_nll.sum()), "tokens": len(reference), "prompt_tokens": len(ids)})
+        if progress is not None:
+            progress(i + 1, len(items))
+    return out
+
+
+def calibrate_learned(examples: Sequence[dict], *, large_rate: float = 0.3, hidden: int = 8, seed: int = 0, folds: int = 5) -> dict:
+    """Train the learned scorer on ``examples`` (:func:`routing_examples` of the calibration
+    prompts) and place its threshold for ``large_rate`` on their out-of-fold scores (module
+    docstring). Returns the calibration record, ``learned`` holding the scorer."""
+    import numpy as np
+
+    from edgekit.runtime.learned import cross_validated_scores, fit_scorer
+
+    if isinstance(large_rate, bool) or not isinstance(large_rate, (int, float)) or not 0.0 <= large_rate <= 1.0:
+        raise EdgekitError(f"large_rate must be in [0, 1], got {large_rate!r}", where="calibrate", how="use e.g. 0.3")
+    if len(examples) < 2 * folds:
+        raise DataError(f"{len(examples)} calibration prompts are too few to train the learned router (at least {2 * folds})",
+                        where="calibrate", how="give more prompts (builtin:routing-mixed has about 300 per half)")
+    X = np.asarray([e["features"] for e in examples], dtype=np.float64)
+    y = np.asarray([e["gain"] for e in examples], dtype=np.float64)
+    oof = cross_validated_scores(X, y, folds=folds, seed=seed, hidden=hidden)
+    t, count = quantile_threshold(oof, float(large_rate))
+    scorer = fit_scorer(X, y, hidden=hidden, seed=seed, target="large branch's gain, nats/token (small NLL - large NLL)")
+    correlation = float(np.corrcoef(oof, y)[0, 1]) if np.std(oof) > 0 and np.std(y) > 0 else 0.0
+    return {
+        "policy": "learned", "threshold": t, "large_rate_target": float(large_rate), "large_rate_achieved": count / len(y),
+        "n_prompts": len(y), "scores": [float(v) for v in oof], "rule": "large when score > threshold",
+        "learned": scorer.model_dump(mode="json"), "hidden": hidden, "folds": folds,
+        "out_of_fold_correlation_with_gain": correlation,
+    }
 
 
 def measured_large_rate(router: Any, prompts: Sequence[str | Sequence[int]], **overrides) -> float:
@@ -204,4 +335,5 @@ def held_out_prompts(
     return prompts
 
 
-__all__ = ["apply_calibration", "calibrate", "held_out_prompts", "measured_large_rate", "quantile_threshold"]
+__all__ = ["apply_calibration", "calibrate", "calibrate_learned", "greedy_answer", "held_out_prompts", "measured_large_rate",
+           "quantile_threshold", "routing_examples"]

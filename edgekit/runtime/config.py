@@ -26,10 +26,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-PolicyName = Literal["small_only", "large_only", "input_complexity", "cascade", "speculative", "degrade"]
+PolicyName = Literal["small_only", "large_only", "input_complexity", "cascade", "learned", "speculative", "degrade"]
 POLICIES: tuple[str, ...] = get_args(PolicyName)
 #: the policies with a threshold that ``edgekit calibrate-router`` fits
-CalibratablePolicy = Literal["input_complexity", "cascade"]
+CalibratablePolicy = Literal["input_complexity", "cascade", "learned"]
 CALIBRATABLE: tuple[str, ...] = get_args(CalibratablePolicy)
 Backend = Literal["auto", "onnxruntime", "tensorrt"]
 ReasoningMode = Literal["auto", "off", "split"]
@@ -79,6 +79,62 @@ class SamplingConfig(_Strict):
     seed: int = Field(0, ge=0, description="RNG seed (same seed, same tokens)")
 
 
+#: the prompt features of policy ``learned`` (edgekit.runtime.learned.prompt_features), in this
+#: order: the small branch's per-token NLL of the prompt (mean, quantiles, max, mean over the last
+#: quarter), the entropy of its next-token distributions (mean, 0.9 quantile, at the last
+#: position), the top probability at the last position, log(1 + tokens), characters per token,
+#: and the shares of digits, punctuation, non-ASCII, whitespace and upper-case characters
+FEATURE_NAMES: tuple[str, ...] = (
+    "nll_mean", "nll_q10", "nll_q50", "nll_q90", "nll_max", "nll_tail", "entropy_mean", "entropy_q90", "entropy_last",
+    "top1_last", "log_tokens", "chars_per_token", "digits", "punct", "non_ascii", "spaces", "upper",
+)
+#: the most hidden units a learned scorer may have (runtime.json is data from elsewhere)
+MAX_HIDDEN = 64
+_Weight = Annotated[float, Field(ge=-1e6, le=1e6)]
+_Vector = Annotated[tuple[_Weight, ...], Field(max_length=max(MAX_HIDDEN, len(FEATURE_NAMES)))]
+
+
+def _known_feature(value: Any) -> Any:
+    if isinstance(value, str) and value not in FEATURE_NAMES:
+        raise ValueError(f"unknown feature {value[:40]!r} (use {', '.join(FEATURE_NAMES)})")
+    return value
+
+
+class LearnedScorer(_Strict, frozen=True):
+    """Policy ``learned``: the prompt scorer ``edgekit calibrate-router --policy learned`` trains.
+
+    A tiny network (edgekit.runtime.learned) over the prompt features the small branch's prefill
+    gives, predicting how much the large branch would gain on the prompt. score = output_weights . tanh(
+    hidden_weights x + hidden_bias) + output_bias with x = (features - mean) / scale (no hidden
+    layer: output_weights . x + output_bias); the prompt goes large when score > thresholds.learned."""
+
+    features: tuple[Annotated[str, BeforeValidator(_known_feature)], ...] = Field(
+        min_length=1, max_length=len(FEATURE_NAMES), description="the input features, in order (names from FEATURE_NAMES)")
+    mean: _Vector = Field(description="per feature: subtracted before scaling")
+    scale: tuple[Annotated[float, Field(gt=0, le=1e6)], ...] = Field(max_length=len(FEATURE_NAMES),
+                                                                     description="per feature: divides after centring")
+    hidden_weights: tuple[_Vector, ...] = Field((), max_length=MAX_HIDDEN, description="hidden units x features (empty: linear)")
+    hidden_bias: _Vector = Field((), description="per hidden unit")
+    output_weights: _Vector = Field(description="per hidden unit (per feature when linear)")
+    output_bias: _Weight = Field(0.0, description="added to the output")
+    target: str = Field("gain", max_length=200, description="what the score predicts (a record)")
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        n, hidden = len(self.features), len(self.hidden_weights)
+        if len(set(self.features)) != n:
+            raise ValueError("learned.features: a feature is named twice")
+        if len(self.mean) != n or len(self.scale) != n:
+            raise ValueError(f"learned: mean and scale need one value per feature ({n}), got {len(self.mean)} and {len(self.scale)}")
+        if any(len(row) != n for row in self.hidden_weights):
+            raise ValueError(f"learned.hidden_weights: every row needs {n} values (one per feature)")
+        if len(self.hidden_bias) != hidden:
+            raise ValueError(f"learned.hidden_bias needs {hidden} values (one per hidden unit), got {len(self.hidden_bias)}")
+        if len(self.output_weights) != (hidden or n):
+            raise ValueError(f"learned.output_weights needs {hidden or n} values, got {len(self.output_weights)}")
+        return self
+
+
 class Thresholds(_Strict, frozen=True):
     """Routing thresholds. The defaults are placeholders: calibrate them for a target share
     of large calls with ``edgekit.runtime.calibration.calibrate``."""
@@ -89,6 +145,7 @@ class Thresholds(_Strict, frozen=True):
     quantile: float = Field(0.1, ge=0, le=1, description="cascade: which low quantile of the confidences")
     min_tokens: int = Field(8, ge=1, description="cascade: first decision point (incremental check)")
     check: Check = Field("incremental", description="cascade: decide at every token from min_tokens on, or at the end")
+    learned: float = Field(0.0, ge=-1e6, le=1e6, description="learned: large when the scorer's predicted gain > learned")
 
     @model_validator(mode="before")
     @classmethod
@@ -167,6 +224,7 @@ class RouterSettings(_Strict):
     draft_min_confidence: DraftMinConfidence = 0.5
     timeout_s: BranchTimeout | None = None
     degrade: DegradeSettings = Field(default_factory=DegradeSettings)
+    learned: LearnedScorer | None = None
 
 
 class RuntimeConfig(_Strict):
@@ -201,7 +259,10 @@ class RuntimeConfig(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     thresholds: dict[str, float | int | str] = Field(
         default_factory=dict, description="router thresholds (complexity, length_weight, confidence, quantile, "
-        "min_tokens, check); edgekit calibrate-router fits them")
+        "min_tokens, check, learned); edgekit calibrate-router fits them")
+    learned: LearnedScorer | None = Field(
+        None, description="policy learned: the prompt scorer edgekit calibrate-router --policy learned trains "
+        "(docs/routing.md)")
 
     @field_validator("thresholds")
     @classmethod
@@ -218,6 +279,8 @@ class RuntimeConfig(_Strict):
         if self.policy != "small_only" and not self.large:
             raise ValueError(f"policy {self.policy} needs a large branch: set runtime.large to a bundle directory or an "
                              "http(s):// endpoint")
+        if self.policy == "learned" and self.learned is None:
+            raise ValueError("policy learned needs its scorer: run edgekit calibrate-router --policy learned")
         if self.policy == "speculative" and self.large and self.large.startswith(("http://", "https://")):
             raise ValueError("speculative decoding needs the large branch's logits: runtime.large must be a local bundle")
         return self
@@ -294,7 +357,7 @@ def bounds(model: type[BaseModel], name: str) -> dict[str, float]:
 __all__ = [
     "CALIBRATABLE", "CHECKS", "POLICIES", "Backend", "BatchingConfig", "BranchTimeout", "CalibratablePolicy", "Check", "DegradeSettings",
     "DraftGraph", "ProtectedPolicy",
-    "DraftMinConfidence", "DraftTokens", "MaxNewTokens", "Policy", "PolicyName", "PrefixCacheConfig", "ReasoningMode",
+    "DraftMinConfidence", "DraftTokens", "FEATURE_NAMES", "LearnedScorer", "MAX_HIDDEN", "MaxNewTokens", "Policy", "PolicyName", "PrefixCacheConfig", "ReasoningMode",
     "RouterSettings", "RuntimeConfig", "SamplingConfig", "SpeculativeSettings", "Thresholds", "bounds", "checked",
     "choices", "is_int", "problem",
 ]

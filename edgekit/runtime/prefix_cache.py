@@ -35,9 +35,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: routing policies that read every row of the prompt's logits (input_complexity scores the
+#: routing policies that read every row of the prompt's logits (input_complexity and learned score the
 #: prompt by them); a prefix taken from the cache has no rows, so these never get a cache
-PROMPT_ROW_POLICIES = ("input_complexity",)
+PROMPT_ROW_POLICIES = ("input_complexity", "learned")
 
 
 def _key(ids: Sequence[int]) -> bytes:

@@ -40,6 +40,12 @@ Policies
     ``score < confidence``: the small answer is dropped and the large branch regenerates
     from the prompt (what a remote large branch supports). Calibration
     (``edgekit.runtime.calibration``) computes the same score on a full small generation.
+``learned``
+    Score the prompt from the same small prefill with a tiny network trained at calibration
+    time (``edgekit calibrate-router --policy learned``; ``edgekit.runtime.learned``): the
+    features are the prompt's per-token NLL quantiles, next-token entropies, length and
+    character classes; the output predicts the large branch's gain on the prompt.
+    ``score > thresholds.learned`` -> large, else the small branch continues from its prefill.
 ``speculative``
     ``edgekit.runtime.speculative``: the small branch drafts, the large one verifies. Both
     must be local with logits and share the tokenizer; penalties are refused.
@@ -102,7 +108,7 @@ from typing import Any, Iterator, Sequence
 from edgekit.errors import EdgekitError
 from edgekit.runtime.answers import (Answer, LocalRun, Output, RemoteText, Request, StreamEvent, Text, check_stops, eos_ids,
                                      token_rate)
-from edgekit.runtime.config import DegradeSettings, RouterSettings, Thresholds, checked
+from edgekit.runtime.config import DegradeSettings, LearnedScorer, RouterSettings, Thresholds, checked
 from edgekit.runtime.guards import BranchFailed, Guard
 from edgekit.runtime.load import LoadMonitor, load_monitor
 from edgekit.runtime.scores import ConfidenceMonitor, complexity_score
@@ -118,7 +124,7 @@ class RouteResult:
     fell_back: bool  # the policy's choice was unavailable and the other branch answered
     reason: str  # one line: why this branch answered
     finish_reason: str  # "eos" | "length" | "stop" (a stop sequence) | a remote's finish_reason
-    score: float | None = None  # input_complexity: prompt score; cascade: confidence score
+    score: float | None = None  # input_complexity: prompt score; cascade: confidence score; learned: predicted gain
     threshold: float | None = None  # the threshold the score was compared with
     escalated: bool = False  # cascade: the small answer was dropped for the large branch
     confidences: list[float] = field(default_factory=list)  # per token of the answer (local)
@@ -156,19 +162,25 @@ class Router:
         draft_min_confidence: float = 0.5,
         degrade: DegradeSettings | dict | None = None,
         load: LoadMonitor | None = None,
+        learned: LearnedScorer | dict | None = None,
     ):
         """``degrade``, ``load``: policy degrade's settings and the load monitor it shares with
-        other Routers (default: one of its own from ``degrade``'s explicit budgets)."""
+        other Routers (default: one of its own from ``degrade``'s explicit budgets); ``learned``:
+        policy learned's scorer (runtime.json's ``learned``)."""
         from edgekit.runtime import fastpath, sampling_ref
 
         # the values as runtime.json takes them (edgekit.runtime.config); what follows checks
         # what only the loaded branches can tell
         settings = checked(RouterSettings, "router", policy=policy, thresholds=thresholds, max_new_tokens=max_new_tokens,
                            draft_tokens=draft_tokens, timeout_s=timeout_s, draft_min_confidence=draft_min_confidence,
-                           degrade=degrade.model_dump() if isinstance(degrade, DegradeSettings) else degrade)
+                           degrade=degrade.model_dump() if isinstance(degrade, DegradeSettings) else degrade,
+                           learned=learned.model_dump() if isinstance(learned, LearnedScorer) else learned)
         policy = settings.policy
         self.small, self.large, self.policy = small, large, policy
-        self.thresholds, self.degrade = settings.thresholds, settings.degrade
+        self.thresholds, self.degrade, self.learned = settings.thresholds, settings.degrade, settings.learned
+        if policy == "learned" and self.learned is None:
+            raise EdgekitError("policy learned needs its scorer", where="router.learned",
+                               how="run edgekit calibrate-router --policy learned on the bundle")
         # the policy whose checks apply: degrade routes with the policy it protects (or small_only)
         self.protects = settings.degrade.protects if policy == "degrade" else policy
         self.load = load if load is not None or policy != "degrade" else load_monitor(settings.degrade)
@@ -177,7 +189,7 @@ class Router:
         for label in needs:
             if (small if label == "small" else large) is None:
                 raise EdgekitError(f"policy {policy} needs a {label} branch", where="router", how=f"configure the {label} branch")
-        if self.protects in ("input_complexity", "cascade") and not getattr(small, "has_logits", False):
+        if self.protects in ("input_complexity", "cascade", "learned") and not getattr(small, "has_logits", False):
             raise EdgekitError(
                 f"policy {policy} needs the small branch's logits, but {getattr(small, 'name', 'small')!r} is remote",
                 where="router.small",
@@ -295,6 +307,25 @@ class Router:
             raise EdgekitError(str(exc), where="router.small", how="check the small branch") from None
         finally:
             guard.close()
+
+    def learned_score(self, prompt: str | Sequence[int]) -> float:
+        """The learned policy's score of a prompt (one small prefill, nothing generated)."""
+        return self.learned_scores(prompt)[0]
+
+    def learned_scores(self, prompt: str | Sequence[int]) -> tuple[float, list[float]]:
+        """(learned score or nan without a scorer, the prompt's features) from one small prefill."""
+        from edgekit.runtime.learned import prompt_features, score
+
+        guard = Guard(self.small, "small", None)
+        req = Request(prompt if isinstance(prompt, str) else list(prompt), 1, {}, time.perf_counter(), guard, None)
+        run = LocalRun(guard, req.ids_for(guard), req)
+        try:
+            features = prompt_features(run.prefill(), run.ids, req.text())
+        except BranchFailed as exc:
+            raise EdgekitError(str(exc), where="router.small", how="check the small branch") from None
+        finally:
+            guard.close()
+        return (score(self.learned, features) if self.learned is not None else float("nan")), features
 
     def confidence_score(self, prompt: str | Sequence[int], *, max_new_tokens: int | None = None) -> float:
         """The cascade score of a prompt: the small branch generates its whole answer (no
@@ -462,6 +493,26 @@ class Router:
         if score > t.complexity:
             return (yield from self._answer_either(req.large, req, out, f"{detail} > {t.complexity:g}", {"small": run}, **extra))
         return (yield from self._answer_either(small, req, out, f"{detail} <= {t.complexity:g}", {"small": run}, **extra))
+
+    def _route_learned(self, req, out):
+        from edgekit.runtime.learned import prompt_features, score
+
+        t = self.thresholds
+        small = req.small
+        try:
+            run = LocalRun(small, req.ids_for(small), req)
+            value = score(self.learned, prompt_features(run.prefill(), run.ids, req.text()))
+        except BranchFailed as exc:
+            req.log(small, False, exc.message)
+            answer = yield from self._last_resort(req.large, req, out, exc)
+            return self._result(
+                req, answer, self.policy, fell_back=True, reason=f"{exc} (could not score the prompt), so the large branch answered"
+            )
+        extra = {"score": value, "threshold": t.learned}
+        detail = f"learned score {value:.3f} over {len(run.ids)} tokens"
+        if value > t.learned:
+            return (yield from self._answer_either(req.large, req, out, f"{detail} > {t.learned:g}", {"small": run}, **extra))
+        return (yield from self._answer_either(small, req, out, f"{detail} <= {t.learned:g}", {"small": run}, **extra))
 
     def _route_cascade(self, req, out):
         t = self.thresholds

@@ -44,6 +44,18 @@ PARSE_THREADS = 2  # JSON, chat template and tokenizing run here, off the event 
 STOP_FLUSH_S = 3.0  # after the drain: how long answers already decided may take to go out
 
 
+#: --max-tokens-limit when the bundle's own max_new_tokens is smaller
+DEFAULT_MAX_TOKENS_LIMIT = 512
+
+
+def max_tokens_limit(option: int | None, bundle_max_new_tokens: int, context: int) -> int:
+    """The largest max_tokens a request may ask for: ``--max-tokens-limit`` when given, else
+    the bundle's max_new_tokens or DEFAULT_MAX_TOKENS_LIMIT, whichever is larger (a reasoning
+    bundle defaults to its context: 512 would cut its thinking short); below the context."""
+    wanted = option if option is not None else max(DEFAULT_MAX_TOKENS_LIMIT, bundle_max_new_tokens)
+    return max(1, min(wanted, context - 1))
+
+
 @dataclass
 class ServeOptions:
     host: str = "127.0.0.1"
@@ -52,7 +64,8 @@ class ServeOptions:
     auth_metrics: bool = False
     max_concurrency: int = 1  # generations at once
     max_queue: int = 16  # requests waiting for a generation slot; more -> 429
-    max_tokens_limit: int = 512  # a request's max_tokens above this -> 400
+    max_tokens_limit: int | None = None  # a request's max_tokens above this -> 400 (default: DEFAULT_MAX_TOKENS_LIMIT
+    # or the bundle's max_new_tokens, whichever is larger: a reasoning bundle's answers are long)
     max_prompt_tokens: int | None = None  # default: the model's context length - 1
     max_body_bytes: int = 1 << 20  # larger bodies -> 413
     request_timeout_s: float = 300.0  # arrival to the end of the answer, queue wait included
@@ -75,6 +88,8 @@ class ServeOptions:
                     ("--max-tokens-limit", self.max_tokens_limit, 1), ("--max-body-bytes", self.max_body_bytes, 64),
                     ("--max-connections", self.max_connections, 1))
         for option, value, low in integers:
+            if option == "--max-tokens-limit" and value is None:  # the default: from the bundle
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise bad(option, f"must be an integer >= {low} (got {value!r})", f"pass e.g. {max(low, 1)}")
         if self.max_prompt_tokens is not None and (not isinstance(self.max_prompt_tokens, int) or self.max_prompt_tokens < 1):
@@ -322,7 +337,7 @@ class EdgekitServer:
         small = first.small
         context = int(small.context_length)
         limits = oa.Limits(
-            max_tokens_limit=min(self.options.max_tokens_limit, context - 1),
+            max_tokens_limit=max_tokens_limit(self.options.max_tokens_limit, int(first.max_new_tokens), context),
             max_prompt_tokens=min(self.options.max_prompt_tokens or context - 1, context - 1),
             context_length=context,
         )
