@@ -31,6 +31,8 @@ def recipe_chain(loaded: Any) -> Any:
     from edgekit.planning.chain import build_chain
     from edgekit.targets import load_target
 
+    if getattr(loaded, "chain_checked", False):  # validation walked it already
+        return loaded.chain
     recipe = loaded.recipe
     source = resolve_model_source(recipe.model, revision=recipe.revision, base_dir=loaded.base_dir)
     return build_chain(loaded, load_target(loaded.target_spec), source)

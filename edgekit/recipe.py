@@ -313,6 +313,11 @@ class LoadedRecipe:
         self.path = path
         self.lines = lines
         self.warnings = warnings
+        #: the full-scale chain validation walked (edgekit.planning.chain.Chain, or None when the
+        #: model's config is not reachable offline), kept so `recipe validate` prints it without
+        #: walking it again; chain_checked says whether validation got that far
+        self.chain: Any = None
+        self.chain_checked = False
 
     @property
     def base_dir(self) -> Path:

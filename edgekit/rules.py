@@ -28,7 +28,7 @@ def check_target_rules(loaded: Any, target: Any, source: Any) -> None:
     _check_tensorrt_weights(loaded, quantize)
     from edgekit.planning.chain import check_chain
 
-    check_chain(loaded, target, source)
+    loaded.chain, loaded.chain_checked = check_chain(loaded, target, source), True
 
 
 def _check_tensorrt_weights(loaded: Any, quantize: list) -> None:

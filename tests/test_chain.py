@@ -297,3 +297,27 @@ def test_parameter_arithmetic_matches_a_qwen2_and_a_biased_llama():
             model = AutoModelForCausalLM.from_config(config)
         shape = shape_from_config(config.to_dict())
         assert sum(p.numel() for p in model.parameters()) == total_parameters(shape), config.model_type
+
+
+def test_recipe_validate_walks_the_chain_once(tmp_path, monkeypatch):
+    """`recipe validate` prints the chain its validation walked (one walk, not two), and the API
+    still walks one for a LoadedRecipe that validation did not check that far."""
+    from click.testing import CliRunner
+
+    import edgekit.planning.chain as chain_module
+    from edgekit import api
+    from edgekit.cli import main
+
+    path = fixed_7b_recipe(tmp_path)
+    for key, value in offline_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    walks = []
+    real = chain_module.build_chain
+    monkeypatch.setattr(chain_module, "build_chain", lambda *a: walks.append(1) or real(*a))
+    result = CliRunner().invoke(main, ["recipe", "validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert len(walks) == 1 and "5.091B" in result.output  # printed from that one walk
+    loaded = api.validate_recipe(path)
+    assert api.recipe_chain(loaded) is loaded.chain and len(walks) == 2
+    loaded.chain_checked = False
+    assert api.recipe_chain(loaded).rows and len(walks) == 3
