@@ -13,8 +13,7 @@ Every evaluate stage also scores the out-of-domain set (builtin:package-readmes,
 stage calibrates or trains on): the second table gives both sets, each against the float
 model on the same set. Rows ending in ``-mixed`` calibrate on builtin:mixed (the stdlib's
 reference, docstrings and source; their in_domain set is that text's held-out end, compared
-with ``float-mixed``); ``-qad`` rows add quantization-aware distillation (distill mode qad,
-from the float model) after GPTQ.
+with ``float-mixed``). Quantization-aware distillation after GPTQ: scripts/bench_qad.py.
 
     python scripts/bench_quantize.py [--out results] [--samples 32] [--only gptq-g64,rtn-g64-sym] [--skip-speed]
 
@@ -39,17 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 FLOAT_PPL_NOTE = "float reference"
 
 
-#: distill mode qad after GPTQ in the -qad rows (recipes/smollm2_qad.yaml's settings)
-QAD = {"mode": "qad", "qad_scales": "frozen", "steps": 120, "batch_size": 4, "sequence_length": 256, "learning_rate": 1.0e-4,
-       "warmup_steps": 5, "freeze_embeddings": True, "eval_every": 20, "eval_windows": 4, "checkpoint_every": 20}
-#: rows whose text is not builtin:python-docs, and rows with stages after the first evaluate
+#: rows whose text is not builtin:python-docs
 DATA = {"float-mixed": "mixed", "gptq-g64-sym-mixed": "mixed"}
-AFTER = {"gptq-g64-sym-qad": {"type": "distill", **QAD}}
 
 
 def configurations(samples: int) -> list[tuple[str, str, dict | None, dict | None]]:
     """(name, target, quantize parameters or None for the float reference, export_onnx
-    parameters or None for no export); DATA and AFTER add to some."""
+    parameters or None for no export); DATA names the rows calibrated on other text."""
     gptq = {"method": "gptq", "bits": 4, "calibration_samples": samples}
     head = {**gptq, "group_size": 64, "symmetric": True, "quantize_lm_head": True}
     orin, workstation = "jetson-orin-nano-8gb", "workstation-rtx4090"  # FP8 needs cc >= 8.9
@@ -63,7 +58,6 @@ def configurations(samples: int) -> list[tuple[str, str, dict | None, dict | Non
         ("gptq-g64", orin, {**gptq, "group_size": 64}, ort),
         ("gptq-g64-sym", orin, {**gptq, "group_size": 64, "symmetric": True}, None),
         ("gptq-g64-noactorder", orin, {**gptq, "group_size": 64, "act_order": False}, None),
-        ("gptq-g64-sym-qad", orin, {**gptq, "group_size": 64, "symmetric": True}, None),
         ("float-mixed", orin, None, None),
         ("gptq-g64-sym-mixed", orin, {**gptq, "group_size": 64, "symmetric": True}, None),
         ("gptq-g64-sym-s64", orin, {**gptq, "group_size": 64, "symmetric": True, "calibration_samples": 4 * samples}, None),
@@ -86,10 +80,6 @@ def recipe_yaml(name: str, target: str, quantize: dict | None, export: dict | No
         stages.append("  - type: quantize")
         stages += [f"    {k}: {json.dumps(v)}" for k, v in quantize.items()]
     stages.append("  - type: evaluate")
-    if name in AFTER:
-        stages.append(f"  - type: {AFTER[name]['type']}")
-        stages += [f"    {k}: {json.dumps(v)}" for k, v in AFTER[name].items() if k != "type"]
-        stages += ["  - type: evaluate", "    name: evaluate_after"]
     if export:
         stages.append("  - type: export_onnx")
         stages += [f"    {k}: {json.dumps(v)}" for k, v in export.items()]
@@ -129,19 +119,12 @@ def run_config(work: Path, name: str, target: str, quantize: dict | None, export
         return result
     manifest = json.loads((out / "manifest.json").read_text())
     stages = {s["name"]: s for s in manifest["stages"]}
-    final = stages["evaluate_after"] if name in AFTER else stages["evaluate"]
+    final = stages["evaluate"]
     result["perplexity"] = final["metrics"]["perplexity"]
     result["data"] = f"builtin:{DATA.get(name, 'python-docs')}"
     # every held-out set the evaluate stage scored (in_domain, ood): perplexity, and the source
     result["sets"] = {label: {k: v for k, v in score.items() if k in ("perplexity", "source", "sha256")}
                       for label, score in (final["metrics"].get("sets") or {}).items()}
-    if name in AFTER:  # what GPTQ alone gave, and what the stage after it did
-        result["perplexity_before"] = stages["evaluate"]["metrics"]["perplexity"]
-        result["sets_before"] = {label: {"perplexity": score["perplexity"]}
-                                 for label, score in (stages["evaluate"]["metrics"].get("sets") or {}).items()}
-        d = stages["distill"]["metrics"]
-        result["after"] = {k: d.get(k) for k in ("steps", "train_seconds", "tokens_seen", "precision", "qad_codes_changed",
-                                                  "qad_codes_changed_fraction") if k in d}
     if quantize:
         q = stages["quantize"]["metrics"]
         result.update({k: q[k] for k in ("bits_per_weight", "checkpoint_bytes", "quantize_seconds", "peak_rss_mb", "calibration_tokens")})
@@ -210,18 +193,16 @@ def write_reports(out: Path, payload: dict) -> None:
         floats = {r.get("data", "builtin:python-docs"): r["sets"] for r in with_sets if r["name"] in ("float", "float-mixed")}
         lines += ["", "Each held-out set against the float model on the same set (in_domain = the end of the row's own "
                   "text; ood = builtin:package-readmes, which no stage calibrates or trains on). Goals of issue #19 "
-                  "for GPTQ W4 g64: ≤ +8 % in_domain on the float model; after QAD ≤ +4 % in_domain and ≤ +6 % ood.", "",
-                  "| configuration | calibrated on | set | perplexity | vs float | before (GPTQ alone) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "for GPTQ W4 g64: ≤ +8 % in_domain on the float model (QAD: scripts/bench_qad.py).", "",
+                  "| configuration | calibrated on | set | perplexity | vs float |",
+                  "| --- | --- | --- | --- | --- |"]
         for r in with_sets:
             reference = floats.get(r.get("data", "builtin:python-docs"), {})
             for label, score in r["sets"].items():
                 base = reference.get(label, {}).get("perplexity") or (floats.get("builtin:python-docs", {}).get(label, {}).get("perplexity"))
                 delta = f"{(score['perplexity'] / base - 1) * 100:+.1f}%" if base else ""
-                before = (r.get("sets_before") or {}).get(label, {}).get("perplexity")
-                shown = f"{before:.3f} ({(before / base - 1) * 100:+.1f}%)" if before and base else ""
                 lines.append(f"| {r['name']} | {r.get('data', 'builtin:python-docs')} | {label} | {score['perplexity']:.3f} | "
-                             f"{delta} | {shown} |")
+                             f"{delta} |")
     lines += [
         "",
         f"Greedy decode of {payload['speed'][0]['new_tokens'] if payload['speed'] else ''} tokens after a "
