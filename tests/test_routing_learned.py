@@ -147,6 +147,26 @@ def test_the_router_routes_by_the_learned_score():
     assert fell.branch == "large" and fell.fell_back and "could not score" in fell.reason
 
 
+def test_degrade_protects_the_learned_policy():
+    """Policy degrade with protects: learned routes by the learned score while the large branch
+    has room, answers small while it is full, and needs the scorer like policy learned."""
+    from edgekit.runtime.load import LoadMonitor
+
+    small, large = _fakes()
+    load = LoadMonitor(max_in_flight=1)
+    router = R.Router(small, large, "degrade", learned=_length_scorer(), thresholds={"learned": math.log1p(6)},
+                      degrade={"protects": "learned"}, load=load, max_new_tokens=4)
+    r = router.generate("abcdefghij")
+    assert r.branch == "large" and not r.degraded and router.active_policy == "learned"
+    held = load.admit()  # the large branch's only place is taken
+    r = router.generate("abcdefghij")
+    assert r.degraded and r.branch == "small"
+    load.release(held.ticket)
+    assert router.generate("abc").branch == "small"  # within budget again: the learned score decides
+    with pytest.raises(EdgekitError, match="policy learned needs its scorer"):
+        R.Router(small, large, "degrade", degrade={"protects": "learned"})
+
+
 def _items(n, seed):
     """Prompts whose length sets how much the large fake gains: a learnable rule."""
     from edgekit.models.routing_set import PromptItem

@@ -37,7 +37,7 @@ DraftGraph = Literal["auto", "off"]
 Check = Literal["incremental", "end"]
 CHECKS: tuple[str, ...] = get_args(Check)
 #: the policies ``degrade`` can protect (speculative is not one: its small branch is a draft graph)
-ProtectedPolicy = Literal["large_only", "input_complexity", "cascade"]
+ProtectedPolicy = Literal["large_only", "input_complexity", "cascade", "learned"]
 
 
 def _known_policy(value: Any) -> Any:

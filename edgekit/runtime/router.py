@@ -51,7 +51,7 @@ Policies
     must be local with logits and share the tokenizer; penalties are refused.
 ``degrade``
     Keeps the large branch within its latency budget under load: the request follows the
-    policy ``degrade.protects`` (large_only, input_complexity or cascade) unless the
+    policy ``degrade.protects`` (large_only, input_complexity, cascade or learned) unless the
     :class:`~edgekit.runtime.load.LoadMonitor` (``load=``; shared by the Routers of a
     server) says one more request on the large branch would breach the budget, in which
     case the small branch answers (``degraded`` True, ``degraded_reason`` queue | ttft_p99 |
@@ -178,7 +178,7 @@ class Router:
         policy = settings.policy
         self.small, self.large, self.policy = small, large, policy
         self.thresholds, self.degrade, self.learned = settings.thresholds, settings.degrade, settings.learned
-        if policy == "learned" and self.learned is None:
+        if "learned" in (policy, settings.degrade.protects if policy == "degrade" else None) and self.learned is None:
             raise EdgekitError("policy learned needs its scorer", where="router.learned",
                                how="run edgekit calibrate-router --policy learned on the bundle")
         # the policy whose checks apply: degrade routes with the policy it protects (or small_only)
