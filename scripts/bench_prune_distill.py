@@ -181,7 +181,7 @@ def part_b(work: Path, minutes: float, steps: int, only: list[str], ratios: tupl
         # every held-out set the evaluate stages scored (in_domain, ood, ...): perplexity, agreement, KL
         for stage_name, key in (("evaluate_teacher", "sets_teacher"), ("evaluate_pruned", "sets_pruned"), ("evaluate_distilled", "sets")):
             result[key] = {label: {k: v for k, v in score.items() if k in ("perplexity", "agreement", "kl", "source", "sha256")}
-                           for label, score in (stages[stage_name]["metrics"].get("sets") or {}).items()}
+                           for label, score in ((stages.get(stage_name) or {"metrics": {}})["metrics"].get("sets") or {}).items()}
         results.append(result)
         print(f"[b] {name}: {result['perplexity_pruned']:.2f} -> {result['perplexity']:.3f} after {result['steps']} steps", file=sys.stderr, flush=True)
     return results
@@ -236,7 +236,7 @@ def write_reports(out: Path, payload: dict) -> None:
     if with_sets:
         lines += ["", "Every held-out set (in_domain = the end of the configuration's own text; ood = "
                   "builtin:package-readmes, which no stage calibrates or trains on, docs/data.md); the teacher scored "
-                  "in the same run where the row has it; agreement and KL against the teacher. Goals (#19): ≤ 1.35× "
+                  "in the same run where the row has it (else in --teacher-run, on the same text: the float model's perplexity is deterministic); agreement and KL against the teacher. Goals (#19): ≤ 1.35× "
                   "the teacher in_domain, ≤ 1.6× ood.", "",
                   "| configuration | data | set | teacher | pruned perplexity | distilled perplexity | × teacher | goal | agreement | KL (nats/token) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -244,6 +244,9 @@ def write_reports(out: Path, payload: dict) -> None:
             for label, score in r["sets"].items():
                 before = (r.get("sets_pruned") or {}).get(label, {}).get("perplexity")
                 teacher_ppl = (r.get("sets_teacher") or {}).get(label, {}).get("perplexity")
+                fallback = (payload.get("teacher_sets") or {}).get(label, {})
+                if teacher_ppl is None and fallback.get("sha256") and fallback.get("sha256") == score.get("sha256"):
+                    teacher_ppl = fallback["perplexity"]  # the same float model on the same text (--teacher-run)
                 times = score["perplexity"] / teacher_ppl if teacher_ppl else None
                 goal = GOALS.get(label)
                 verdict = "" if times is None or goal is None else ("met" if times <= goal else "missed")
@@ -313,6 +316,9 @@ def main() -> None:
                         help="(b) sweeps these distill generated_ratio values per configuration, e.g. 0,0.5,1 (issue #19)")
     parser.add_argument("--data", default="python-docs", choices=("python-docs", "mixed"),
                         help="(b) the text importance and distillation read: builtin:python-docs or builtin:mixed")
+    parser.add_argument("--teacher-run", type=Path,
+                        help="a finished run whose first evaluate stage scored the float teacher: its per-set perplexity "
+                             "stands in for rows whose run did not score the teacher (same text, checked by sha256)")
     parser.add_argument("--collect", action="store_true",
                         help="(b) report the finished runs already in --work instead of running them")
     parser.add_argument("--skip-a", action="store_true")
@@ -327,6 +333,12 @@ def main() -> None:
     if not args.skip_a:
         payload["a"] = part_a(args.samples)
         write_reports(args.out, payload)
+    if args.teacher_run:
+        stages = json.loads((args.teacher_run / "manifest.json").read_text())["stages"]
+        first = next(s for s in stages if s["type"] == "evaluate")
+        payload["teacher_sets"] = {label: {"perplexity": v["perplexity"], "sha256": v.get("sha256")}
+                                   for label, v in (first["metrics"].get("sets") or {}).items()}
+        payload["teacher_run"] = str(args.teacher_run)
     if not args.skip_b:
         ratios = tuple(float(r) for r in args.generated_ratios.split(",") if r)
         fresh = part_b(args.work, args.minutes, args.steps, [n for n in args.only_b.split(",") if n], ratios, args.data, args.collect)
