@@ -32,6 +32,14 @@ MODELS = (("evaluate_float", "float"), ("evaluate_gptq", "GPTQ W4 g64"), ("evalu
 GOALS = {"evaluate_gptq": {"in_domain": 8.0}, "evaluate_qad": {"in_domain": 4.0, "ood": 6.0}}
 
 
+def _shown(path: str) -> str:
+    """A path relative to the repository where it is inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def collect(run: Path) -> dict:
     manifest = json.loads((run / "manifest.json").read_text())
     stages = {s["name"]: s for s in manifest["stages"]}
@@ -65,7 +73,7 @@ def write_reports(out: Path, payload: dict) -> None:
         "# Quantization-aware distillation: SmolLM2-135M",
         "",
         f"Measured {payload['date']} on {payload['machine']} ({payload['cores']} cores), one run of "
-        f"`{payload['recipe'].get('file', '?')}` (float, GPTQ and GPTQ + QAD scored in the same run). in_domain = the last "
+        f"`{_shown(payload['recipe'].get('file', '?'))}` (float, GPTQ and GPTQ + QAD scored in the same run). in_domain = the last "
         "8192 tokens of the recipe's text (calibration and QAD read only the text before it); ood = "
         "builtin:package-readmes, which no stage calibrates or trains on. Goals (#19): GPTQ alone ≤ +8 % in_domain; "
         "after QAD ≤ +4 % in_domain and ≤ +6 % ood.",
