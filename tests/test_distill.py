@@ -921,6 +921,26 @@ class _Killed(Exception):
     pass
 
 
+def run_killed_after_checkpoint(run, step: int, monkeypatch) -> None:
+    """Run the distill stage ``run`` and kill it right after it saved the checkpoint of ``step``
+    (an exception out of save_checkpoint, where a SIGKILL would leave the same files); the
+    patch is undone before returning, so the next run_distill resumes normally."""
+    from edgekit.distill import loop as loop_module
+    from edgekit.distill.stage import run_distill
+
+    real_save = loop_module.save_checkpoint
+
+    def save_then_die(at, **kwargs):
+        real_save(at, **kwargs)
+        if at == step:
+            raise _Killed()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop_module, "save_checkpoint", save_then_die)
+        with pytest.raises(_Killed):
+            run_distill(run)
+
+
 def test_generated_data_is_sampled_once_mixed_in_the_ratio_and_resumes_bit_identical(tmp_path, pair, one_thread, monkeypatch):
     """generated_ratio 0.5: the teacher samples its sequences once into the run cache; a second
     run (here: one killed after its first checkpoint, then resumed) reuses the file without
@@ -994,18 +1014,8 @@ def test_generated_data_is_sampled_once_mixed_in_the_ratio_and_resumes_bit_ident
     assert not any(tuple(row[k: k + 8].tolist()) in grams for _, batch in batches for row in batch for k in range(32 - 8))
 
     # killed right after the checkpoint of step 10, then resumed: no new sampling, same bytes
-    real_save = loop_module.save_checkpoint
-
-    def save_then_die(step, **kwargs):
-        real_save(step, **kwargs)
-        if step == 10:
-            raise _Killed()
-
     run = ctx_in("run")
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        run_distill(run)
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    run_killed_after_checkpoint(run, 10, monkeypatch)
     resumed = run_distill(run)
     assert len(calls) == 1  # the cached file was reused, twice
     assert files[0].stat().st_ino == inode and files[0].stat().st_mtime_ns == mtime
@@ -1052,18 +1062,8 @@ def test_on_policy_steps_train_on_student_samples_scored_by_the_teacher_and_resu
         assert torch.equal(sampled[:, :8], window[:, :8]) and not torch.equal(sampled[:, 8:], window[:, 8:])
     assert expected["kl_end"] < expected["kl_start"]
 
-    real_save = loop_module.save_checkpoint
-
-    def save_then_die(step, **kwargs):
-        real_save(step, **kwargs)
-        if step == 4:
-            raise _Killed()
-
     run = make_ctx(tmp_path / "run", teacher, student, **params)
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        run_distill(run)
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    run_killed_after_checkpoint(run, 4, monkeypatch)
     assert run_distill(run)["resumed_from"] == 4
     for name in ("model.safetensors", "distill.json"):
         assert sha256(run.output_dir / name) == sha256(reference.output_dir / name), name

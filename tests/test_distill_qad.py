@@ -7,19 +7,16 @@ mismatched inputs are one-line errors; a killed run resumes bit-identically."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import python_docs_text, run_cli, write_recipe
+from test_distill import make_ctx as distill_ctx, one_thread, run_killed_after_checkpoint, sha256  # noqa: F401 (one_thread: a fixture)
 
 from edgekit import api
 from edgekit.errors import StageError
-from edgekit.recipe import DataConfig
 
-DATA = {"source": "builtin:python-docs", "text_field": "text", "eval_tokens": 1024, "window": 128}
 GPTQ_STAGES = """\
 stages:
   - type: load
@@ -32,20 +29,6 @@ stages:
     calibration_samples: 8
     sequence_length: 64
 """
-
-
-@pytest.fixture
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -121,21 +104,13 @@ def rtn_coarse(tmp_path_factory, parent) -> Path:
     return _quantized(tmp_path_factory, parent, COARSE_STAGES)
 
 
-def make_ctx(tmp: Path, teacher: Path, student: Path, **params):
-    from edgekit.distill.stage import DistillConfig
-    from edgekit.pipeline.context import StageContext
-    from edgekit.pipeline.progress import Reporter
-
-    defaults = dict(mode="qad", steps=20, learning_rate=1e-3, warmup_steps=2, batch_size=2, sequence_length=32,
+#: distill settings of the qad runs here (tests override some)
+QAD_DEFAULTS = dict(mode="qad", steps=20, learning_rate=1e-3, warmup_steps=2, batch_size=2, sequence_length=32,
                     checkpoint_every=10, eval_every=10, eval_windows=2, precision="fp32")
-    out = tmp / "out"
-    out.mkdir(parents=True)
-    return StageContext(
-        name="distill", type="distill", index=2, config=DistillConfig(**{**defaults, **params}),
-        recipe=SimpleNamespace(data=DataConfig(**DATA), trust_remote_code=False),
-        recipe_dir=tmp, target=None, output_dir=out, inputs={"checkpoint": student}, history=[],
-        cache_dir=tmp / "cache", work_dir=tmp / "work", references={"teacher": teacher}, reporter=Reporter(quiet=True),
-    )
+
+
+def make_ctx(tmp: Path, teacher: Path, student: Path, **params):
+    return distill_ctx(tmp, teacher, student, **{**QAD_DEFAULTS, **params})
 
 
 def _batch(checkpoint: Path):
@@ -276,7 +251,6 @@ def test_trained_scales_are_written_as_float16_and_the_checkpoint_equals_the_fak
 def test_trainable_scales_resume_bit_identical_after_a_kill(tmp_path, parent, gptq_sym, one_thread, monkeypatch):
     """qad with trainable scales, killed right after the checkpoint of step 10 and resumed:
     the same checkpoint bytes and distill.json as the uninterrupted run."""
-    from edgekit.distill import loop as loop_module
     from edgekit.distill.stage import run_distill
 
     params = dict(steps=20, checkpoint_every=5, qad_scales="trainable", learning_rate=3e-4)
@@ -284,21 +258,8 @@ def test_trainable_scales_resume_bit_identical_after_a_kill(tmp_path, parent, gp
     expected = run_distill(reference)
     assert expected["qad_scales"] == "trainable" and expected["qad_scales_changed"] > 0
 
-    class Killed(Exception):
-        pass
-
-    real_save = loop_module.save_checkpoint
-
-    def save_then_die(step, **kwargs):
-        real_save(step, **kwargs)
-        if step == 10:
-            raise Killed()
-
     run = make_ctx(tmp_path / "run", parent, gptq_sym, **params)
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        run_distill(run)
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    run_killed_after_checkpoint(run, 10, monkeypatch)
     resumed = run_distill(run)
     assert resumed["resumed_from"] == 10
     for name in ("model.safetensors", "config.json", "distill.json"):

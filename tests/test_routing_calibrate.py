@@ -6,35 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model, run_cli, write_recipe
-
-STAGES = textwrap.dedent(
-    """\
-    stages:
-      - type: load
-      - type: export_onnx
-      - type: bundle
-    """
-)
-
-
-def _bundle(tmp: Path, model: Path, name: str, extra: str = "") -> Path:
-    from edgekit import api
-
-    recipe = write_recipe(tmp / f"{name}.yaml", model, stages=STAGES, output=tmp / name, extra=extra)
-    manifest = api.compress(recipe, quiet=True)
-    return tmp / name / manifest["stages"][-1]["dir"] / "tiny"
-
+from conftest import build_tiny_model, run_cli
+from test_runtime_cli import compress_ort_bundle
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("routing-calibrate")
-    large = _bundle(tmp, build_tiny_model(tmp / "large-llama", seed=1), "large")
-    small = _bundle(tmp, tiny_model_dir, "small", extra="runtime:\n  policy: small_only\n  max_new_tokens: 6\n")
+    large = compress_ort_bundle(tmp, build_tiny_model(tmp / "large-llama", seed=1), "large")
+    small = compress_ort_bundle(tmp, tiny_model_dir, "small", extra="runtime:\n  policy: small_only\n  max_new_tokens: 6\n")
     return small, large
 
 

@@ -22,7 +22,8 @@ STAGES = textwrap.dedent(
 PROMPT = "The for statement is used to iterate over"
 
 
-def _bundle(tmp: Path, model: Path, name: str, extra: str = "") -> Path:
+def compress_ort_bundle(tmp: Path, model: Path, name: str, extra: str = "") -> Path:
+    """A tiny ONNX Runtime bundle of ``model`` under ``tmp/name`` (load, export_onnx, bundle)."""
     from edgekit import api
 
     recipe = write_recipe(tmp / f"{name}.yaml", model, stages=STAGES, output=tmp / name, extra=extra)
@@ -34,8 +35,8 @@ def _bundle(tmp: Path, model: Path, name: str, extra: str = "") -> Path:
 def bundles(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("runtime-cli")
     large_model = build_tiny_model(tmp / "large-llama", seed=1)  # same tokenizer, other weights
-    large = _bundle(tmp, large_model, "large")
-    small = _bundle(tmp, tiny_model_dir, "small", extra="runtime:\n  policy: small_only\n  max_new_tokens: 12\n")
+    large = compress_ort_bundle(tmp, large_model, "large")
+    small = compress_ort_bundle(tmp, tiny_model_dir, "small", extra="runtime:\n  policy: small_only\n  max_new_tokens: 12\n")
     return small, large
 
 

@@ -203,22 +203,11 @@ def _token_nll(branch: Any, ids: list[int], start: int):
 def greedy_answer(branch: Any, ids: list[int], max_new_tokens: int) -> list[int]:
     """The branch's greedy continuation of ``ids`` (argmax each step, EOS excluded)."""
     from edgekit.runtime.answers import eos_ids
+    from edgekit.runtime.backends.common import greedy_generate
 
     eos = eos_ids(branch.tokenizer)
-    session = branch.session()
-    out: list[int] = []
-    try:
-        logits = session.feed(list(ids))
-        for _ in range(max_new_tokens):
-            token = int(logits[-1].argmax())
-            if token in eos:
-                break
-            out.append(token)
-            if len(out) < max_new_tokens:
-                logits = session.feed([token])
-    finally:
-        session.close()
-    return out
+    tokens = greedy_generate(branch, ids, max_new_tokens, eos_token_id=eos)
+    return tokens[:-1] if tokens and tokens[-1] in eos else tokens
 
 
 def routing_examples(small: Any, large: Any, items: Sequence[Any], *, target_tokens: int = 32, progress: Any = None) -> list[dict]:

@@ -476,43 +476,40 @@ class Router:
 
     def _route_input_complexity(self, req, out):
         t = self.thresholds
-        small = req.small
-        run = None
-        try:
-            run = LocalRun(small, req.ids_for(small), req)
-            score, mean_nll = complexity_score(run.prefill(), run.ids, t.length_weight)
-        except BranchFailed as exc:
-            req.log(small, False, exc.message)
-            answer = yield from self._last_resort(req.large, req, out, exc)
-            return self._result(
-                req, answer, self.policy, fell_back=True, reason=f"{exc} (could not score the prompt), so the large branch answered"
-            )
-        extra = {"score": score, "threshold": t.complexity}
-        detail = f"prompt score {score:.3f} (mean NLL {mean_nll:.3f} nats over {len(run.ids)} tokens)"
-        # the small prefill is reused whether the small branch is chosen or the fallback
-        if score > t.complexity:
-            return (yield from self._answer_either(req.large, req, out, f"{detail} > {t.complexity:g}", {"small": run}, **extra))
-        return (yield from self._answer_either(small, req, out, f"{detail} <= {t.complexity:g}", {"small": run}, **extra))
+
+        def scored(run):
+            value, mean_nll = complexity_score(run.prefill(), run.ids, t.length_weight)
+            return value, f"prompt score {value:.3f} (mean NLL {mean_nll:.3f} nats over {len(run.ids)} tokens)"
+
+        return (yield from self._route_by_prompt_score(req, out, scored, t.complexity))
 
     def _route_learned(self, req, out):
         from edgekit.runtime.learned import prompt_features, score
 
-        t = self.thresholds
+        def scored(run):
+            value = score(self.learned, prompt_features(run.prefill(), run.ids, req.text()))
+            return value, f"learned score {value:.3f} over {len(run.ids)} tokens"
+
+        return (yield from self._route_by_prompt_score(req, out, scored, self.thresholds.learned))
+
+    def _route_by_prompt_score(self, req, out, scored, threshold: float):
+        """Policies that decide before generating: one small prefill, ``scored(run) -> (score,
+        detail)``; above ``threshold`` the large branch answers, else the small one continues
+        from that prefill (it is reused by the fallback too). A failed prefill: the large branch."""
         small = req.small
         try:
             run = LocalRun(small, req.ids_for(small), req)
-            value = score(self.learned, prompt_features(run.prefill(), run.ids, req.text()))
+            value, detail = scored(run)
         except BranchFailed as exc:
             req.log(small, False, exc.message)
             answer = yield from self._last_resort(req.large, req, out, exc)
             return self._result(
                 req, answer, self.policy, fell_back=True, reason=f"{exc} (could not score the prompt), so the large branch answered"
             )
-        extra = {"score": value, "threshold": t.learned}
-        detail = f"learned score {value:.3f} over {len(run.ids)} tokens"
-        if value > t.learned:
-            return (yield from self._answer_either(req.large, req, out, f"{detail} > {t.learned:g}", {"small": run}, **extra))
-        return (yield from self._answer_either(small, req, out, f"{detail} <= {t.learned:g}", {"small": run}, **extra))
+        extra = {"score": value, "threshold": threshold}
+        if value > threshold:
+            return (yield from self._answer_either(req.large, req, out, f"{detail} > {threshold:g}", {"small": run}, **extra))
+        return (yield from self._answer_either(small, req, out, f"{detail} <= {threshold:g}", {"small": run}, **extra))
 
     def _route_cascade(self, req, out):
         t = self.thresholds
