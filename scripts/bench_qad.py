@@ -10,9 +10,11 @@ on). ``--collect RUN_DIR`` reports a finished run of such a recipe instead of ru
 Goals (issue #19): GPTQ W4 g64 + QAD within +4 % of the float parent in_domain and +6 % ood,
 after ≤ 10 CPU-minutes of QAD on 2 cores; the float model's GPTQ W4 g64 alone ≤ +8 %.
 
-    python scripts/bench_qad.py [--recipe recipes/smollm2_qad.yaml] [--collect runs/qad]
+    python scripts/bench_qad.py [--recipe recipes/smollm2_qad.yaml] [--collect runs/qad] [--name bench_qad]
 
-Writes results/bench_qad.{json,md,png}. Numbers are measured on the machine that runs it.
+Writes results/<name>.{json,md,png} (default bench_qad; the mixed-text recipe,
+recipes/smollm2_qad_mixed.yaml, reports as bench_qad_mixed). Numbers are measured on the
+machine that runs it.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def collect(run: Path) -> dict:
     }
 
 
-def write_reports(out: Path, payload: dict) -> None:
-    (out / "bench_qad.json").write_text(json.dumps(payload, indent=2) + "\n")
+def write_reports(out: Path, payload: dict, name: str = "bench_qad") -> None:
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     float_sets = payload["models"][0]["sets"]
     qad = payload["qad"]
     lines = [
@@ -102,7 +104,7 @@ def write_reports(out: Path, payload: dict) -> None:
         "names (the float model loaded by the recipe).",
         "",
     ]
-    (out / "bench_qad.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(out, payload)
 
 
@@ -136,7 +138,7 @@ def plot(out: Path, payload: dict) -> None:
     right.set_title("during QAD (first and last points on all windows)")
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "bench_qad.png", dpi=120, metadata={"Software": None})
+    fig.savefig(out / f"{name}.png", dpi=120, metadata={"Software": None})
 
 
 def main() -> None:
@@ -145,7 +147,10 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_qad")
     parser.add_argument("--collect", type=Path, help="report this finished run instead of running the recipe")
     parser.add_argument("--out", type=Path, default=REPO / "results")
+    parser.add_argument("--name", default="bench_qad", help="stem of the result files")
     args = parser.parse_args()
+    if not args.name.replace("_", "").replace("-", "").isalnum() or len(args.name) > 64:
+        parser.error("--name: letters, digits, '_' and '-' only (at most 64): it becomes a file name")
     run = args.collect
     if run is None:
         run = args.work
@@ -155,8 +160,8 @@ def main() -> None:
     payload = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                **collect(run)}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_reports(args.out, payload)
-    print((args.out / "bench_qad.md").read_text())
+    write_reports(args.out, payload, args.name)
+    print((args.out / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":

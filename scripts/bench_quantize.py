@@ -39,7 +39,7 @@ FLOAT_PPL_NOTE = "float reference"
 
 
 #: rows whose text is not builtin:python-docs
-DATA = {"float-mixed": "mixed", "gptq-g64-sym-mixed": "mixed"}
+DATA = {"float-mixed": "mixed", "gptq-g64-sym-mixed": "mixed", "gptq-g64-sym-plain-mixed": "mixed"}
 
 
 def configurations(samples: int) -> list[tuple[str, str, dict | None, dict | None]]:
@@ -57,9 +57,14 @@ def configurations(samples: int) -> list[tuple[str, str, dict | None, dict | Non
         ("gptq-g32", orin, {**gptq, "group_size": 32}, None),
         ("gptq-g64", orin, {**gptq, "group_size": 64}, ort),
         ("gptq-g64-sym", orin, {**gptq, "group_size": 64, "symmetric": True}, None),
+        # float_target (default 0.25): 0 is plain GPTQ; 0.5 and 1 aim further at the float output
+        ("gptq-g64-sym-plain", orin, {**gptq, "group_size": 64, "symmetric": True, "float_target": 0.0}, None),
+        ("gptq-g64-sym-ft0.5", orin, {**gptq, "group_size": 64, "symmetric": True, "float_target": 0.5}, None),
+        ("gptq-g64-sym-ft1", orin, {**gptq, "group_size": 64, "symmetric": True, "float_target": 1.0}, None),
         ("gptq-g64-noactorder", orin, {**gptq, "group_size": 64, "act_order": False}, None),
         ("float-mixed", orin, None, None),
         ("gptq-g64-sym-mixed", orin, {**gptq, "group_size": 64, "symmetric": True}, None),
+        ("gptq-g64-sym-plain-mixed", orin, {**gptq, "group_size": 64, "symmetric": True, "float_target": 0.0}, None),
         ("gptq-g64-sym-s64", orin, {**gptq, "group_size": 64, "symmetric": True, "calibration_samples": 4 * samples}, None),
         ("gptq-g128", orin, {**gptq, "group_size": 128}, None),
         ("gptq-w8-g64", orin, {**gptq, "bits": 8, "group_size": 64}, None),
@@ -113,7 +118,8 @@ def run_config(work: Path, name: str, target: str, quantize: dict | None, export
         shutil.copytree(base, out / "stages" / "01-load", copy_function=os.link)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "edgekit", "compress", str(recipe), "-q", "--output", str(out)], capture_output=True, text=True)
-    result = {"name": name, "target": target, "quantize": quantize, "wall_seconds": round(time.perf_counter() - started, 1)}
+    result = {"name": name, "target": target, "quantize": quantize, "wall_seconds": round(time.perf_counter() - started, 1),
+              "date": time.strftime("%Y-%m-%d")}
     if proc.returncode != 0:
         result["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
         return result
@@ -128,6 +134,8 @@ def run_config(work: Path, name: str, target: str, quantize: dict | None, export
     if quantize:
         q = stages["quantize"]["metrics"]
         result.update({k: q[k] for k in ("bits_per_weight", "checkpoint_bytes", "quantize_seconds", "peak_rss_mb", "calibration_tokens")})
+        if q.get("float_target") is not None:
+            result["float_target"] = q["float_target"]
     else:
         result.update({"bits_per_weight": 32.0, "checkpoint_bytes": stages["load"]["metrics"]["weights_bytes"]})
     if export:
@@ -166,27 +174,36 @@ def speed(results: dict, work: Path, new_tokens: int) -> list[dict]:
     return rows
 
 
+def _float_target(row: dict) -> str:
+    """GPTQ rows: the float_target they ran with (rows from before the option: plain GPTQ, 0)."""
+    if (row.get("quantize") or {}).get("method") != "gptq":
+        return ""
+    return f"{row.get('float_target', 0.0):g}"
+
+
 def write_reports(out: Path, payload: dict) -> None:
     (out / "bench_quantize.json").write_text(json.dumps(payload, indent=2) + "\n")
     ref = next((r["perplexity"] for r in payload["quality"] if r["name"] == "float" and "perplexity" in r), None)
     lines = [
         "# Quantization benchmark: SmolLM2-135M",
         "",
-        f"Measured {payload['date']} on {payload['machine']} ({payload['cores']} cores). Held-out perplexity: last 8192 "
-        "tokens of the stdlib docs, windows of 512; calibration only from the text before it "
-        f"({payload['samples']} windows of 512 tokens).",
+        f"Run {payload['date']} on {payload['machine']} ({payload['cores']} cores); each row was measured on the date in "
+        "its last column (rows are compared only within one date: the float reference is rerun with them). Held-out "
+        "perplexity: last 8192 tokens of the stdlib docs, windows of 512; calibration only from the text before it "
+        f"({payload['samples']} windows of 512 tokens). float target: GPTQ's `float_target` (docs/quantization.md; "
+        "0 = plain GPTQ, the only kind before 2026-12-06).",
         "",
-        "| configuration | perplexity | vs float | bits/weight | size (MB) | quantize (s) | peak RSS (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| configuration | perplexity | vs float | bits/weight | size (MB) | quantize (s) | peak RSS (MB) | float target | measured |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in payload["quality"]:
         if "error" in r:
-            lines.append(f"| {r['name']} | — | {r['error']} | | | | |")
+            lines.append(f"| {r['name']} | — | {r['error']} | | | | | | {r.get('date', payload['date'])} |")
             continue
         delta = f"{(r['perplexity'] / ref - 1) * 100:+.1f}%" if ref else ""
         lines.append(
             f"| {r['name']} | {r['perplexity']:.3f} | {delta} | {r['bits_per_weight']:.2f} | {r['checkpoint_bytes'] / 1e6:.0f} | "
-            f"{r.get('quantize_seconds', '')} | {r.get('peak_rss_mb', '')} |"
+            f"{r.get('quantize_seconds', '')} | {r.get('peak_rss_mb', '')} | {_float_target(r)} | {r.get('date', payload['date'])} |"
         )
     with_sets = [r for r in payload["quality"] if r.get("sets")]
     if with_sets:
@@ -263,7 +280,9 @@ def main() -> None:
         wanted = set(args.only.split(","))
         configs = [c for c in configs if c[0] in wanted]
         if (args.out / "bench_quantize.json").is_file():
-            previous = {r["name"]: r for r in json.loads((args.out / "bench_quantize.json").read_text())["quality"]}
+            before = json.loads((args.out / "bench_quantize.json").read_text())
+            # rows kept from an earlier run keep the date they were measured on
+            previous = {r["name"]: {"date": before["date"], **r} for r in before["quality"]}
     base = args.work / "_base.yaml"
     base.write_text(recipe_yaml("base", "jetson-orin-nano-8gb", None))
     subprocess.run([sys.executable, "-m", "edgekit", "compress", str(base), "-q", "--output", str(args.work / "_base"), "--until", "load"], check=True)

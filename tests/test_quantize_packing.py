@@ -129,7 +129,7 @@ def test_quantization_config_block():
     assert qc == {
         "quant_method": "gptq", "bits": 4, "group_size": -1, "desc_act": False, "edgekit_act_order": True, "sym": False,
         "static_groups": True, "damp_percent": 0.01, "true_sequential": True, "checkpoint_format": "gptq",
-        "quantized_by": "edgekit", "edgekit_method": "rtn",
+        "quantized_by": "edgekit", "edgekit_method": "rtn", "edgekit_float_target": 0.0,
     }
     assert gptq_quantization_config(bits=8, group_size=128, symmetric=True, act_order=False, damp=0.1)["group_size"] == 128
 

@@ -99,6 +99,17 @@ def test_bad_stage_value(tmp_path, tiny_model_dir):
     assert_one_line_error(run_cli("recipe", "validate", str(path)), "float8", "stages[0].dtype", "line 10")
 
 
+@pytest.mark.parametrize("value", ["-0.1", "1.5", ".nan", ".inf", "'a lot'"])
+def test_hostile_float_target(tmp_path, tiny_model_dir, value):
+    """quantize.float_target is a fraction: anything outside [0, 1] (or not a number) is refused
+    where it enters, naming the field (non-finite numbers already at the YAML line)."""
+    stages = f"stages:\n  - type: load\n  - type: quantize\n    float_target: {value}\n"
+    path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, stages=stages)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert "stages[1].float_target" in str(info.value) or ("non-finite" in str(info.value) and "line 11" in str(info.value))
+
+
 def test_unknown_stage_type(tmp_path, tiny_model_dir):
     path = write_recipe(tmp_path / "r.yaml", tiny_model_dir, stages="stages:\n  - type: laod\n")
     assert_one_line_error(run_cli("recipe", "validate", str(path)), "unknown stage type 'laod'", "did you mean 'load'")

@@ -94,50 +94,76 @@ def _run_layer(layer: Any, hidden: Any, kwargs: dict) -> Any:
 QuantizeGroupFn = Callable[[tuple[str, ...], list, Any], list]
 
 
+def _group_input(layer: Any, module: Any, hidden: Any, kwargs: dict) -> Any:
+    """What ``module`` (inside ``layer``) reads when ``layer`` runs on ``hidden``."""
+    seen: list = []
+
+    def hook(_module, args):
+        seen.append(args[0])
+        raise _StopForward  # the rest of the layer is not needed
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        _run_layer(layer, hidden, kwargs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def quantize_layer_by_layer(
-    model: Any, samples: list[Any], quantize: QuantizeGroupFn, *, device: Any = "cpu", advance: Callable[[], None] = lambda: None
+    model: Any, samples: list[Any], quantize: QuantizeGroupFn, *, device: Any = "cpu", advance: Callable[[], None] = lambda: None,
+    float_targets: bool = False,
 ) -> dict[str, Any]:
     """Quantize every Linear inside the decoder layers; returns {module name: QuantizedWeight}.
 
     ``quantize`` gets each group of Linears that read one input (q/k/v, gate/up) with their
     shared Hessian; each module's weight is then replaced by its dequantized weight, so later
     groups and layers calibrate on the quantized model, as GPTQ requires.
+
+    With ``float_targets`` the float model runs beside it (a float copy of the current layer on
+    its own stream of hidden states) and ``quantize`` is also called with ``cross=`` the moment
+    ``mean(2 x_quantized x_float^T)`` of the group's two inputs, for the same tokens
+    (:func:`edgekit.quantize.gptq.float_target` turns it into the weight to approximate). Costs
+    one more forward per group and one float copy of one layer.
     """
+    import copy
+
     import torch
 
-    from edgekit.quantize.gptq import accumulate_hessian
+    from edgekit.quantize.gptq import accumulate_cross, accumulate_hessian
 
     layers = decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is layers)
     hidden_states, layer_kwargs = capture_layer_inputs(model, samples, device)
+    float_states = list(hidden_states) if float_targets else None
     results: dict[str, Any] = {}
     home = next(layers[0].parameters()).device
     with torch.inference_mode():
         for index, layer in enumerate(layers):
             layer.to(device)
+            reference = copy.deepcopy(layer) if float_targets else None  # this layer's float weights
             modules = dict(layer.named_modules())
+            reference_modules = dict(reference.named_modules()) if reference is not None else {}
             for group in linear_groups(layer):
-                state: list = [None, 0]
-
-                def hook(_module, args):
-                    state[0], state[1] = accumulate_hessian(state[0], args[0], state[1])
-                    raise _StopForward  # the group's other modules read this same input
-
-                handle = modules[group[0]].register_forward_pre_hook(hook)
-                try:
-                    for hidden, kwargs in zip(hidden_states, layer_kwargs):
-                        try:
-                            _run_layer(layer, hidden, kwargs)
-                        except _StopForward:
-                            pass
-                finally:
-                    handle.remove()
+                H, n_h, C, n_c = None, 0, None, 0
+                for i, (hidden, kwargs) in enumerate(zip(hidden_states, layer_kwargs)):
+                    x = _group_input(layer, modules[group[0]], hidden, kwargs)  # the group's other modules read it too
+                    H, n_h = accumulate_hessian(H, x, n_h)
+                    if reference is not None:
+                        x_float = _group_input(reference, reference_modules[group[0]], float_states[i], kwargs)
+                        C, n_c = accumulate_cross(C, x, x_float, n_c)
                 members = [modules[name] for name in group]
-                for name, module, qweight in zip(group, members, quantize(group, members, state[0])):
+                qweights = quantize(group, members, H) if reference is None else quantize(group, members, H, cross=C)
+                for name, module, qweight in zip(group, members, qweights):
                     module.weight.data = qweight.dequantize(module.weight.dtype).to(module.weight.device)
                     results[f"{prefix}.{index}.{name}"] = _to_cpu(qweight)
-            # inputs of the next layer come from this layer, quantized
+            # inputs of the next layer come from this layer, quantized (and, beside them, float)
             hidden_states = [_run_layer(layer, h, kw) for h, kw in zip(hidden_states, layer_kwargs)]
+            if reference is not None:
+                float_states = [_run_layer(reference, h, kw) for h, kw in zip(float_states, layer_kwargs)]
+                del reference, reference_modules
             layer.to(home)
             advance()
     return results

@@ -75,6 +75,65 @@ def accumulate_hessian(H: Any, x: Any, n_seen: int) -> tuple[Any, int]:
     return H, total
 
 
+def accumulate_cross(C: Any, x_quantized: Any, x_float: Any, n_seen: int) -> tuple[Any, int]:
+    """Fold a batch into the running cross moment ``C = mean(2 x_quantized x_float^T)``.
+
+    ``x_quantized`` is what the layer reads in the partly quantized model and ``x_float`` what
+    the same layer reads, for the same tokens, in the float model (same shapes). Used with the
+    Hessian of ``x_quantized`` by :func:`float_target`. ``C`` is None on the first call.
+    """
+    import torch
+
+    xq = x_quantized.detach().reshape(-1, x_quantized.shape[-1])
+    xf = x_float.detach().reshape(-1, x_float.shape[-1])
+    if xq.shape != xf.shape:
+        raise ValueError(f"quantized and float inputs differ in shape: {tuple(xq.shape)} vs {tuple(xf.shape)}")
+    if C is None:
+        C = torch.zeros(xq.shape[-1], xq.shape[-1], dtype=torch.float32, device=xq.device)
+    n = xq.shape[0]
+    if n == 0:
+        return C, n_seen
+    total = n_seen + n
+    C.addmm_(xq.to(device=C.device, dtype=C.dtype).t(), xf.to(device=C.device, dtype=C.dtype),
+             beta=n_seen / total, alpha=2.0 / total)
+    return C, total
+
+
+def float_target(weight: Any, H: Any, cross: Any, *, damp: float = 0.01, alpha: float = 1.0) -> Any:
+    """The weight GPTQ should approximate when its inputs are the quantized model's.
+
+    GPTQ minimises ``||X~ (W_hat - W)^T||^2`` with ``X~`` the inputs of the partly quantized
+    model, so every layer matches *its own* input's product and the errors of the layers before
+    it pile up. The float model's output ``X W^T`` is the real target:
+    ``||X~ W_hat^T - X W^T||^2 = ||X~ (W_hat - W')^T||^2 + const`` with
+    ``H W'^T = C W^T`` (``H = 2 X~^T X~``, ``C = 2 X~^T X``), so GPTQ on ``W'`` with the same
+    ``H`` minimises the distance to the float output (the "asymmetric calibration" of GPTAQ, also
+    called GPTQ v2, Li et al. 2025; written here from that identity). Solved in the damped,
+    unbiased form ``W'^T = W^T + alpha (H + lambda I)^-1 (C - H) W^T`` (``lambda = damp *
+    mean(diag H)``): identical streams (``C == H``) give ``W' == W`` exactly, and ``alpha``
+    (0..1) blends between plain GPTQ (0) and the full correction (1).
+    """
+    import torch
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    Hd = H.to(torch.float64)
+    if tuple(cross.shape) != tuple(H.shape):
+        raise ValueError(f"cross moment shape {tuple(cross.shape)} does not match the Hessian {tuple(H.shape)}")
+    W = weight.to(torch.float64)
+    if alpha == 0.0:
+        return weight.detach().to(torch.float32).clone()
+    diff = cross.to(torch.float64) - Hd
+    lam = damp * float(torch.diagonal(Hd).mean())
+    eye = torch.eye(Hd.shape[0], dtype=torch.float64, device=Hd.device)
+    L, info = torch.linalg.cholesky_ex(Hd + max(lam, 1e-12) * eye)
+    if int(info):
+        return weight.detach().to(torch.float32).clone()  # cannot be solved: plain GPTQ's target
+    delta = torch.cholesky_solve(diff @ W.t(), L)  # [in, out]
+    out = (W + alpha * delta.t()).to(torch.float32)
+    return out if _finite(out) else weight.detach().to(torch.float32).clone()
+
+
 def gptq_quantize(
     weight: Any,
     H: Any,

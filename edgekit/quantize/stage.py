@@ -27,6 +27,12 @@ class QuantizeConfig(StageConfig):
     act_order: bool = Field(True, description="GPTQ: quantize columns by decreasing Hessian diagonal (groups stay contiguous)")
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ: dampening, as a fraction of the mean Hessian diagonal")
     clip_search: bool = Field(True, description="search a clipped range per group that minimises the squared error (GPTQ, RTN)")
+    float_target: float = Field(
+        0.25, ge=0, le=1,
+        description="GPTQ: how far each layer aims at the float model's output rather than at its own (already "
+        "quantized) input's product, 0..1 (GPTAQ's asymmetric calibration; 0 = plain GPTQ). Runs the float layer "
+        "beside the quantized one: about 2x the calibration time",
+    )
     scale_estimation: bool = Field(True, description="awq: NNCF scale estimation on top of AWQ")
     calibration_samples: int = Field(128, ge=1, description="calibration windows (from the text before the held-out split)")
     sequence_length: int = Field(512, ge=16, description="tokens per calibration window")
@@ -100,6 +106,7 @@ def run_quantize(ctx) -> dict:
                 act_order=config.act_order and config.method == "gptq",
                 damp=config.damp,
                 method=config.method,
+                float_target=config.float_target if config.method == "gptq" else 0.0,
             )
             save_quantized_checkpoint(model, quantized, ctx.output_dir, quantization_config=qconfig)
             quantized_count = len(quantized)
@@ -121,6 +128,7 @@ def run_quantize(ctx) -> dict:
         "group_size": None if config.method == "fp8" else config.group_size,
         "symmetric": config.symmetric,
         "act_order": config.act_order if config.method == "gptq" else None,
+        "float_target": config.float_target if config.method == "gptq" else None,
         "calibration_samples": len(samples),
         "calibration_tokens": sum(int(s.numel()) for s in samples),
         # which text calibrated GPTQ/AWQ/FP8: the source, its sha256 (or files / snapshot), and
@@ -191,16 +199,20 @@ def _integer_method(ctx, model, samples, device: str = "cpu") -> dict:
     else:
         import torch
 
-        from edgekit.quantize.gptq import gptq_quantize, split_rows
+        from edgekit.quantize.gptq import float_target, gptq_quantize, split_rows
 
-        def gptq(_names, modules, hessian):
+        def gptq(_names, modules, hessian, cross=None):
             # One solve for the whole group: GPTQ treats rows independently given H.
             weight = torch.cat([m.weight.data for m in modules], dim=0)
+            if cross is not None:  # aim at the float model's output (float_target)
+                weight = float_target(weight, hessian, cross, damp=config.damp, alpha=config.float_target)
             qw, _stats = gptq_quantize(weight, hessian, act_order=config.act_order, damp=config.damp, mse=config.clip_search, **grid)
             return split_rows(qw, [m.weight.shape[0] for m in modules])
 
-        with ctx.progress(len(layers), f"GPTQ layer by layer on {len(samples)}×{config.sequence_length} tokens ({device})") as bar:
-            quantized = quantize_layer_by_layer(model, samples, gptq, device=device, advance=bar.advance)
+        aim = f", float target {config.float_target:g}" if config.float_target else ""
+        with ctx.progress(len(layers), f"GPTQ layer by layer on {len(samples)}×{config.sequence_length} tokens ({device}{aim})") as bar:
+            quantized = quantize_layer_by_layer(model, samples, gptq, device=device, advance=bar.advance,
+                                                float_targets=config.float_target > 0)
     if config.quantize_lm_head:
         quantized.update(_quantize_lm_head(model, samples, config, grid))
     return quantized

@@ -154,6 +154,7 @@ def gptq_quantization_config(
     damp: float,
     true_sequential: bool = True,
     method: str = "gptq",
+    float_target: float = 0.0,
 ) -> dict[str, Any]:
     """The ``quantization_config`` block of config.json for a checkpoint in this layout.
 
@@ -165,7 +166,8 @@ def gptq_quantization_config(
     :func:`edgekit.weights.loader.save_quantized_checkpoint` sets ``desc_act`` true only if a
     layer's ``g_idx`` really is not contiguous. Whether GPTQ used act-order is recorded apart,
     in ``edgekit_act_order``; ``edgekit_method`` records what produced the codes (gptq, rtn,
-    awq), since all of them use this one format.
+    awq), since all of them use this one format; ``edgekit_float_target`` how far GPTQ aimed at
+    the float model's output (0: plain GPTQ).
     """
     _check_bits(bits)
     return {
@@ -181,4 +183,5 @@ def gptq_quantization_config(
         "checkpoint_format": "gptq",
         "quantized_by": "edgekit",
         "edgekit_method": method,
+        "edgekit_float_target": float(float_target),
     }
