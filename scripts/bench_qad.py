@@ -105,10 +105,10 @@ def write_reports(out: Path, payload: dict, name: str = "bench_qad") -> None:
         "",
     ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    plot(out, payload)
+    plot(out, payload, name)
 
 
-def plot(out: Path, payload: dict) -> None:
+def plot(out: Path, payload: dict, name: str = "bench_qad") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
