@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import shown  # scripts/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"
 SMALL_CHECKPOINT = REPO / "runs/smollm2-to-orin-nano/stages/07-quantize"
@@ -59,10 +61,6 @@ FUSED = {
     "fused-large": (LARGE_CHECKPOINT, LARGE_BUNDLE, {}),
 }
 OPTIMUM = {"optimum-small": SMALL_BUNDLE, "optimum-large": LARGE_BUNDLE}
-
-
-def _shown(path: Path) -> str:
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _load() -> list[float]:
@@ -91,7 +89,7 @@ def build(work: Path, skip: bool) -> dict:
         report = build_fused_decoder(checkpoint, target, **options)
         report["build_seconds"] = round(time.perf_counter() - start, 1)
         report["options"] = options
-        report["checkpoint"] = _shown(checkpoint)
+        report["checkpoint"] = shown(checkpoint)
         manifest = json.loads((target / "manifest.json").read_text())
         manifest["onnx"]["variants"] = {"onnxruntime": "model.onnx"}
         manifest.pop("files", None)  # the copied file table no longer describes this directory
@@ -333,7 +331,7 @@ def main() -> None:
 
         info = describe(bundle / "model.onnx")
         graphs[name] = {"nodes": info["nodes"], "bytes": sum(p.stat().st_size for p in bundle.glob("model.onnx*")),
-                        "lm_head": "float32 MatMul (Transpose of the tied embedding)", "source": _shown(bundle)}
+                        "lm_head": "float32 MatMul (Transpose of the tied embedding)", "source": shown(bundle)}
     for name, report in reports.items():
         graphs[name] = {"nodes": report["nodes"], "bytes": report["bytes"], "lm_head": report["lm_head"],
                         "accuracy_level": report["accuracy_level"], "ops": report["ops"], "source": report["checkpoint"],

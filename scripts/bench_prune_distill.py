@@ -187,6 +187,19 @@ def part_b(work: Path, minutes: float, steps: int, only: list[str], ratios: tupl
     return results
 
 
+def teacher_perplexity(row: dict, label: str, payload: dict) -> float | None:
+    """The float teacher's perplexity on ``label``'s text for this row: scored in the row's own run,
+    else the --teacher-run's score when the text is the same (sha256), else None."""
+    own = (row.get("sets_teacher") or {}).get(label, {}).get("perplexity")
+    if own:
+        return own
+    fallback = (payload.get("teacher_sets") or {}).get(label, {})
+    score = (row.get("sets") or {}).get(label, {})
+    if fallback.get("sha256") and fallback.get("sha256") == score.get("sha256"):
+        return fallback["perplexity"]  # the same float model on the same text: deterministic
+    return None
+
+
 def write_reports(out: Path, payload: dict) -> None:
     (out / "bench_prune_distill.json").write_text(json.dumps(payload, indent=2) + "\n")
     a = payload.get("a") or {"rows": []}
@@ -226,8 +239,8 @@ def write_reports(out: Path, payload: dict) -> None:
         if "error" in r:
             lines.append(f"| {r['name']} | — | | | {r['error']} | | | | | | |")
             continue
-        own = (r.get("sets_teacher") or {}).get("in_domain", {}).get("perplexity")  # the teacher on the row's own text
-        teacher_in = own or (ref if r.get("data", "builtin:python-docs") == "builtin:python-docs" else None)
+        teacher_in = teacher_perplexity(r, "in_domain", payload) or (
+            ref if r.get("data", "builtin:python-docs") == "builtin:python-docs" else None)  # the teacher on the row's own text
         ratio = r["perplexity"] / teacher_in if teacher_in else float("nan")
         lines.append(
             f"| {r['name']} | {r['shape']} | {r['parameters'] / 1e6:.1f}M ({1 - r['fraction']:.0%} fewer) | {r['perplexity_pruned']:.2f} | "
@@ -245,10 +258,7 @@ def write_reports(out: Path, payload: dict) -> None:
         for r in with_sets:
             for label, score in r["sets"].items():
                 before = (r.get("sets_pruned") or {}).get(label, {}).get("perplexity")
-                teacher_ppl = (r.get("sets_teacher") or {}).get(label, {}).get("perplexity")
-                fallback = (payload.get("teacher_sets") or {}).get(label, {})
-                if teacher_ppl is None and fallback.get("sha256") and fallback.get("sha256") == score.get("sha256"):
-                    teacher_ppl = fallback["perplexity"]  # the same float model on the same text (--teacher-run)
+                teacher_ppl = teacher_perplexity(r, label, payload)
                 times = score["perplexity"] / teacher_ppl if teacher_ppl else None
                 goal = GOALS.get(label)
                 verdict = "" if times is None or goal is None else ("met" if times <= goal else "missed")
@@ -305,9 +315,8 @@ def plot(out: Path, payload: dict, ref: float | None) -> None:
     # the generated-data ratio swept: x teacher per held-out set, one line per (axes, text, set)
     lines_by: dict = {}
     for r in payload.get("b", []):
-        teacher = r.get("sets_teacher") or {}
         for label, score in (r.get("sets") or {}).items():
-            t = teacher.get(label, {}).get("perplexity") or (payload.get("teacher_sets") or {}).get(label, {}).get("perplexity")
+            t = teacher_perplexity(r, label, payload)
             if t and score.get("perplexity"):
                 key = (r["axes"], r.get("data", "builtin:python-docs"), label)
                 lines_by.setdefault(key, []).append((r.get("generated_ratio", 0.0), score["perplexity"] / t))

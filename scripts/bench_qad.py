@@ -28,18 +28,12 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import shown  # scripts/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
 #: the stages whose scores the report compares, in order, and how it labels them
 MODELS = (("evaluate_float", "float"), ("evaluate_gptq", "GPTQ W4 g64"), ("evaluate_qad", "GPTQ W4 g64 + QAD"))
 GOALS = {"evaluate_gptq": {"in_domain": 8.0}, "evaluate_qad": {"in_domain": 4.0, "ood": 6.0}}
-
-
-def _shown(path: str) -> str:
-    """A path relative to the repository where it is inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def collect(run: Path) -> dict:
@@ -75,7 +69,7 @@ def write_reports(out: Path, payload: dict, name: str = "bench_qad") -> None:
         "# Quantization-aware distillation: SmolLM2-135M",
         "",
         f"Measured {payload['date']} on {payload['machine']} ({payload['cores']} cores), one run of "
-        f"`{_shown(payload['recipe'].get('file', '?'))}` (float, GPTQ and GPTQ + QAD scored in the same run). in_domain = the last "
+        f"`{shown(payload['recipe'].get('file', '?'))}` (float, GPTQ and GPTQ + QAD scored in the same run). in_domain = the last "
         "8192 tokens of the recipe's text (calibration and QAD read only the text before it); ood = "
         "builtin:package-readmes, which no stage calibrates or trains on. Goals (#19): GPTQ alone ≤ +8 % in_domain; "
         "after QAD ≤ +4 % in_domain and ≤ +6 % ood.",

@@ -34,6 +34,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from bench_common import shown  # scripts/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
 FLOAT_PPL_NOTE = "float reference"
 
@@ -100,14 +102,6 @@ def recipe_yaml(name: str, target: str, quantize: dict | None, export: dict | No
     ) + "\n".join(stages) + "\n"
 
 
-def _shown(path: Path) -> str:
-    """Paths in the results relative to the repository (absolute when outside it)."""
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path.resolve())
-
-
 def run_config(work: Path, name: str, target: str, quantize: dict | None, export: dict | None) -> dict:
     recipe = work / f"{name}.yaml"
     recipe.write_text(recipe_yaml(name, target, quantize, export))
@@ -139,7 +133,7 @@ def run_config(work: Path, name: str, target: str, quantize: dict | None, export
     else:
         result.update({"bits_per_weight": 32.0, "checkpoint_bytes": stages["load"]["metrics"]["weights_bytes"]})
     if export:
-        result["onnx_dir"] = _shown(out / stages["export_onnx"]["dir"])
+        result["onnx_dir"] = shown(out / stages["export_onnx"]["dir"])
         result["onnx_bytes"] = stages["export_onnx"]["metrics"]["onnx_bytes"]
         result["onnx_perplexity"] = stages["evaluate-2"]["metrics"]["perplexity"]
         result["onnx_logits_max_abs_diff"] = stages["export_onnx"]["metrics"]["logits_max_abs_diff"]

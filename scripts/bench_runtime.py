@@ -58,15 +58,13 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import shown  # scripts/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "results"
 SMALL_RECIPE = REPO / "recipes" / "smollm2_to_orin_nano.yaml"
 LARGE_RECIPE = REPO / "recipes" / "smollm2_large_branch.yaml"
 RESULT_NAME = "bench_runtime"
-
-
-def _shown(path: Path) -> str:
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def _bundle(recipe: Path) -> Path:
@@ -177,7 +175,7 @@ def bench_speed(small, large, prompts: list[list[int]], new_tokens: int, rounds:
     for row in rows:
         row["speedup_vs_large_only"] = row["decode_tokens_per_s"] / large_rate
     return {"rows": rows, "prompts": len(prompts), "rounds": rounds, "max_new_tokens": new_tokens,
-            "spin_wait": bool(getattr(small, "spin_wait", False)), "draft_graph": _shown(draft.graph)}
+            "spin_wait": bool(getattr(small, "spin_wait", False)), "draft_graph": shown(draft.graph)}
 
 
 # --------------------------------------------------------------------------- (c)
@@ -369,7 +367,7 @@ def bench_routing_mixed(small, large, *, per_kind: int, answer_tokens: int, shar
     from edgekit.runtime.learned import score_many
 
     items, fingerprint = build_routing_set(per_kind)
-    key = hashlib.sha256(json.dumps([fingerprint["sha256"], _shown(small.bundle_dir), _shown(large.bundle_dir), answer_tokens,
+    key = hashlib.sha256(json.dumps([fingerprint["sha256"], shown(small.bundle_dir), shown(large.bundle_dir), answer_tokens,
                                      _bundle_digest(small), _bundle_digest(large)]).encode()).hexdigest()[:16]
     records = _routing_records(small, large, items, answer_tokens, REPO / "runs" / "bench_routing_mixed" / f"records-{key}.json")
     cal = [r for r in records if r["split"] == "calibration"]
@@ -655,13 +653,13 @@ def main() -> None:
     if args.only == "routing":
         print("(d) routing on mixed traffic", flush=True)
         ro = bench_routing_mixed(small, large, per_kind=args.per_kind, answer_tokens=args.answer_tokens)
-        write_routing_report(ro, machine, _shown(small_dir), _shown(large_dir))
+        write_routing_report(ro, machine, shown(small_dir), shown(large_dir))
         print((RESULTS / "bench_routing_mixed.md").read_text())
         return
     path = RESULTS / f"{RESULT_NAME}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.update(machine=f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-                small=_shown(small_dir), large=_shown(large_dir))
+                small=shown(small_dir), large=shown(large_dir))
     pairs = _eval_windows(small.tokenizer, max(args.prompts, args.speed_prompts))
     if not args.skip_a:
         print("(a) fast path", flush=True)

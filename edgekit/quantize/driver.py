@@ -148,11 +148,11 @@ def quantize_layer_by_layer(
             reference_modules = dict(reference.named_modules()) if reference is not None else {}
             for group in linear_groups(layer):
                 H, n_h, C, n_c = None, 0, None, 0
-                for i, (hidden, kwargs) in enumerate(zip(hidden_states, layer_kwargs)):
+                for hidden, kwargs, float_hidden in zip(hidden_states, layer_kwargs, float_states or hidden_states):
                     x = _group_input(layer, modules[group[0]], hidden, kwargs)  # the group's other modules read it too
                     H, n_h = accumulate_hessian(H, x, n_h)
                     if reference is not None:
-                        x_float = _group_input(reference, reference_modules[group[0]], float_states[i], kwargs)
+                        x_float = _group_input(reference, reference_modules[group[0]], float_hidden, kwargs)
                         C, n_c = accumulate_cross(C, x, x_float, n_c)
                 members = [modules[name] for name in group]
                 qweights = quantize(group, members, H) if reference is None else quantize(group, members, H, cross=C)

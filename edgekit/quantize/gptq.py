@@ -117,21 +117,18 @@ def float_target(weight: Any, H: Any, cross: Any, *, damp: float = 0.01, alpha: 
 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    Hd = H.to(torch.float64)
     if tuple(cross.shape) != tuple(H.shape):
         raise ValueError(f"cross moment shape {tuple(cross.shape)} does not match the Hessian {tuple(H.shape)}")
-    W = weight.to(torch.float64)
+    plain = weight.detach().to(torch.float32).clone()  # plain GPTQ's target
     if alpha == 0.0:
-        return weight.detach().to(torch.float32).clone()
-    diff = cross.to(torch.float64) - Hd
-    lam = damp * float(torch.diagonal(Hd).mean())
-    eye = torch.eye(Hd.shape[0], dtype=torch.float64, device=Hd.device)
-    L, info = torch.linalg.cholesky_ex(Hd + max(lam, 1e-12) * eye)
-    if int(info):
-        return weight.detach().to(torch.float32).clone()  # cannot be solved: plain GPTQ's target
-    delta = torch.cholesky_solve(diff @ W.t(), L)  # [in, out]
-    out = (W + alpha * delta.t()).to(torch.float32)
-    return out if _finite(out) else weight.detach().to(torch.float32).clone()
+        return plain
+    # the same damped factor GPTQ itself uses: U^T U = (H + lambda I)^-1
+    U, _ = _inverse_hessian_factor(H.to(torch.float64), damp)
+    W = weight.to(torch.float64)
+    correction = (cross.to(torch.float64) - H.to(torch.float64)) @ W.t()  # [in, out]
+    delta = U.t() @ (U @ correction.to(torch.float32))
+    out = plain + alpha * delta.t()
+    return out if _finite(out) else plain
 
 
 def gptq_quantize(
