@@ -248,12 +248,58 @@ def test_trained_scales_are_written_as_float16_and_the_checkpoint_equals_the_fak
         assert torch.equal(written(input_ids=batch).logits, expected)
 
 
-def test_trainable_scales_resume_bit_identical_after_a_kill(tmp_path, parent, gptq_sym, one_thread, monkeypatch):
-    """qad with trainable scales, killed right after the checkpoint of step 10 and resumed:
-    the same checkpoint bytes and distill.json as the uninterrupted run."""
+def test_latent_weights_and_scales_get_their_own_peak_learning_rate(gptq_sym):
+    """With qad_weight_learning_rate / qad_scale_learning_rate the latent weights and the scales
+    are AdamW groups of their own (weights decay, scales never); unset, the groups are the two
+    of standard distillation. Each group's peak is what the loop's schedule scales."""
+    from edgekit.distill.config import DistillConfig
+    from edgekit.distill.loop import optimizer_groups
+    from edgekit.distill.qad import fake_quant_layers, to_fake_quant
+    from edgekit.weights.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(gptq_sym, dtype="float32")
+    to_fake_quant(model, trainable_scales=True)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    layers = fake_quant_layers(model)
+    latent = {id(m.weight) for _, m in layers}
+    scales = {id(m.scales) for _, m in layers}
+
+    def by_peak(config):
+        groups, names = optimizer_groups(named, layers, config)
+        name_of = {id(p): n for n, p in named}
+        assert names == [name_of[id(p)] for g in groups for p in g["params"]]  # the order checkpoints name the state in
+        assert sorted(names) == sorted(n for n, _ in named)  # every trainable parameter, once
+        return {(g["peak"], g["weight_decay"]): {id(p) for p in g["params"]} for g in groups}
+
+    plain = by_peak(DistillConfig(mode="qad", qad_scales="trainable", learning_rate=1e-3, weight_decay=0.1))
+    assert len(plain) == 2 and latent <= plain[(1e-3, 0.1)] and scales <= plain[(1e-3, 0.0)]
+    split = by_peak(DistillConfig(mode="qad", qad_scales="trainable", learning_rate=1e-3, weight_decay=0.1,
+                                  qad_weight_learning_rate=2e-3, qad_scale_learning_rate=1e-5))
+    assert split[(2e-3, 0.1)] == latent and split[(1e-5, 0.0)] == scales
+    norms = {id(p) for _, p in named if p.ndim == 1}
+    assert norms and split[(1e-3, 0.0)] == norms
+    assert (1e-3, 0.1) not in split or not split[(1e-3, 0.1)] & (latent | scales)
+
+
+def test_a_separate_weight_learning_rate_moves_codes_that_one_small_rate_does_not(tmp_path, parent, rtn_coarse, one_thread):
+    """learning_rate tiny for everything, then the same with qad_weight_learning_rate large: only
+    the latter changes integer codes (the norms' rate alone cannot move a weight half a grid step)."""
     from edgekit.distill.stage import run_distill
 
-    params = dict(steps=20, checkpoint_every=5, qad_scales="trainable", learning_rate=3e-4)
+    small = run_distill(make_ctx(tmp_path / "small", parent, rtn_coarse, steps=10, learning_rate=1e-7))
+    split = run_distill(make_ctx(tmp_path / "split", parent, rtn_coarse, steps=10, learning_rate=1e-7, qad_weight_learning_rate=2e-3))
+    assert small["qad_codes_changed"] == 0 < split["qad_codes_changed"]
+
+
+def test_trainable_scales_resume_bit_identical_after_a_kill(tmp_path, parent, gptq_sym, one_thread, monkeypatch):
+    """qad with trainable scales (weights and scales at their own learning rates), killed right
+    after the checkpoint of step 10 and resumed: the same checkpoint bytes and distill.json as
+    the uninterrupted run."""
+    from edgekit.distill.stage import run_distill
+
+    params = dict(steps=20, checkpoint_every=5, qad_scales="trainable", learning_rate=3e-4, qad_weight_learning_rate=1e-3,
+                  qad_scale_learning_rate=1e-5)
     reference = make_ctx(tmp_path / "ref", parent, gptq_sym, **params)
     expected = run_distill(reference)
     assert expected["qad_scales"] == "trainable" and expected["qad_scales_changed"] > 0
@@ -329,11 +375,18 @@ def test_wrong_inputs_and_hostile_settings_are_one_line_recipe_errors(tmp_path, 
     from edgekit.distill.config import DistillConfig
 
     # at their defaults the settings stay out of the dump (cache keys of standard recipes unchanged)
-    assert not {"mode", "qad_scales"} & set(DistillConfig().model_dump(mode="json"))
+    assert not {"mode", "qad_scales", "qad_weight_learning_rate", "qad_scale_learning_rate"} & set(DistillConfig().model_dump(mode="json"))
     assert DistillConfig(mode="qad", qad_scales="trainable").model_dump(mode="json")["qad_scales"] == "trainable"
     for params, message in (({"mode": "qat"}, "standard"), ({"mode": "qad", "qad_scales": "learned"}, "frozen"),
                             ({"qad_scales": "trainable"}, "applies to mode qad only"), ({"mode": None}, "standard"),
-                            ({"mode": "qad", "qad_scales": 1}, "frozen")):
+                            ({"mode": "qad", "qad_scales": 1}, "frozen"),
+                            ({"qad_weight_learning_rate": 1e-3}, "applies to mode qad only"),
+                            ({"mode": "qad", "qad_scale_learning_rate": 1e-5}, "set 'qad_scales: trainable'"),
+                            *(({"mode": "qad", "qad_scales": "trainable", field: value}, field_message)
+                              for field in ("qad_weight_learning_rate", "qad_scale_learning_rate")
+                              for value, field_message in ((0, "greater than 0"), (-1e-3, "greater than 0"), (2.0, "less than or equal"),
+                                                           (float("nan"), "greater than 0|finite"), (float("inf"), "finite"),
+                                                           ("fast", "valid number")))):
         with pytest.raises(ValidationError, match=message):
             DistillConfig(**params)
 

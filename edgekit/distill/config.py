@@ -37,7 +37,8 @@ class GenerationSettings(StageConfig):
 # Settings whose defaults reproduce the distillation that existed before them: left out of the
 # dump (the stage's cache key and the resume check) while at their defaults, so recipes that do
 # not use them keep their cache keys and resumable checkpoints.
-_OPTIONAL_WHEN_DEFAULT = ("loss", "generated_ratio", "generation", "on_policy_ratio", "mode", "qad_scales")
+_OPTIONAL_WHEN_DEFAULT = ("loss", "generated_ratio", "generation", "on_policy_ratio", "mode", "qad_scales",
+                          "qad_weight_learning_rate", "qad_scale_learning_rate")
 
 
 class DistillConfig(StageConfig):
@@ -50,6 +51,11 @@ class DistillConfig(StageConfig):
     qad_scales: Literal["frozen", "trainable"] = Field("frozen", description="qad: keep the checkpoint's per-group scales "
                                                        "(frozen) or train them with the weights (trainable, LSQ gradient); "
                                                        "zero points always stay the checkpoint's integers")
+    qad_weight_learning_rate: float | None = Field(None, gt=0, le=1, description="qad: peak learning rate of the quantized "
+                                                   "linears' latent weights (null: learning_rate, which then trains norms, "
+                                                   "biases and every other parameter); same schedule")
+    qad_scale_learning_rate: float | None = Field(None, gt=0, le=1, description="qad with trainable scales: peak learning "
+                                                  "rate of the per-group scales (null: learning_rate); same schedule")
     steps: int = Field(1000, ge=1, description="optimizer steps")
     max_minutes: float | None = Field(None, gt=0, description="also stop after this much training time, evaluations and checkpoints included (then the run is not step-reproducible)")
     temperature: float = Field(1.0, gt=0, description="softmax temperature of the KL term (loss scaled by T^2)")
@@ -103,8 +109,11 @@ class DistillConfig(StageConfig):
 
     @model_validator(mode="after")
     def _qad_settings(self):
-        if "qad_scales" in self.model_fields_set and self.mode != "qad":
-            raise ValueError("qad_scales applies to mode qad only: set 'mode: qad' or remove qad_scales")
+        for name in ("qad_scales", "qad_weight_learning_rate", "qad_scale_learning_rate"):
+            if name in self.model_fields_set and self.mode != "qad":
+                raise ValueError(f"{name} applies to mode qad only: set 'mode: qad' or remove {name}")
+        if self.qad_scale_learning_rate is not None and self.qad_scales != "trainable":
+            raise ValueError("qad_scale_learning_rate trains the scales: set 'qad_scales: trainable' or remove qad_scale_learning_rate")
         return self
 
     @property

@@ -81,6 +81,33 @@ def _fake_quant_layers(model: Any) -> list[tuple[str, Any]]:
     return fake_quant_layers(model)
 
 
+def optimizer_groups(named: list[tuple[str, Any]], fake_quant: list[tuple[str, Any]], config: Any) -> tuple[list[dict], list[str]]:
+    """AdamW's parameter groups for the trainable ``named`` parameters, and the names in the
+    groups' order. Matrices decay; vectors (norms, biases) never do, nor do qad's scales
+    (matrices [out, groups], but step sizes). qad's latent weights and scales form groups of
+    their own when the recipe gives them a peak learning rate; each group's ``peak`` is what the
+    schedule scales each step."""
+    latent = {id(m.weight) for _, m in fake_quant}
+    scales = {id(m.scales) for _, m in fake_quant}
+
+    def kind(parameter: Any) -> str:
+        if id(parameter) in scales:
+            return "scale" if config.qad_scale_learning_rate else "vector"
+        if id(parameter) in latent and config.qad_weight_learning_rate:
+            return "weight"
+        return "matrix" if parameter.ndim >= 2 else "vector"
+
+    settings = {"matrix": (config.weight_decay, config.learning_rate), "weight": (config.weight_decay, config.qad_weight_learning_rate),
+                "vector": (0.0, config.learning_rate), "scale": (0.0, config.qad_scale_learning_rate)}
+    groups, names = [], []
+    for name, (decay, peak) in settings.items():
+        members = [(n, p) for n, p in named if kind(p) == name]
+        if members:
+            groups.append({"params": [p for _, p in members], "weight_decay": decay, "peak": peak})
+            names += [n for n, _ in members]
+    return groups, names
+
+
 def _reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
@@ -259,15 +286,10 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     else:
         order = WindowOrder(windows, **shape)
 
-    # -- optimizer: no weight decay on vectors (norms, biases)
+    # -- optimizer: no weight decay on vectors (norms, biases); qad's latent weights and scales
+    # may have their own peak learning rates (a scale wants much smaller steps than a weight)
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    # qad's trainable scales are matrices [out, groups] but, like norms, never decay
-    grid_scales = {id(m.scales) for _, m in _fake_quant_layers(student)}
-    decay = [(n, p) for n, p in named if p.ndim >= 2 and id(p) not in grid_scales]
-    no_decay = [(n, p) for n, p in named if p.ndim < 2 or id(p) in grid_scales]
-    groups = [g for g in ({"params": [p for _, p in decay], "weight_decay": config.weight_decay},
-                          {"params": [p for _, p in no_decay], "weight_decay": 0.0}) if g["params"]]
-    names = [n for n, _ in decay] + [n for n, _ in no_decay]
+    groups, names = optimizer_groups(named, _fake_quant_layers(student), config)
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
 
     # -- resume
@@ -337,7 +359,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
             began = time.perf_counter()
             lr = learning_rate_at(step, peak=config.learning_rate, steps=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                # a checkpoint written before groups had their own peak has none: learning_rate's
+                group["lr"] = lr * group.get("peak", config.learning_rate) / config.learning_rate
             sums = torch.zeros(4, dtype=torch.float64)
             on_policy = on_policy_step(step, config.on_policy_ratio)
             for micro in range(config.gradient_accumulation):
