@@ -11,6 +11,11 @@ Goals (issue #19): GPTQ W4 g64 + QAD within +4 % of the float parent in_domain a
 after ≤ 10 CPU-minutes of QAD on 2 cores; the float model's GPTQ W4 g64 alone ≤ +8 %.
 
     python scripts/bench_qad.py [--recipe recipes/smollm2_qad.yaml] [--collect runs/qad] [--name bench_qad]
+                                [--also "text only=runs/qad/text" ...]
+
+``--also LABEL=RUN_DIR`` adds the QAD result of another finished run that starts from the same
+GPTQ checkpoint (checked: the quantize stage's weights have the same sha256 and the float and
+GPTQ scores are equal), e.g. the same recipe with other QAD settings, as one more row.
 
 Writes results/<name>.{json,md,png} (default bench_qad; the mixed-text recipe,
 recipes/smollm2_qad_mixed.yaml, reports as bench_qad_mixed). Numbers are measured on the
@@ -36,6 +41,23 @@ MODELS = (("evaluate_float", "float"), ("evaluate_gptq", "GPTQ W4 g64"), ("evalu
 GOALS = {"evaluate_gptq": {"in_domain": 8.0}, "evaluate_qad": {"in_domain": 4.0, "ood": 6.0}}
 
 
+def qad_settings(run: Path, stage: dict) -> dict:
+    """The distill stage's resolved settings (its distill.json): what a variant changes."""
+    record = run / stage.get("dir", "") / "distill.json"
+    config = json.loads(record.read_text()).get("config", {}) if stage.get("dir") and record.is_file() else {}
+    return {k: config.get(k) for k in ("steps", "learning_rate", "qad_weight_learning_rate", "qad_scales", "qad_scale_learning_rate",
+                                       "generated_ratio")}
+
+
+def variant(run: Path, label: str, main: dict) -> dict:
+    """One more QAD row: a finished run from the same GPTQ checkpoint as ``main``'s."""
+    other = collect(run)
+    if other["quantize_sha256"] != main["quantize_sha256"] or other["models"][:2] != main["models"][:2]:
+        raise SystemExit(f"--also {label}={run}: not the same float and GPTQ models as the main run (quantize weights or scores differ)")
+    return {"label": label, "run": shown(str(run)), "model": {**other["models"][2], "label": f"GPTQ W4 g64 + QAD ({label})"},
+            "qad": other["qad"], "settings": other["settings"]}
+
+
 def collect(run: Path) -> dict:
     manifest = json.loads((run / "manifest.json").read_text())
     stages = {s["name"]: s for s in manifest["stages"]}
@@ -58,6 +80,8 @@ def collect(run: Path) -> dict:
         "qad": {k: distill.get(k) for k in ("steps", "stopped", "train_seconds", "tokens_seen", "tokens_per_second", "precision",
                                              "qad_scales", "qad_codes_changed", "qad_codes_changed_fraction")},
         "curve": distill.get("curve", []),
+        "settings": qad_settings(run, stages["distill"]),
+        "quantize_sha256": stages["quantize"].get("files", {}).get("model.safetensors", {}).get("sha256"),
     }
 
 
@@ -77,7 +101,7 @@ def write_reports(out: Path, payload: dict, name: str = "bench_qad") -> None:
         "| model | set | perplexity | vs float | goal | agreement with float | KL to float (nats/token) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for model in payload["models"]:
+    for model in payload["models"] + [v["model"] for v in payload.get("variants", [])]:
         for label, score in model["sets"].items():
             base = float_sets.get(label, {}).get("perplexity")
             delta = (score["perplexity"] / base - 1) * 100 if base else None
@@ -98,6 +122,19 @@ def write_reports(out: Path, payload: dict, name: str = "bench_qad") -> None:
         "names (the float model loaded by the recipe).",
         "",
     ]
+    if payload.get("variants"):
+        lines += [
+            "Other QAD settings from the same GPTQ checkpoint (each a finished run whose quantize weights and float/GPTQ scores "
+            "equal the main run's; the same goal rule applies):",
+            "",
+            "| QAD run | settings | training | codes changed | run |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for v in [{"label": "recipe", "run": "", "qad": qad, "settings": payload.get("settings", {})}] + payload["variants"]:
+            settings = ", ".join(f"{k} {val}" for k, val in v["settings"].items() if val is not None)
+            lines.append(f"| {v['label']} | {settings} | {v['qad'].get('steps')} steps ({v['qad'].get('stopped')}), "
+                         f"{(v['qad'].get('train_seconds') or 0) / 60:.1f} min | {v['qad'].get('qad_codes_changed')} | {v['run']} |")
+        lines.append("")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(out, payload, name)
 
@@ -108,17 +145,28 @@ def plot(out: Path, payload: dict, name: str = "bench_qad") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    labels = [m["label"] for m in payload["models"]]
-    sets = list(payload["models"][0]["sets"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11 + 0.8 * len(payload.get("variants", [])), 4.6),
+                                      gridspec_kw={"width_ratios": [1.6, 1]})
+    import textwrap
+
+    # perplexity over the float model's, per set: the goals are stated that way, and the
+    # differences between QAD runs are too small to see on bars that start at zero
+    floats = payload["models"][0]["sets"]
+    models = payload["models"][1:] + [v["model"] for v in payload.get("variants", [])]
+    recipe = " (the recipe)" if payload.get("variants") else ""
+    labels = ["\n".join(textwrap.wrap(m["label"].replace("GPTQ W4 g64 + ", "+ ") + (recipe if m is payload["models"][-1] else ""), 16))
+              for m in models]
+    sets = list(floats)
     width = 0.8 / max(1, len(sets))
     for i, label in enumerate(sets):
-        values = [m["sets"].get(label, {}).get("perplexity", float("nan")) for m in payload["models"]]
+        values = [(m["sets"].get(label, {}).get("perplexity", float("nan")) / floats[label]["perplexity"] - 1) * 100 for m in models]
         left.bar([x + i * width for x in range(len(labels))], values, width=width, label=label)
-    left.set_xticks([x + width * (len(sets) - 1) / 2 for x in range(len(labels))], labels, fontsize=8)
-    left.set_ylabel("held-out perplexity (lower is better)")
-    left.set_title("float, GPTQ W4 g64, GPTQ + QAD")
-    left.legend()
+    left.set_xticks([x + width * (len(sets) - 1) / 2 for x in range(len(labels))], labels, fontsize=7)
+    for goal, label in ((4, "QAD goal in_domain"), (6, "QAD goal ood")):
+        left.axhline(goal, color="grey", linestyle=":" if goal == 4 else "--", linewidth=1, label=f"{label}: +{goal} %")
+    left.set_ylabel("perplexity over the float model's (%)")
+    left.set_title("GPTQ W4 g64 and GPTQ + QAD runs, vs float (lower is better)")
+    left.legend(fontsize=7)
     curve = [c for c in payload["curve"] if c.get("perplexity")]
     if curve:
         right.plot([c["step"] for c in curve], [c["perplexity"] for c in curve], marker=".", label="QAD (in_domain, periodic windows)")
@@ -142,7 +190,15 @@ def main() -> None:
     parser.add_argument("--collect", type=Path, help="report this finished run instead of running the recipe")
     parser.add_argument("--out", type=Path, default=REPO / "results")
     parser.add_argument("--name", default="bench_qad", help="stem of the result files")
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=RUN_DIR",
+                        help="another finished run from the same GPTQ checkpoint, reported as one more QAD row (repeatable)")
     args = parser.parse_args()
+    also = []
+    for entry in args.also:
+        label, _, path = entry.partition("=")
+        if not label or not path or len(label) > 40 or "|" in label or not Path(path).is_dir():
+            parser.error(f"--also {entry!r}: give LABEL=RUN_DIR (a label of at most 40 characters without '|', an existing run directory)")
+        also.append((label, Path(path)))
     if not args.name.replace("_", "").replace("-", "").isalnum() or len(args.name) > 64:
         parser.error("--name: letters, digits, '_' and '-' only (at most 64): it becomes a file name")
     run = args.collect
@@ -153,6 +209,7 @@ def main() -> None:
         print(f"[qad] ran {args.recipe} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     payload = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                **collect(run)}
+    payload["variants"] = [variant(path, label, payload) for label, path in also]
     args.out.mkdir(parents=True, exist_ok=True)
     write_reports(args.out, payload, args.name)
     print((args.out / f"{args.name}.md").read_text())
