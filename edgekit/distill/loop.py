@@ -357,10 +357,11 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
         while step < config.steps:
             watchdog.check()
             began = time.perf_counter()
-            lr = learning_rate_at(step, peak=config.learning_rate, steps=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio)
+            schedule = dict(steps=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio)
+            lr = learning_rate_at(step, peak=config.learning_rate, **schedule)  # what the losses record
             for group in optimizer.param_groups:
                 # a checkpoint written before groups had their own peak has none: learning_rate's
-                group["lr"] = lr * group.get("peak", config.learning_rate) / config.learning_rate
+                group["lr"] = learning_rate_at(step, peak=group.get("peak", config.learning_rate), **schedule)
             sums = torch.zeros(4, dtype=torch.float64)
             on_policy = on_policy_step(step, config.on_policy_ratio)
             for micro in range(config.gradient_accumulation):
