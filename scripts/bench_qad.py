@@ -43,8 +43,8 @@ GOALS = {"evaluate_gptq": {"in_domain": 8.0}, "evaluate_qad": {"in_domain": 4.0,
 
 def qad_settings(run: Path, stage: dict) -> dict:
     """The distill stage's resolved settings (its distill.json): what a variant changes."""
-    record = run / stage.get("dir", "") / "distill.json"
-    config = json.loads(record.read_text()).get("config", {}) if stage.get("dir") and record.is_file() else {}
+    record = run / stage["dir"] / "distill.json" if stage.get("dir") else None
+    config = json.loads(record.read_text()).get("config", {}) if record and record.is_file() else {}
     return {k: config.get(k) for k in ("steps", "learning_rate", "qad_weight_learning_rate", "qad_scales", "qad_scale_learning_rate",
                                        "generated_ratio")}
 
@@ -54,7 +54,7 @@ def variant(run: Path, label: str, main: dict) -> dict:
     other = collect(run)
     if other["quantize_sha256"] != main["quantize_sha256"] or other["models"][:2] != main["models"][:2]:
         raise SystemExit(f"--also {label}={run}: not the same float and GPTQ models as the main run (quantize weights or scores differ)")
-    return {"label": label, "run": shown(str(run)), "model": {**other["models"][2], "label": f"GPTQ W4 g64 + QAD ({label})"},
+    return {"label": label, "run": shown(run), "model": {**other["models"][2], "label": f"GPTQ W4 g64 + QAD ({label})"},
             "qad": other["qad"], "settings": other["settings"]}
 
 
@@ -196,8 +196,9 @@ def main() -> None:
     also = []
     for entry in args.also:
         label, _, path = entry.partition("=")
-        if not label or not path or len(label) > 40 or "|" in label or not Path(path).is_dir():
-            parser.error(f"--also {entry!r}: give LABEL=RUN_DIR (a label of at most 40 characters without '|', an existing run directory)")
+        if not label or not path or len(label) > 40 or "|" in label or not label.isprintable() or not Path(path).is_dir():
+            parser.error(f"--also {entry!r}: give LABEL=RUN_DIR (a label of at most 40 printable characters without '|', "
+                         "an existing run directory)")
         also.append((label, Path(path)))
     if not args.name.replace("_", "").replace("-", "").isalnum() or len(args.name) > 64:
         parser.error("--name: letters, digits, '_' and '-' only (at most 64): it becomes a file name")
@@ -207,9 +208,13 @@ def main() -> None:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "edgekit", "compress", str(args.recipe), "--output", str(run)], check=True)
         print(f"[qad] ran {args.recipe} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    payload = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               **collect(run)}
-    payload["variants"] = [variant(path, label, payload) for label, path in also]
+    try:
+        payload = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                   **collect(run)}
+        payload["variants"] = [variant(path, label, payload) for label, path in also]
+    except (OSError, ValueError, KeyError, TypeError) as error:  # a missing or malformed manifest / distill.json
+        raise SystemExit(f"bench_qad: a run's manifest.json or distill.json is unreadable or not a finished run's ({type(error).__name__}: "
+                         f"{error}). To resolve, point --collect/--also at finished edgekit run directories.") from None
     args.out.mkdir(parents=True, exist_ok=True)
     write_reports(args.out, payload, args.name)
     print((args.out / f"{args.name}.md").read_text())

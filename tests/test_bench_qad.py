@@ -53,6 +53,13 @@ def test_variants_from_the_same_gptq_model_become_rows_and_others_are_refused(tm
                   _run_dir(tmp_path / "other-scores", qad_ood=13.0, gptq_ood=14.6)):
         result = _bench("--collect", str(main), "--also", f"x={other}", "--out", str(tmp_path / "out"))
         assert result.returncode != 0 and "not the same float and GPTQ models" in result.stderr
-    for hostile in ("no-equals", f"={generated}", "x=" + str(tmp_path / "missing"), "a|b=" + str(generated), "x" * 41 + f"={generated}"):
+    for hostile in ("no-equals", f"={generated}", "x=" + str(tmp_path / "missing"), "a|b=" + str(generated), "x" * 41 + f"={generated}",
+                    f"two\nlines={generated}", f"\udcff={generated}"):
         result = _bench("--collect", str(main), "--also", hostile, "--out", str(tmp_path / "out"))
         assert result.returncode == 2 and "--also" in result.stderr, hostile
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for manifest in ("{not json", json.dumps({"stages": "x"}), json.dumps([1, 2])):
+        (broken / "manifest.json").write_text(manifest)
+        result = _bench("--collect", str(main), "--also", f"x={broken}", "--out", str(tmp_path / "out"))
+        assert result.returncode == 1 and "To resolve" in result.stderr and "Traceback" not in result.stderr, manifest

@@ -353,11 +353,11 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     loop_started = time.perf_counter()
     elapsed_before = float(scalars["elapsed_seconds"])
     describe = f"distill {config.steps} steps × {tokens_per_step} tokens ({device}, {precision}, {world} process{'es' if world > 1 else ''})"
+    schedule = dict(steps=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio)
     with report.progress(config.steps - start, describe) as bar:
         while step < config.steps:
             watchdog.check()
             began = time.perf_counter()
-            schedule = dict(steps=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio)
             lr = learning_rate_at(step, peak=config.learning_rate, **schedule)  # what the losses record
             for group in optimizer.param_groups:
                 # a checkpoint written before groups had their own peak has none: learning_rate's
