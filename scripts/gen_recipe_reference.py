@@ -139,6 +139,7 @@ def render() -> str:
     out += ["", "## Stages", "",
             "Each entry of `stages:` is `type:` plus an optional unique `name:` (default: the type, then `type-2`, …)",
             "and the stage's own keys below. `- load` is shorthand for `- type: load`.", ""]
+    documented: set[str] = set()  # a sub-section shared by stages (generation:) is written once; the others link to it
     for stage in sorted(all_stages(), key=lambda s: s.type):
         out += [f"### `{stage.type}`", "", stage.summary, ""]
         if stage.config.model_fields:
@@ -146,7 +147,8 @@ def render() -> str:
         else:
             out.append("(no parameters)")
         out.append("")
-        for model in _nested(stage.config, {stage.config.__name__}):  # a stage's own sub-sections (e.g. distill's generation:)
+        for model in _nested(stage.config, {stage.config.__name__} | documented):  # a stage's own sub-sections (e.g. distill's generation:)
+            documented.add(model.__name__)
             out += [f"#### {model.__name__}", "", (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else "", "",
                     *_table(model), ""]
     return "\n".join(line.rstrip() for line in out).rstrip() + "\n"

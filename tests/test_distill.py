@@ -891,7 +891,7 @@ def test_new_settings_leave_the_cache_key_alone_and_hostile_ones_are_refused(tmp
 def test_teacher_sampling_is_seeded_batched_and_starts_from_the_prompts(pair, one_thread):
     import torch
 
-    from edgekit.distill.generated import DEFAULT_PROMPTS, prompt_ids, sample_sequences
+    from edgekit.models.generated import DEFAULT_PROMPTS, prompt_ids, sample_sequences
     from edgekit.weights.checkpoint import load_checkpoint
 
     teacher, _ = pair
@@ -948,7 +948,7 @@ def test_generated_data_is_sampled_once_mixed_in_the_ratio_and_resumes_bit_ident
     are generated ones; the evaluation sets are never read, and their text never trained on."""
     import numpy as np
 
-    from edgekit.distill import generated as generated_module
+    from edgekit.models import generated as generated_module
     from edgekit.distill import loop as loop_module
     from edgekit.distill.stage import run_distill
     from edgekit.models import text as text_module
@@ -988,7 +988,7 @@ def test_generated_data_is_sampled_once_mixed_in_the_ratio_and_resumes_bit_ident
     reference = ctx_in("ref")
     expected = run_distill(reference)
     assert len(calls) == 1 and calls[0]["sequences"] == 6 and calls[0]["length"] == 64
-    files = list((cache / "distill-generated").iterdir())
+    files = list((cache / "teacher-samples").iterdir())
     assert len(files) == 1 and files[0].stat().st_size == 6 * 64 * 4
     inode, mtime = files[0].stat().st_ino, files[0].stat().st_mtime_ns
     record = json.loads((reference.output_dir / "distill.json").read_text())

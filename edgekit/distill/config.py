@@ -5,34 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import Field, model_serializer, model_validator
 
+from edgekit.models.generated import GenerationSettings  # shared with prune and quantize (calibration)
 from edgekit.pipeline.registry import StageConfig
-
-MAX_PROMPT_CHARS = 2000
-
-
-class GenerationSettings(StageConfig):
-    """How the teacher samples its own training sequences (`generated_ratio` > 0)."""
-
-    sequences: int = Field(256, ge=1, le=1_000_000, description="sequences the teacher samples (once; cached by teacher, tokenizer and these settings)")
-    length: int | None = Field(None, ge=16, le=65536, description="tokens per sequence, prompt included (null: sequence_length); "
-                               "each is cut into training windows of sequence_length")
-    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature")
-    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling: keep the most likely tokens up to this probability mass")
-    seed: int = Field(0, ge=0, description="seeds the sampling (with these settings it fixes the generated tokens on one device)")
-    batch_size: int = Field(16, ge=1, le=1024, description="sequences sampled together (sequences of one prompt share a batch)")
-    prompts: list[str] | None = Field(None, min_length=1, max_length=10_000, description=f"seed prompts, cycled over the sequences (each at most "
-                                      f"{MAX_PROMPT_CHARS} characters); null: a built-in list of short, diverse prompts; [\"\"]: from nothing (the BOS token only)")
-
-    @field_validator("prompts")
-    @classmethod
-    def _short_prompts(cls, value: list[str] | None) -> list[str] | None:
-        for index, prompt in enumerate(value or ()):
-            if len(prompt) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompts[{index}] has {len(prompt)} characters; seed prompts are short (at most {MAX_PROMPT_CHARS})")
-        return value
-
 
 # Settings whose defaults reproduce the distillation that existed before them: left out of the
 # dump (the stage's cache key and the resume check) while at their defaults, so recipes that do
@@ -115,11 +91,6 @@ class DistillConfig(StageConfig):
         if self.qad_scale_learning_rate is not None and self.qad_scales != "trainable":
             raise ValueError("qad_scale_learning_rate trains the scales: set 'qad_scales: trainable' or remove qad_scale_learning_rate")
         return self
-
-    @property
-    def generated_length(self) -> int:
-        """Tokens per generated sequence."""
-        return self.generation.length or self.sequence_length
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):

@@ -154,7 +154,7 @@ def student_samples(model: Any, batch: Any, *, prompt: int, seed: int) -> Any:
     student's own samples (temperature 1, KV cache, a generator seeded by ``seed``)."""
     import torch
 
-    from edgekit.distill.generated import sample_token
+    from edgekit.models.generated import sample_token
 
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
@@ -277,8 +277,8 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     else:  # memory-mapped: windows are read on demand, never the whole corpus at once
         train_ids = WindowView(splits.calibration, windows, length)
     shape = dict(seed=config.seed, batch_size=config.batch_size, accumulation=config.gradient_accumulation, world=world)
-    if generated:  # the teacher's own sequences, mixed in at generated_ratio (distill/generated.py)
-        from edgekit.distill.generated import read_generated
+    if generated:  # the teacher's own sequences, mixed in at generated_ratio (models/generated.py)
+        from edgekit.models.generated import read_generated
 
         generated_ids = read_generated(generated["path"], sequences=generated["sequences"], length=generated["length"], window=length)
         train_ids = MixedWindows(train_ids, windows, generated_ids)

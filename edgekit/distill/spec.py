@@ -21,7 +21,7 @@ class TrainSpec:
     work_dir: str  # resumable checkpoints (survives a killed run)
     config: dict[str, Any]  # DistillConfig.model_dump(mode="json")
     data: dict[str, Any]  # the recipe's data section: source, text_field, eval_tokens, window
-    # the teacher-sampled token file and its facts (edgekit.distill.generated.generated_data);
+    # the teacher-sampled token file and its facts (edgekit.models.generated.generated_data);
     # None when generated_ratio is 0
     generated: dict[str, Any] | None = None
     recipe_dir: str = "."

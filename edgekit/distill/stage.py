@@ -6,12 +6,13 @@ integer-quantized checkpoint trained on its own grid (:mod:`edgekit.distill.qad`
 output is a quantized checkpoint again; ``teacher: auto`` is then the checkpoint the most
 recent ``quantize`` stage read. Training runs on the calibration part
 of the recipe's text (never the held-out split), mixed with sequences the teacher samples itself
-when ``generated_ratio`` > 0 (:mod:`edgekit.distill.generated`), with accelerate, in this process or under
+when ``generated_ratio`` > 0 (:mod:`edgekit.models.generated`), with accelerate, in this process or under
 ``accelerate launch`` when ``processes`` > 1 or an accelerate config file is given.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from edgekit.distill.config import DistillConfig
@@ -121,9 +122,10 @@ def run_distill(ctx) -> dict:
     )
     check_checkpoints(spec)  # before any process starts: a clear error for a quantized input
     if config.generated_ratio > 0:  # sampled once, here, before any training process starts
-        from edgekit.distill.generated import generated_data
+        from edgekit.models.generated import generated_data
 
-        spec.generated = generated_data(ctx)
+        spec.generated = generated_data(ctx, Path(ctx.references["teacher"]), config.generation,
+                                        length=config.sequence_length, role="teacher")
     if config.processes == 1 and config.accelerate_config is None:
         return train(spec, reporter=ctx)
     return launch(spec, ctx)

@@ -13,10 +13,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from edgekit.pipeline.registry import CHECKPOINT, StageConfig, register_stage
+from edgekit.models.generated import GeneratedCalibration
+from edgekit.pipeline.registry import CHECKPOINT, register_stage
 
 
-class PruneConfig(StageConfig):
+class PruneConfig(GeneratedCalibration):
     importance: Literal["activation", "magnitude"] = Field("activation", description="activation (calibration forward passes) or magnitude (weights only: the baseline)")
     depth_metric: Literal["block_importance", "perplexity_drop"] = Field(
         "block_importance", description="which layers go: lowest 1 - cos(input, output), or smallest calibration-loss increase when skipped"
@@ -47,6 +48,8 @@ class PruneConfig(StageConfig):
             raise ValueError("give a parameter budget ('params') or at least one explicit size")
         if self.params is not None and any(v is not None for v in explicit):
             raise ValueError("give either 'params' or explicit sizes, not both")
+        if self.generated_ratio > 0 and self.importance == "magnitude" and self.depth_metric != "perplexity_drop":
+            raise ValueError("importance magnitude reads no calibration data: remove generated_ratio, or use importance activation")
         if self.width_multiple is not None and self.width_multiple % 16:
             raise ValueError(f"width_multiple {self.width_multiple} is not a multiple of 16 (use the quantize group_size: 32, 64 or 128)")
         return self
@@ -98,13 +101,13 @@ def run_prune(ctx) -> dict:
     # Skipping each layer in turn costs a pass over the calibration windows per layer: only
     # worth it when layers are actually removed.
     measure_drop = config.depth_metric == "perplexity_drop" and shape.num_layers < teacher_shape.num_layers
-    samples = []
+    samples, generated = [], None
     if config.importance == "activation" or measure_drop:
-        from edgekit.models.calibration import calibration_samples
+        from edgekit.models.generated import calibration_with_generated
 
         data = ctx.recipe.data
         splits = read_token_splits(data, tokenizer, base_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, log=ctx.log)
-        samples = calibration_samples(splits.calibration, samples=config.calibration_samples, sequence_length=config.sequence_length)
+        samples, generated = calibration_with_generated(ctx, splits.calibration, config, source)
     if config.importance == "activation":
         with ctx.progress(len(samples), f"activation importance on {len(samples)}×{config.sequence_length} tokens ({device}, {run_dtype})") as bar:
             importance = activation_importance(model, samples, advance=bar.advance)
@@ -147,6 +150,8 @@ def run_prune(ctx) -> dict:
         "kept": kept.as_json(),
         "layer_scores": [round(float(s), 6) for s in importance.layers],
     }
+    if generated is not None:  # part of the importance came from the input model's own samples
+        record["generated_calibration"] = generated
     (ctx.output_dir / "pruning.json").write_text(json.dumps(record, indent=1) + "\n")
     ctx.log(f"{describe(teacher_shape)} -> {describe(shape)}: {before / 1e6:.1f}M -> {after / 1e6:.1f}M parameters ({after / before:.1%})")
     return {

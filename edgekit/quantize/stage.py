@@ -14,10 +14,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from edgekit.pipeline.registry import CHECKPOINT, StageConfig, register_stage
+from edgekit.models.generated import GeneratedCalibration
+from edgekit.pipeline.registry import CHECKPOINT, register_stage
 
 
-class QuantizeConfig(StageConfig):
+class QuantizeConfig(GeneratedCalibration):
     method: Literal["gptq", "rtn", "awq", "fp8"] = Field("gptq", description="gptq | rtn | awq (NNCF) | fp8")
     bits: Literal[4, 8] = Field(4, description="weight bits (integer methods)")
     group_size: Literal[32, 64, 128] | None = Field(
@@ -46,6 +47,8 @@ class QuantizeConfig(StageConfig):
             raise ValueError("method awq supports bits 4 (NNCF's AWQ works on INT4 weights)")
         if self.quantize_lm_head and self.method in ("awq", "fp8"):
             raise ValueError(f"quantize_lm_head is supported for gptq and rtn, not {self.method}")
+        if self.method == "rtn" and self.generated_ratio > 0:
+            raise ValueError("method rtn reads no calibration data: remove generated_ratio, or use gptq/awq/fp8")
         return self
 
 
@@ -57,7 +60,7 @@ def run_quantize(ctx) -> dict:
     from edgekit.errors import StageError
     from edgekit.weights.checkpoint import load_checkpoint
     from edgekit.models.text import data_record, read_token_splits
-    from edgekit.models.calibration import calibration_samples
+    from edgekit.models.generated import calibration_with_generated
 
     from edgekit.devices import resolve_device
 
@@ -83,8 +86,10 @@ def run_quantize(ctx) -> dict:
     if config.method != "rtn":
         data = ctx.recipe.data
         splits = read_token_splits(data, tokenizer, base_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, log=ctx.log)
-        samples = calibration_samples(splits.calibration, samples=config.calibration_samples, sequence_length=config.sequence_length)
+        samples, generated = calibration_with_generated(ctx, splits.calibration, config, source)
         calibration_data = _calibration_record(data_record(data, base_dir=ctx.recipe_dir, splits=splits), samples)
+        if generated is not None:  # say so: part of the calibration is the input model's own samples
+            calibration_data["generated"] = generated
     try:
         if config.method == "fp8":
             from edgekit.quantize.fp8 import fp8_quantize
