@@ -44,6 +44,9 @@ SHARED: dict[str, str] = {
     "edgekit.models.text": "the recipe's text data and the token file every training/eval stage reads "
                            "(a data format, not the models stage's internals)",
     "edgekit.models.calibration": "calibration samples drawn from that token file (quantize, prune)",
+    "edgekit.models.generated": "sequences a checkpoint samples itself and their cached token file: distill's "
+                                "training data, prune's and quantize's calibration windows (a data format "
+                                "beside the text's token file, not the models stage's internals)",
 }
 # Everything outside the stage packages is shared low-level by construction: edgekit.errors, names,
 # yamlio, hashing, sizing, devices, targets, onnx_index, graph_variants, pipeline.*, and the shared

@@ -96,7 +96,6 @@ def run_prune(ctx) -> dict:
         decoder_parts(model)
     except ValueError as exc:
         raise StageError(str(exc), where=f"stage {ctx.name}", how="prune a Llama/Qwen/Mistral-style checkpoint, or drop the prune stage") from None
-    model.to(device)
     started = time.perf_counter()
     # Skipping each layer in turn costs a pass over the calibration windows per layer: only
     # worth it when layers are actually removed.
@@ -108,6 +107,8 @@ def run_prune(ctx) -> dict:
         data = ctx.recipe.data
         splits = read_token_splits(data, tokenizer, base_dir=ctx.recipe_dir, cache_dir=ctx.cache_dir, log=ctx.log)
         samples, generated = calibration_with_generated(ctx, splits.calibration, config, source)
+    # Onto the device only now: sampling generated windows loads a second copy of the model there.
+    model.to(device)
     if config.importance == "activation":
         with ctx.progress(len(samples), f"activation importance on {len(samples)}×{config.sequence_length} tokens ({device}, {run_dtype})") as bar:
             importance = activation_importance(model, samples, advance=bar.advance)
