@@ -876,6 +876,7 @@ def test_new_settings_leave_the_cache_key_alone_and_hostile_ones_are_refused(tmp
         ({"generation": {"prompts": ["x" * 5000]}}, "seed prompts are short"),
         ({"generation": {"sampels": 3}}, "Extra inputs"),
         ({"generated_ratio": 0.5, "sequence_length": 64, "generation": {"length": 32}}, "shorter than one training window"),
+        ({"generated_ratio": 0.5, "generation": {"sequences": 1_000_000, "length": 4096}}, "more than 1,000,000,000"),
         ({"on_policy_ratio": 0.5, "kl_weight": 0, "ce_weight": 1}, "on_policy_ratio needs kl_weight"),
     ):
         with pytest.raises(ValidationError, match=message):

@@ -65,6 +65,8 @@ def test_generated_calibration_settings_and_hostile_values(stage):
         ({"generated_ratio": 0.5, "sequence_length": 64, "generation": {"length": 32}}, "shorter than one calibration window"),
         ({"generated_ratio": 1, "calibration_samples": 9, "sequence_length": 64,
           "generation": {"sequences": 4, "length": 128}}, "gives 8: raise generation.sequences"),
+        ({"generated_ratio": 0.01, "calibration_samples": 16}, "rounds to no generated window"),
+        ({"generated_ratio": 0.5, "generation": {"sequences": 1_000_000, "length": 65536}}, "more than 1,000,000,000"),
     ):
         with pytest.raises(ValidationError, match=message):
             config_type(**base, **params)

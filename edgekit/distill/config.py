@@ -5,19 +5,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field, model_validator
 
-from edgekit.models.generated import GenerationSettings  # shared with prune and quantize (calibration)
+from edgekit.models.generated import GenerationSettings, check_generated_size  # shared with prune and quantize
 from edgekit.pipeline.registry import StageConfig
 
-# Settings whose defaults reproduce the distillation that existed before them: left out of the
-# dump (the stage's cache key and the resume check) while at their defaults, so recipes that do
-# not use them keep their cache keys and resumable checkpoints.
-_OPTIONAL_WHEN_DEFAULT = ("loss", "generated_ratio", "generation", "on_policy_ratio", "mode", "qad_scales",
-                          "qad_weight_learning_rate", "qad_scale_learning_rate")
-
-
 class DistillConfig(StageConfig):
+    # settings whose defaults reproduce the distillation that existed before them (StageConfig)
+    OPTIONAL_WHEN_DEFAULT = ("loss", "generated_ratio", "generation", "on_policy_ratio", "mode", "qad_scales",
+                             "qad_weight_learning_rate", "qad_scale_learning_rate")
     teacher: str = Field("auto", description="'auto' (standard: the checkpoint the last prune stage read; qad: the checkpoint "
                          "the last quantize stage read, the unquantized parent) or an earlier checkpoint stage's name")
     mode: Literal["standard", "qad"] = Field("standard", description="standard: train a float student (its input must be a float "
@@ -76,9 +72,8 @@ class DistillConfig(StageConfig):
 
     @model_validator(mode="after")
     def _generation_fits(self):
-        length = self.generation.length
-        if self.generated_ratio > 0 and length is not None and length < self.sequence_length:
-            raise ValueError(f"generation.length {length} is shorter than one training window (sequence_length {self.sequence_length})")
+        if self.generated_ratio > 0:
+            check_generated_size(self.generation, sequence_length=self.sequence_length, window="training window")
         if self.on_policy_ratio > 0 and self.kl_weight == 0:
             raise ValueError("on_policy_ratio needs kl_weight > 0: on-policy steps train the distribution loss only")
         return self
@@ -91,11 +86,3 @@ class DistillConfig(StageConfig):
         if self.qad_scale_learning_rate is not None and self.qad_scales != "trainable":
             raise ValueError("qad_scale_learning_rate trains the scales: set 'qad_scales: trainable' or remove qad_scale_learning_rate")
         return self
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler):
-        data = handler(self)
-        for name in _OPTIONAL_WHEN_DEFAULT:
-            if name in data and getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True):
-                del data[name]
-        return data

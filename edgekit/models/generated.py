@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgekit.errors import StageError
 from edgekit.pipeline.registry import StageConfig
@@ -31,6 +31,8 @@ FORMAT = "edgekit.distill.generated/1"
 CACHE_FOLDER = "teacher-samples"
 LEGACY_CACHE_FOLDER = "distill-generated"  # where distill kept them before; moved on first use
 MAX_PROMPT_CHARS = 2000
+# sequences x length of one token file: 4 GB on disk (and as int64 windows, 8 GB in memory)
+MAX_GENERATED_TOKENS = 1_000_000_000
 
 
 class GenerationSettings(StageConfig):
@@ -74,6 +76,18 @@ DEFAULT_PROMPTS = (
     "User: Can you explain",
     "Abstract:",
 )
+
+def check_generated_size(generation: GenerationSettings, *, sequence_length: int, window: str) -> int:
+    """The resolved tokens per sequence; ValueError when a sequence is shorter than one window
+    or the token file would exceed MAX_GENERATED_TOKENS (recipe validation, before any work)."""
+    length = generation.length or sequence_length
+    if length < sequence_length:
+        raise ValueError(f"generation.length {length} is shorter than one {window} (sequence_length {sequence_length})")
+    if generation.sequences * length > MAX_GENERATED_TOKENS:
+        raise ValueError(f"generation.sequences {generation.sequences} x {length} tokens is more than {MAX_GENERATED_TOKENS:,} "
+                         "generated tokens: lower generation.sequences or generation.length")
+    return length
+
 
 # The tokenizer files of a checkpoint that change how text becomes ids.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -280,32 +294,27 @@ class GeneratedCalibration(StageConfig):
     generation: GenerationSettings = Field(default_factory=GenerationSettings, description="how the input checkpoint samples "
                                            "the generated calibration windows (used when generated_ratio > 0)")
 
+    OPTIONAL_WHEN_DEFAULT = ("generated_ratio", "generation")
+
     def generated_windows_needed(self) -> int:
         """Calibration windows taken from the generated sequences."""
-        return round(self.generated_ratio * self.calibration_samples) if self.generated_ratio > 0 else 0
+        return round(self.generated_ratio * self.calibration_samples)
 
     @model_validator(mode="after")
     def _generated_fit(self):
+        if self.generated_ratio == 0:
+            return self
         needed = self.generated_windows_needed()
         if needed == 0:
-            return self
-        length = self.generation.length or self.sequence_length
-        if length < self.sequence_length:
-            raise ValueError(f"generation.length {length} is shorter than one calibration window (sequence_length {self.sequence_length})")
+            raise ValueError(f"generated_ratio {self.generated_ratio} x calibration_samples {self.calibration_samples} rounds "
+                             "to no generated window: raise generated_ratio or calibration_samples, or set generated_ratio 0")
+        length = check_generated_size(self.generation, sequence_length=self.sequence_length, window="calibration window")
         available = self.generation.sequences * (length // self.sequence_length)
         if available < needed:
             raise ValueError(f"generated_ratio {self.generated_ratio} x calibration_samples {self.calibration_samples} needs "
                              f"{needed} generated windows; generation.sequences {self.generation.sequences} of {length} tokens "
                              f"gives {available}: raise generation.sequences or lower generated_ratio")
         return self
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler):
-        data = handler(self)
-        for name in ("generated_ratio", "generation"):
-            if name in data and getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True):
-                del data[name]
-        return data
 
 
 def calibration_with_generated(ctx: Any, text_ids: Any, config: GeneratedCalibration, checkpoint_dir: Path) -> tuple[list[Any], dict | None]:

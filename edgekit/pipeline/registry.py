@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_serializer
 
 # Artifact kinds that stages pass along. A stage's ``requires`` lists alternatives:
 # each entry is a set of kinds of which at least one must have been produced earlier.
@@ -59,6 +59,20 @@ class StageConfig(BaseModel):
     number is refused: no stage parameter means .inf or .nan)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    # Fields added after recipes existed whose defaults reproduce the old behaviour: left out of
+    # the dump (the stage's cache key, distill's resume check) while at their defaults, so
+    # recipes that do not use them keep their cache keys and resumable checkpoints.
+    OPTIONAL_WHEN_DEFAULT: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        fields = type(self).model_fields
+        for name in self.OPTIONAL_WHEN_DEFAULT:
+            if name in data and getattr(self, name) == fields[name].get_default(call_default_factory=True):
+                del data[name]
+        return data
 
 
 @dataclass(frozen=True)
