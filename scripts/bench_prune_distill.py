@@ -19,7 +19,7 @@ and distillation use only the text before it. Out of domain: builtin:package-rea
 no stage reads but evaluate. The teacher is scored in the same run, on the same sets.
 
     python scripts/bench_prune_distill.py [--minutes 15] [--skip-a] [--skip-b] [--only-b mlp] \
-        [--generated-ratios 0,0.5,1] [--prune-generated-ratio 0.5] [--data mixed]
+        [--generated-ratios 0,0.5,1] [--prune-generated-ratio 0.5] [--reconstruct] [--data mixed]
 
 Writes results/bench_prune_distill.{json,md,png}. Numbers are measured on the machine that
 runs it; rerunning one part keeps the other part's measured rows.
@@ -113,7 +113,7 @@ def part_a(samples: int) -> dict:
 
 
 def recipe_b(name: str, axes: tuple[str, ...], minutes: float, steps: int, generated_ratio: float = 0.0,
-             data: str = "python-docs", prune_generated_ratio: float = 0.0) -> str:
+             data: str = "python-docs", prune_generated_ratio: float = 0.0, reconstruct: bool = False) -> str:
     distill = {**DISTILL, "steps": steps, "max_minutes": minutes}
     if generated_ratio:  # issue #19: sequences the teacher samples itself, mixed in at this ratio
         distill["generated_ratio"] = generated_ratio
@@ -122,6 +122,8 @@ def recipe_b(name: str, axes: tuple[str, ...], minutes: float, steps: int, gener
     # the very sequences distillation samples (one cached file: same model, same settings).
     calibration = ("calibration_samples: 16" if not prune_generated_ratio else
                    f"calibration_samples: 32\n            sequence_length: 256\n            generated_ratio: {prune_generated_ratio:g}")
+    if reconstruct:  # refit the kept down_proj columns on the same windows (prune reconstruct)
+        calibration += "\n            reconstruct: true"
     return textwrap.dedent(
         f"""\
         name: bench-{name.replace("+", "-")}
@@ -144,19 +146,20 @@ def recipe_b(name: str, axes: tuple[str, ...], minutes: float, steps: int, gener
 
 
 def part_b(work: Path, minutes: float, steps: int, only: list[str], ratios: tuple[float, ...] = (0.0,),
-           data: str = "python-docs", collect: bool = False, prune_ratio: float = 0.0) -> list[dict]:
+           data: str = "python-docs", collect: bool = False, prune_ratio: float = 0.0, reconstruct: bool = False) -> list[dict]:
     """Run each configuration (or, ``collect``, read the runs already in ``work``: those whose
     manifest has every stage done; the others are left out) and return its row."""
     results = []
     for axes, ratio in [(a, r) for a in only for r in ratios]:
         name = (axes + ("" if data == "python-docs" else f" {data}") + ("" if not prune_ratio else f" pgen{prune_ratio:g}")
+                + (" recon" if reconstruct else "")
                 + ("" if ratio == 0 else f" gen{ratio:g}"))
         recipe = work / f"{name.replace(' ', '-')}.yaml"
         if not collect:
-            recipe.write_text(recipe_b(name.replace(" ", "-"), AXES[axes], minutes, steps, ratio, data, prune_ratio))
+            recipe.write_text(recipe_b(name.replace(" ", "-"), AXES[axes], minutes, steps, ratio, data, prune_ratio, reconstruct))
         out = work / name.replace(" ", "-")
         result = {"name": f"{name} + distill", "axes": axes, "data": f"builtin:{data}", "generated_ratio": ratio,
-                  "prune_generated_ratio": prune_ratio, "minutes_budget": minutes}
+                  "prune_generated_ratio": prune_ratio, "reconstruct": reconstruct, "minutes_budget": minutes}
         if collect:
             manifest = out / "manifest.json"
             done = manifest.is_file() and all(s.get("status") in ("done", "cached") for s in json.loads(manifest.read_text())["stages"])
@@ -260,7 +263,8 @@ def write_reports(out: Path, payload: dict) -> None:
                   "in the same run where the row has it (else in --teacher-run, on the same text: the float model's perplexity is deterministic); agreement and KL against the teacher. Goals (#19): ≤ 1.35× "
                   "the teacher in_domain, ≤ 1.6× ood. 'pgen R': the prune stage's importance came from 32 × 256 "
                   "windows, a share R of them sampled by the teacher (prune generated_ratio); otherwise from 16 × 512 "
-                  "windows of the text. 'gen R': distill's generated_ratio.", "",
+                  "windows of the text. 'recon': the prune stage refitted the kept down_proj columns by least squares "
+                  "(prune reconstruct, docs/pruning.md). 'gen R': distill's generated_ratio.", "",
                   "| configuration | data | set | teacher | pruned perplexity | distilled perplexity | × teacher | goal | agreement | KL (nats/token) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in with_sets:
@@ -326,11 +330,11 @@ def plot(out: Path, payload: dict, ref: float | None) -> None:
         for label, score in (r.get("sets") or {}).items():
             t = teacher_perplexity(r, label, payload)
             if t and score.get("perplexity"):
-                key = (r["axes"], r.get("data", "builtin:python-docs"), r.get("prune_generated_ratio", 0.0), label)
+                key = (r["axes"], r.get("data", "builtin:python-docs"), r.get("prune_generated_ratio", 0.0), r.get("reconstruct", False), label)
                 lines_by.setdefault(key, []).append((r.get("generated_ratio", 0.0), score["perplexity"] / t))
-    for (axes, data, prune_ratio, label), points in sorted(lines_by.items()):
+    for (axes, data, prune_ratio, reconstruct, label), points in sorted(lines_by.items()):
         points.sort()
-        importance = f", importance {prune_ratio:g} generated" if prune_ratio else ""
+        importance = (f", importance {prune_ratio:g} generated" if prune_ratio else "") + (", refit" if reconstruct else "")
         sweep.plot([x for x, _ in points], [y for _, y in points], marker="o" if label == "in_domain" else "P",
                    linestyle="-" if label == "in_domain" else "--", label=f"{axes}, {data.split(':')[-1]}{importance}, {label}")
     sweep.axhline(1.35, color="grey", linestyle=":", label="goal in_domain (1.35×)")
@@ -356,6 +360,8 @@ def main() -> None:
     parser.add_argument("--prune-generated-ratio", type=float, default=0.0,
                         help="(b) the prune stage's generated_ratio: share of its 32 x 256 importance windows the "
                              "teacher samples itself (0: 16 x 512 windows of the text)")
+    parser.add_argument("--reconstruct", action="store_true",
+                        help="(b) the prune stage refits the kept output projections by least squares (prune reconstruct)")
     parser.add_argument("--data", default="python-docs", choices=("python-docs", "mixed"),
                         help="(b) the text importance and distillation read: builtin:python-docs or builtin:mixed")
     parser.add_argument("--teacher-run", type=Path,
@@ -386,10 +392,11 @@ def main() -> None:
     if not args.skip_b:
         ratios = tuple(float(r) for r in args.generated_ratios.split(",") if r)
         fresh = part_b(args.work, args.minutes, args.steps, [n for n in args.only_b.split(",") if n], ratios, args.data, args.collect,
-                       args.prune_generated_ratio)
+                       args.prune_generated_ratio, args.reconstruct)
         kept = [r for r in payload.get("b", []) if r["name"] not in {f["name"] for f in fresh} and "error" not in r]
         payload["b"] = sorted(kept + fresh, key=lambda r: (list(AXES).index(r["axes"]), r.get("data", ""),
-                                                           r.get("prune_generated_ratio", 0.0), r.get("generated_ratio", 0.0)))
+                                                           r.get("prune_generated_ratio", 0.0), r.get("reconstruct", False),
+                                                           r.get("generated_ratio", 0.0)))
         payload["b_settings"] = {**DISTILL, "minutes": args.minutes, "steps": args.steps}
     write_reports(args.out, payload)
     print((args.out / "bench_prune_distill.md").read_text())

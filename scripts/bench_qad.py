@@ -209,7 +209,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "edgekit", "compress", str(args.recipe), "--output", str(run)], check=True)
         print(f"[qad] ran {args.recipe} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     try:
-        payload = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        # a collected run is dated by its manifest (the day it finished), not by the day of the report
+        finished = (run / "manifest.json").stat().st_mtime if args.collect is not None else time.time()
+        payload = {"date": time.strftime("%Y-%m-%d", time.gmtime(finished)), "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                    **collect(run)}
         payload["variants"] = [variant(path, label, payload) for label, path in also]
     except (OSError, ValueError, KeyError, TypeError) as error:  # a missing or malformed manifest / distill.json

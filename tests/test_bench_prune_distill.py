@@ -51,3 +51,12 @@ def test_a_prune_generated_ratio_outside_0_1_is_refused(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--prune-generated-ratio" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_reconstruct_reaches_the_prune_stage_alone(bench, tmp_path):
+    stages = _stages(bench, tmp_path, reconstruct=True)
+    assert stages["prune"].reconstruct and stages["prune"].calibration_samples == 16
+    assert not _stages(bench, tmp_path)["prune"].reconstruct
+    # with teacher-sampled importance windows the refit reads the same windows
+    both = _stages(bench, tmp_path, reconstruct=True, prune_generated_ratio=0.5)["prune"]
+    assert both.reconstruct and both.generated_ratio == 0.5

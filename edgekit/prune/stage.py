@@ -40,6 +40,13 @@ class PruneConfig(GeneratedCalibration):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="the teacher's forward passes: auto = float32 on the CPU, half precision on a GPU (bf16 where native); statistics always accumulate in float32"
     )
+    reconstruct: bool = Field(
+        False, description="refit each layer's kept mlp.down_proj / self_attn.o_proj columns by least squares on the calibration "
+        "windows, so they take over what the removed MLP channels / heads wrote (one more pass; docs/pruning.md)"
+    )
+    reconstruct_ridge: float = Field(1e-3, gt=0, le=1, description="ridge of that fit, times the kept units' mean squared activation")
+
+    OPTIONAL_WHEN_DEFAULT = GeneratedCalibration.OPTIONAL_WHEN_DEFAULT + ("reconstruct", "reconstruct_ridge")
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -48,11 +55,26 @@ class PruneConfig(GeneratedCalibration):
             raise ValueError("give a parameter budget ('params') or at least one explicit size")
         if self.params is not None and any(v is not None for v in explicit):
             raise ValueError("give either 'params' or explicit sizes, not both")
-        if self.generated_ratio > 0 and self.importance == "magnitude" and self.depth_metric != "perplexity_drop":
+        if self.generated_ratio > 0 and self.importance == "magnitude" and self.depth_metric != "perplexity_drop" and not self.reconstruct:
             raise ValueError("importance magnitude reads no calibration data: remove generated_ratio, or use importance activation")
+        if self.reconstruct:
+            removes = (any(a in self.axes for a in ("mlp", "heads")) if self.params is not None
+                       else self.intermediate_size is not None or self.num_attention_heads is not None)
+            if not removes:
+                raise ValueError("reconstruct refits what removed MLP channels or attention heads wrote, and this prune removes "
+                                 "neither: add mlp or heads to axes (or give intermediate_size / num_attention_heads), or drop reconstruct")
         if self.width_multiple is not None and self.width_multiple % 16:
             raise ValueError(f"width_multiple {self.width_multiple} is not a multiple of 16 (use the quantize group_size: 32, 64 or 128)")
         return self
+
+
+def _reconstruction_metrics(reconstruction) -> dict:
+    """Mean relative output error of the refitted linears on the calibration windows."""
+    keys = list(reconstruction.weights)
+    if not keys:
+        return {}
+    return {"output_error_sliced": round(sum(reconstruction.error_sliced[k] for k in keys) / len(keys), 5),
+            "output_error_refit": round(sum(reconstruction.error_refit[k] for k in keys) / len(keys), 5)}
 
 
 def run_prune(ctx) -> dict:
@@ -101,7 +123,7 @@ def run_prune(ctx) -> dict:
     # worth it when layers are actually removed.
     measure_drop = config.depth_metric == "perplexity_drop" and shape.num_layers < teacher_shape.num_layers
     samples, generated = [], None
-    if config.importance == "activation" or measure_drop:
+    if config.importance == "activation" or measure_drop or config.reconstruct:
         from edgekit.models.generated import calibration_with_generated
 
         data = ctx.recipe.data
@@ -118,6 +140,14 @@ def run_prune(ctx) -> dict:
         with ctx.progress(None, f"calibration loss with each of {teacher_shape.num_layers} layers skipped"):
             importance.layers = perplexity_drop(model, samples).float()
     kept = select_units(model, importance, shape)
+    reconstruction = None
+    if config.reconstruct:
+        from edgekit.prune.reconstruct import reconstruct_outputs, reconstruction_passes
+
+        passes = reconstruction_passes(model, kept)
+        with ctx.progress(passes * len(samples), f"refitting output projections on {len(samples)}×{config.sequence_length} "
+                          f"tokens ({passes} pass{'es' if passes != 1 else ''})") as bar:
+            reconstruction = reconstruct_outputs(model, kept, samples, ridge=config.reconstruct_ridge, advance=bar.advance)
     # Slice on the CPU from weights in the checkpoint's own dtype: a float32 checkpoint measured
     # in half precision on a GPU must not be saved rounded to half.
     if device != "cpu":
@@ -127,6 +157,10 @@ def run_prune(ctx) -> dict:
         del model
         model, _ = load_checkpoint(source, dtype="float32", trust_remote_code=ctx.recipe.trust_remote_code)
     student = prune_model(model, kept)
+    if reconstruction is not None:
+        from edgekit.prune.reconstruct import apply_reconstruction
+
+        apply_reconstruction(student, kept, reconstruction)
     if dtype in ("float16", "bfloat16"):
         student = student.to(getattr(torch, dtype))
     student.save_pretrained(ctx.output_dir, safe_serialization=True)
@@ -153,6 +187,8 @@ def run_prune(ctx) -> dict:
     }
     if generated is not None:  # part of the importance came from the input model's own samples
         record["generated_calibration"] = generated
+    if reconstruction is not None:
+        record["reconstruction"] = {"ridge": config.reconstruct_ridge, **reconstruction.summary()}
     (ctx.output_dir / "pruning.json").write_text(json.dumps(record, indent=1) + "\n")
     ctx.log(f"{describe(teacher_shape)} -> {describe(shape)}: {before / 1e6:.1f}M -> {after / 1e6:.1f}M parameters ({after / before:.1%})")
     return {
@@ -161,6 +197,7 @@ def run_prune(ctx) -> dict:
         "parameter_fraction": round(after / before, 4),
         "shape": describe(shape),
         "importance_seconds": round(time.perf_counter() - started, 2),
+        **(_reconstruction_metrics(reconstruction) if reconstruction is not None else {}),
         "device": device,
         "dtype": run_dtype,
     }
