@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgekit.prune.apply import KeptUnits
+from edgekit.prune.apply import KeptUnits, _head_index
 from edgekit.prune.importance import head_dim_of, model_device
 from edgekit.weights.layers import decoder_parts
 
@@ -59,6 +59,14 @@ class Reconstruction:
                 }
         return {"linears": by_kind, "passes": self.passes}
 
+    def mean_errors(self) -> dict[str, float]:
+        """The stage's metrics: mean relative output error over every refitted linear."""
+        keys = list(self.weights)
+        if not keys:
+            return {}
+        return {"output_error_sliced": round(sum(self.error_sliced[k] for k in keys) / len(keys), 5),
+                "output_error_refit": round(sum(self.error_refit[k] for k in keys) / len(keys), 5)}
+
 
 def kept_inputs(model: Any, kept: KeptUnits) -> dict[tuple[int, str], list[int]]:
     """The refitted linears and their kept input columns: only where units were removed."""
@@ -67,17 +75,10 @@ def kept_inputs(model: Any, kept: KeptUnits) -> dict[tuple[int, str], list[int]]
     targets: dict[tuple[int, str], list[int]] = {}
     for layer, heads, channels in zip(kept.layers, kept.heads, kept.channels):
         if len(heads) < config.num_attention_heads:
-            targets[(layer, "self_attn.o_proj")] = [h * head_dim + d for h in heads for d in range(head_dim)]
+            targets[(layer, "self_attn.o_proj")] = _head_index(heads, head_dim).tolist()
         if len(channels) < config.intermediate_size:
             targets[(layer, "mlp.down_proj")] = list(channels)
     return targets
-
-
-def _linear(layers: Any, key: tuple[int, str]) -> Any:
-    module = layers[key[0]]
-    for part in key[1].split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _groups(targets: dict[tuple[int, str], list[int]], out_features: dict[tuple[int, str], int], budget_bytes: int,
@@ -100,14 +101,14 @@ def _groups(targets: dict[tuple[int, str], list[int]], out_features: dict[tuple[
 
 
 def _plan(model: Any, kept: KeptUnits, budget_bytes: int) -> tuple[dict[tuple[int, str], list[int]], list[list[tuple[int, str]]], Any]:
-    """The refitted linears, their grouping into passes, and the accumulation dtype."""
+    """The refitted linears (kept input columns), their grouping into passes, the accumulation dtype."""
     import torch
 
     _, layers = decoder_parts(model)
     targets = kept_inputs(model, kept)
     # float64 on the CPU (cheap there); float32 on a GPU, where float64 is slow.
     acc_dtype = torch.float64 if model_device(model).type == "cpu" else torch.float32
-    out_features = {key: _linear(layers, key).weight.shape[0] for key in targets}
+    out_features = {key: layers[key[0]].get_submodule(key[1]).out_features for key in targets}
     groups = _groups(targets, out_features, budget_bytes, 8 if acc_dtype == torch.float64 else 4)
     return targets, groups, acc_dtype
 
@@ -133,15 +134,13 @@ def reconstruct_outputs(model: Any, kept: KeptUnits, samples: list[Any], *, ridg
     result = Reconstruction()
     for group in groups:
         result.passes += 1
-        out_features = {key: _linear(layers, key).weight.shape[0] for key in group}
         index = {key: torch.tensor(targets[key], dtype=torch.long, device=device) for key in group}
-        cross = {key: torch.zeros(out_features[key], len(targets[key]), dtype=acc_dtype, device=device) for key in group}
+        linears = {key: layers[key[0]].get_submodule(key[1]) for key in group}
+        cross = {key: torch.zeros(linears[key].out_features, len(targets[key]), dtype=acc_dtype, device=device) for key in group}
         gram = {key: torch.zeros(len(targets[key]), len(targets[key]), dtype=acc_dtype, device=device) for key in group}
         energy = {key: torch.zeros((), dtype=acc_dtype, device=device) for key in group}
         handles = []
-        for key in group:
-            linear = _linear(layers, key)
-
+        for key, linear in linears.items():
             def hook(module, args, output, key=key, last=(key == group[-1])):
                 a = args[0].detach().reshape(-1, args[0].shape[-1]).to(acc_dtype)
                 y = output.detach().reshape(-1, output.shape[-1]).to(acc_dtype)
@@ -167,7 +166,7 @@ def reconstruct_outputs(model: Any, kept: KeptUnits, samples: list[Any], *, ridg
             for handle in handles:
                 handle.remove()
         for key in group:
-            weight = _linear(layers, key).weight.detach().to("cpu", torch.float64)
+            weight = linears[key].weight.detach().to("cpu", torch.float64)
             c, g, e = cross[key].to("cpu", torch.float64), gram[key].to("cpu", torch.float64), float(energy[key])
             sliced = weight.index_select(1, index[key].cpu())
             lam = ridge * float(g.diagonal().mean().clamp_min(1e-12))
@@ -197,7 +196,7 @@ def apply_reconstruction(student: Any, kept: KeptUnits, reconstruction: Reconstr
     rows = torch.tensor(kept.hidden, dtype=torch.long) if kept.hidden is not None else None
     with torch.no_grad():
         for (layer, name), weight in reconstruction.weights.items():
-            linear = _linear(student_layers, (position[layer], name))
+            linear = student_layers[position[layer]].get_submodule(name)
             value = weight.index_select(0, rows) if rows is not None else weight
             if tuple(value.shape) != tuple(linear.weight.shape):
                 raise RuntimeError(f"refitted {name} of layer {layer} is {tuple(value.shape)}, the pruned model's is "

@@ -68,15 +68,6 @@ class PruneConfig(GeneratedCalibration):
         return self
 
 
-def _reconstruction_metrics(reconstruction) -> dict:
-    """Mean relative output error of the refitted linears on the calibration windows."""
-    keys = list(reconstruction.weights)
-    if not keys:
-        return {}
-    return {"output_error_sliced": round(sum(reconstruction.error_sliced[k] for k in keys) / len(keys), 5),
-            "output_error_refit": round(sum(reconstruction.error_refit[k] for k in keys) / len(keys), 5)}
-
-
 def run_prune(ctx) -> dict:
     import json
     import time
@@ -197,7 +188,7 @@ def run_prune(ctx) -> dict:
         "parameter_fraction": round(after / before, 4),
         "shape": describe(shape),
         "importance_seconds": round(time.perf_counter() - started, 2),
-        **(_reconstruction_metrics(reconstruction) if reconstruction is not None else {}),
+        **(reconstruction.mean_errors() if reconstruction is not None else {}),
         "device": device,
         "dtype": run_dtype,
     }
