@@ -17,6 +17,8 @@ from test_distill import make_ctx as distill_ctx, one_thread, run_killed_after_c
 from edgekit import api
 from edgekit.errors import StageError
 
+ROOT = Path(__file__).resolve().parents[1]
+
 GPTQ_STAGES = """\
 stages:
   - type: load
@@ -162,6 +164,42 @@ def test_fake_quantized_weight_is_the_dequantized_codes_with_a_straight_through_
     in_range = (torch.round(w / s) + zero >= 0) & (torch.round(w / s) + zero <= 15)
     expected = torch.where(in_range, torch.round(w / s) - w / s, codes - zero).sum()
     assert float(layer.scales.grad[1, group]) == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_frozen_scales_take_the_fused_pass_with_the_same_weight_and_gradient(symmetric):
+    """With frozen scales the layer runs one fused pass (fake_quantize_frozen): bit for bit the
+    weight fake_quantize gives, and the same straight-through gradient (zero past the grid)."""
+    import torch
+
+    from edgekit.distill.qad import FakeQuantLinear, fake_quantize, fake_quantize_frozen
+    from edgekit.weights.grid import QuantizedWeight, rtn_quantize
+
+    torch.manual_seed(1)
+    qw = rtn_quantize(torch.randn(24, 96) * 0.05, bits=4, group_size=32, symmetric=symmetric)
+    permutation = torch.randperm(96)
+    qw = QuantizedWeight(qweight=qw.qweight[:, permutation], scales=qw.scales, zeros=qw.zeros,
+                         g_idx=qw.g_idx[permutation].clone(), bits=4, group_size=32, symmetric=symmetric)
+    latent = qw.dequantize(torch.float32) + torch.randn(24, 96) * 0.02  # codes move, some past the ends
+    latent[0, :4] = torch.tensor([100.0, -100.0, 0.0, 1e-4])
+    a, b = latent.clone().requires_grad_(True), latent.clone().requires_grad_(True)
+    reference = fake_quantize(a, qw.scales.float(), qw.zeros, qw.g_idx, 4)
+    fused = fake_quantize_frozen(b, qw.scales.float(), qw.zeros, qw.g_idx, 4)
+    assert torch.equal(fused, reference)
+    upstream = torch.randn(24, 96)
+    reference.backward(upstream)
+    fused.backward(upstream)
+    assert torch.equal(b.grad == 0, a.grad == 0) and b.grad[0, 0] == 0 and b.grad[0, 1] == 0
+    assert torch.allclose(b.grad, a.grad, rtol=1e-6, atol=0)
+
+    layer = FakeQuantLinear(qw, trainable_scales=False)
+    with torch.no_grad():
+        layer.weight.copy_(latent)
+    assert torch.equal(layer.fake_weight(), reference.detach())
+    x = torch.randn(5, 96)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and not layer.scales.requires_grad
+
 
 
 def test_step_zero_is_the_gptq_model(gptq_asym, one_thread):
@@ -430,3 +468,26 @@ def test_run_time_checks_of_the_inputs(tmp_path, parent, gptq_sym):
     assert "teacher checkpoint is quantized" in check(gptq_sym, gptq_sym, "qad")
     check_checkpoints(TrainSpec(student=str(gptq_sym), teacher=str(parent), output_dir="", work_dir="",
                                 config={"mode": "qad"}, data={}))  # the right pair passes
+
+
+def test_profile_script_times_the_three_paths_on_the_same_loss(tmp_path, parent, gptq_sym, one_thread):
+    """scripts/profile_distill_step.py: the reference, heap and fused paths alternate on the same
+    batches and compute the same loss; every phase is timed and both reports are written."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("profile_distill_step", ROOT / "scripts" / "profile_distill_step.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "profile"
+    assert script.main(["--student", str(gptq_sym), "--teacher", str(parent), "--batch-size", "2", "--length", "32",
+                        "--steps", "2", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert set(rows) == {"reference", "heap", "fused"}
+    for row in rows.values():
+        assert set(row["seconds_per_step"]) == set(script.PHASES) and all(v > 0 for v in row["seconds_per_step"].values())
+        assert row["loss_first_step"] == pytest.approx(rows["reference"]["loss_first_step"], rel=1e-4)
+    assert "| fused |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        script.main(["--student", str(gptq_sym), "--teacher", str(parent), "--length", "5"])

@@ -29,6 +29,7 @@ from edgekit.distill.schedule import (MixedOrder, MixedWindows, WindowOrder, Win
 from edgekit.distill.spec import TrainSpec, check_checkpoints, checkpoint_dtype
 from edgekit.distill.watchdog import watchdog
 from edgekit.errors import StageError
+from edgekit.heap import reuse_freed_memory
 
 
 def _resolve_device_precision(config: Any, stage: str = "distill") -> tuple[str, str]:
@@ -182,7 +183,8 @@ def train(spec: TrainSpec, reporter: Any = None) -> dict[str, Any]:
     check_checkpoints(spec)
     _reset_accelerate()
     try:
-        return _train(spec, config, reporter)
+        with reuse_freed_memory():  # each step's logits-sized tensors reuse the last step's memory (edgekit/heap.py)
+            return _train(spec, config, reporter)
     finally:
         if not spec.launched:
             _reset_accelerate()
@@ -194,7 +196,7 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
     from edgekit.distill import state as saved
-    from edgekit.distill.losses import DISTRIBUTION_LOSSES, combine, hidden_state_mse, next_token_cross_entropy
+    from edgekit.distill.losses import TRAINING_LOSSES, combine, hidden_state_mse, next_token_cross_entropy
     from edgekit.measure.perplexity import perplexity_torch
     from edgekit.weights.checkpoint import load_checkpoint, torch_dtype
     from edgekit.models.text import read_token_splits, token_splits_from_file
@@ -378,7 +380,7 @@ def _train(spec: TrainSpec, config: Any, reporter: Any) -> dict[str, Any]:
                         s_logits = model(input_ids=batch, use_cache=False).logits
                     parts = {}
                     if config.kl_weight:
-                        parts["kl"] = DISTRIBUTION_LOSSES[config.loss](s_logits, t_logits, config.temperature)
+                        parts["kl"] = TRAINING_LOSSES[config.loss](s_logits, t_logits, config.temperature)
                     if config.ce_weight and not on_policy:  # no cross-entropy on the student's own samples
                         parts["ce"] = next_token_cross_entropy(s_logits, batch)
                     if need_hidden:

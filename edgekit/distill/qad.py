@@ -54,6 +54,32 @@ def fake_codes(weight: Any, scales: Any, zeros: Any, g_idx: Any, bits: int) -> A
     return torch.clamp(_RoundStraightThrough.apply(weight / scale) + zeros.float()[:, group], 0, max_code(bits))
 
 
+class _FakeQuantizeFrozenGrid(torch.autograd.Function):
+    """:func:`fake_quantize` on a fixed grid (frozen scales) in one pass: the same forward, and the
+    gradient it has, ``grad * (code inside the range)``, from one saved boolean per weight
+    instead of autograd's float intermediates (the divide, round, clamp and multiply each keep a
+    full-size tensor; per step that is several passes over every quantized weight)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Any, scale: Any, zero: Any, top: float) -> Any:
+        codes = torch.round(weight / scale).add_(zero)
+        inside = (codes >= 0) & (codes <= top)
+        ctx.save_for_backward(inside)
+        return codes.clamp_(0, top).sub_(zero).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+def fake_quantize_frozen(weight: Any, scales: Any, zeros: Any, g_idx: Any, bits: int) -> Any:
+    """:func:`fake_quantize` with no gradient to the scales: bit for bit the same weight, the same
+    straight-through gradient to ``weight`` up to the rounding of ``grad * s / s``."""
+    group = g_idx.long()
+    return _FakeQuantizeFrozenGrid.apply(weight, scales[:, group], zeros.float()[:, group], float(max_code(bits)))
+
+
 def fake_quantize(weight: Any, scales: Any, zeros: Any, g_idx: Any, bits: int) -> Any:
     """``W_hat`` [out, in]: the codes of ``weight`` on the grid, dequantized in the order
     :meth:`QuantizedWeight.dequantize` uses (so equal codes give equal bits)."""
@@ -86,6 +112,8 @@ class FakeQuantLinear(nn.Module):
         return isinstance(self.scales, nn.Parameter)
 
     def fake_weight(self) -> Any:
+        if not self.trainable_scales:  # the common case: one fused pass (frozen scales need no LSQ gradient)
+            return fake_quantize_frozen(self.weight, self.scales.clamp(min=SMALLEST_SCALE), self.zeros, self.g_idx, self.bits)
         return fake_quantize(self.weight, self.scales.clamp(min=SMALLEST_SCALE), self.zeros, self.g_idx, self.bits)
 
     def forward(self, x: Any) -> Any:
@@ -172,5 +200,5 @@ def grid_changes(before: dict[str, QuantizedWeight], after: dict[str, QuantizedW
             "scales_total": scales_total, "scales_changed": scales}
 
 
-__all__ = ["FakeQuantLinear", "fake_codes", "fake_quantize", "fake_quant_layers", "grid_changes", "snap_all_scales",
+__all__ = ["FakeQuantLinear", "fake_codes", "fake_quantize", "fake_quant_layers", "fake_quantize_frozen", "grid_changes", "snap_all_scales",
            "to_fake_quant", "to_linears"]
