@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (1 <= args.batch_size <= 64 and 16 <= args.length <= 4096 and 1 <= args.steps <= 100):
         parser.error("--batch-size 1..64, --length 16..4096, --steps 1..100")
+    if args.threads is not None and not 1 <= args.threads <= 256:
+        parser.error("--threads 1..256")
+    for option, path in (("--student", args.student), ("--teacher", args.teacher)):
+        if not (path / "config.json").is_file():
+            parser.error(f"{option} {path}: not a checkpoint directory (no config.json)")
 
     import torch
 

@@ -489,5 +489,8 @@ def test_profile_script_times_the_three_paths_on_the_same_loss(tmp_path, parent,
         assert set(row["seconds_per_step"]) == set(script.PHASES) and all(v > 0 for v in row["seconds_per_step"].values())
         assert row["loss_first_step"] == pytest.approx(rows["reference"]["loss_first_step"], rel=1e-4)
     assert "| fused |" in out.with_suffix(".md").read_text()
+    for hostile in (["--length", "5"], ["--threads", "-1"], ["--steps", "1000000"]):
+        with pytest.raises(SystemExit):
+            script.main(["--student", str(gptq_sym), "--teacher", str(parent), *hostile])
     with pytest.raises(SystemExit):
-        script.main(["--student", str(gptq_sym), "--teacher", str(parent), "--length", "5"])
+        script.main(["--student", str(tmp_path / ".." / "nowhere"), "--teacher", str(parent)])
